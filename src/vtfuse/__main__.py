@@ -1,0 +1,5 @@
+import sys
+
+from vtfuse.cli.main import main
+
+sys.exit(main())

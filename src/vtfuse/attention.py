@@ -1,0 +1,234 @@
+"""The attention core: one multi-head attention module for self- and cross-attention.
+
+Every other part of vtfuse (encoders, fusion strategies, decoders) attends through
+`MultiHeadAttention`. Two paths compute the same thing:
+
+* the fast path, `torch.nn.functional.scaled_dot_product_attention` (SDPA), used whenever the
+  caller does not ask for the attention weights;
+* the reference path, written out as the formulas below, used per call when the caller asks
+  for the weights (to visualise or score where the model looks).
+
+Three score functions, each a registered module (Vaswani et al. 2017; Graves et al. 2014 for
+cosine/content addressing; the distance kernel as in "Attention as a kernel", Tsai et al. 2019):
+
+* ``dot``:          w = softmax(q·k / √d)
+* ``cosine``:       w = softmax(τ · cos(q, k)), τ a learned temperature
+* ``neg_distance``: w(i, j) = exp(−‖q_i − k_j‖²) / Σ_k exp(−‖q_i − k_k‖²)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vtfuse.registry import Registry
+
+SCORES: Registry[nn.Module] = Registry("attention score")
+
+
+class Score(nn.Module):
+    """A score function, expressed two ways.
+
+    `fast(q, k)` rewrites it as `scale · q'·k'ᵀ + key_bias` so SDPA can compute it;
+    `logits(q, k)` is the plain formula, the reference the fast form is tested against.
+    """
+
+    def fast(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, float, Tensor | None]:
+        raise NotImplementedError
+
+    def logits(self, q: Tensor, k: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@SCORES.register("dot")
+class DotProductScore(Score):
+    def fast(self, q, k):
+        return q, k, 1.0 / math.sqrt(q.shape[-1]), None
+
+    def logits(self, q, k):
+        return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+
+
+@SCORES.register("cosine")
+class CosineScore(Score):
+    """Cosine similarity times a learned temperature τ = exp(t), capped at 100 as CLIP does."""
+
+    def __init__(self, initial_temperature: float = 10.0):
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(initial_temperature)))
+
+    def temperature(self) -> Tensor:
+        return self.log_temperature.clamp(max=math.log(100.0)).exp()
+
+    def fast(self, q, k):
+        q = F.normalize(q, dim=-1) * self.temperature().to(q.dtype)
+        return q, F.normalize(k, dim=-1), 1.0, None
+
+    def logits(self, q, k):
+        cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        return self.temperature() * cos
+
+
+@SCORES.register("neg_distance")
+class NegativeDistanceScore(Score):
+    """−‖q − k‖² = 2 q·k − ‖k‖² − ‖q‖²; the ‖q‖² term is the same for every key of a query and
+    cancels in the softmax, so the fast path is SDPA on (2q, k) plus a per-key bias −‖k‖²."""
+
+    def fast(self, q, k):
+        key_bias = -(k * k).sum(-1)[:, :, None, :]  # (B, H, 1, S)
+        return 2 * q, k, 1.0, key_bias
+
+    def logits(self, q, k):
+        diff = q[:, :, :, None, :] - k[:, :, None, :, :]  # (B, H, T, S, head_dim)
+        return -(diff * diff).sum(-1)
+
+
+@dataclass
+class KVCache:
+    """Keys and values kept between generation steps, shape (B, heads, S, head_dim).
+
+    Self-attention appends the new step's keys; cross-attention fills it once from the image
+    and reuses it at every step (`static`).
+    """
+
+    key: Tensor | None = None
+    value: Tensor | None = None
+    static: bool = False
+
+    def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        if self.key is not None:
+            key = torch.cat([self.key, key], dim=2)
+            value = torch.cat([self.value, value], dim=2)
+        self.key, self.value = key, value
+        return key, value
+
+    def reorder(self, index: Tensor) -> None:
+        """Follow beam search: row i of the batch becomes old row index[i]."""
+        if self.key is not None and not self.static:
+            self.key = self.key.index_select(0, index)
+            self.value = self.value.index_select(0, index)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key is None else self.key.shape[2]
+
+
+def attention_mask(
+    key_mask: Tensor | None, causal: bool, num_queries: int, num_keys: int, device: torch.device
+) -> Tensor | None:
+    """Boolean mask (B or 1, 1, T, S), True where query i may attend to key j.
+
+    `key_mask` (B, S) is True for real keys and False for padding. With `causal`, the T queries
+    are the *last* T of the S positions (as during cached decoding), so query i sees keys
+    j ≤ i + S − T.
+    """
+    mask = None
+    if causal:
+        offset = num_keys - num_queries
+        rows = torch.arange(num_queries, device=device)[:, None] + offset
+        mask = (torch.arange(num_keys, device=device)[None, :] <= rows)[None, None]  # (1,1,T,S)
+    if key_mask is not None:
+        padding = key_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        mask = padding if mask is None else mask & padding
+    return mask
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention; `context=None` is self-attention, a `context` is cross-attention."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        context_dim: int | None = None,
+        score: str = "dot",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.dropout = dropout
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.score = SCORES.get(score)()
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+
+    def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        key, value = self.to_kv(source).chunk(2, dim=-1)
+        return self.split_heads(key), self.split_heads(value)  # (B, H, S, hd) each
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        key_mask: Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+        context_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, dim) attends to itself or to `context` (B, S, context_dim).
+
+        `key_mask` (B, S) marks real keys (for self-attention with a cache: all S keys so far).
+        `context_index` (B,) lets several rows share a context row: the context (I, S, ·) holds
+        each distinct image once, its keys and values are projected once and then gathered.
+        Returns the output (B, T, dim) and, only if `need_weights`, the weights (B, H, T, S).
+        """
+        q = self.split_heads(self.to_q(x))
+        if context is None:
+            k, v = self.project_kv(x)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        elif cache is not None and cache.key is not None:
+            k, v = cache.key, cache.value  # image K/V computed once, reused at every step
+        else:
+            k, v = self.project_kv(context)
+            if context_index is not None:
+                k, v = k.index_select(0, context_index), v.index_select(0, context_index)
+            if cache is not None:
+                cache.key, cache.value, cache.static = k, v, True
+
+        mask = attention_mask(key_mask, causal, q.shape[2], k.shape[2], q.device)
+        if need_weights:
+            out, weights = self.reference(q, k, v, mask)
+        else:
+            out, weights = self.fast(q, k, v, mask, causal and key_mask is None), None
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, T, dim)
+        return self.to_out(out), weights
+
+    def fast(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal_only: bool):
+        q, k, scale, key_bias = self.score.fast(q, k)
+        dropout = self.dropout if self.training else 0.0
+        if key_bias is None and causal_only and q.shape[2] == k.shape[2]:
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=dropout, scale=scale
+            )
+        if key_bias is not None:
+            # SDPA takes one additive mask: the per-key bias plus −inf where attention is barred.
+            blocked = torch.zeros((), dtype=q.dtype, device=q.device)
+            if mask is not None:
+                blocked = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+                blocked = blocked.masked_fill(~mask, float("-inf"))
+            mask = key_bias.to(q.dtype) + blocked
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale
+        )
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None):
+        logits = self.score.logits(q, k)  # (B, H, T, S)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        weights = logits.softmax(dim=-1)
+        dropped = F.dropout(weights, self.dropout) if self.training else weights
+        return dropped @ v, weights

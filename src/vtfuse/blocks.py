@@ -1,0 +1,105 @@
+"""Transformer building blocks shared by the encoders and decoders (pre-norm, GPT-2 style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from vtfuse.attention import KVCache, MultiHeadAttention
+from vtfuse.config import FusionConfig
+from vtfuse.fusion import FUSIONS
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class SelfAttentionBlock(nn.Module):
+    """x ← x + SelfAttn(LN(x)); x ← x + MLP(LN(x)). Used over image tokens."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads, dropout=dropout)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm_attn(x))[0]
+        return x + self.mlp(self.norm_mlp(x))
+
+
+@dataclass
+class LayerCache:
+    """What one fusion block keeps between generation steps."""
+
+    self_attn: KVCache = field(default_factory=KVCache)
+    fusion: KVCache = field(default_factory=KVCache)
+
+    def reorder(self, index: Tensor) -> None:
+        self.self_attn.reorder(index)
+        self.fusion.reorder(index)
+
+
+class FusionBlock(nn.Module):
+    """Self-attention → fusion with the image (cross-attention by default) → MLP, all pre-norm.
+
+    With `causal=True` this is a caption decoder block; with `causal=False` a question encoder
+    block. The fusion step is a registered module (see `vtfuse.fusion`), so strategies swap in
+    without touching this class.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        image_dim: int,
+        fusion: FusionConfig,
+        causal: bool,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.causal = causal
+        self.norm_attn = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads, dropout=dropout)
+        self.fusion = FUSIONS.get(fusion.name)(
+            dim=dim, heads=heads, image_dim=image_dim, score=fusion.score, dropout=dropout
+        )
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio, dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        image: Tensor,
+        *,
+        token_mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        need_weights: bool = False,
+        image_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        attended, _ = self.attn(
+            self.norm_attn(x),
+            key_mask=token_mask,
+            causal=self.causal,
+            cache=cache.self_attn if cache else None,
+        )
+        x = x + attended
+        x, weights = self.fusion(
+            x,
+            image,
+            cache=cache.fusion if cache else None,
+            need_weights=need_weights,
+            image_index=image_index,
+        )
+        return x + self.mlp(self.norm_mlp(x)), weights

@@ -1,0 +1,324 @@
+"""The `vtfuse` command: one small function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vtfuse.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_run_config
+
+Command = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command, str]] = {}
+
+
+def command(name: str, help_text: str):
+    """Register `add_arguments` for subcommand `name`; the decorated function runs it."""
+
+    def register(add_arguments):
+        def wrap(run: Command) -> Command:
+            COMMANDS[name] = (add_arguments, run, help_text)
+            return run
+
+        return wrap
+
+    return register
+
+
+# -- synth ------------------------------------------------------------------------------------
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="folder to write images and JSONL splits into")
+    p.add_argument("--images", type=int, default=3000, help="number of scenes")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
+    p.add_argument("--size", type=int, default=72, help="image side in pixels")
+    p.add_argument("--min-objects", type=int, default=3, help="fewest objects in a scene")
+    p.add_argument("--max-objects", type=int, default=5, help="most objects in a scene")
+    p.add_argument(
+        "--shapes", default="square,circle", help="comma-separated: square,circle,triangle"
+    )
+    p.add_argument(
+        "--questions-per-kind",
+        type=int,
+        default=5,
+        help="questions per image of each kind (non-relational, relational)",
+    )
+
+
+@command("synth", "generate the built-in synthetic scenes, captions and questions")(_synth_args)
+def run_synth(args: argparse.Namespace) -> int:
+    from vtfuse.data.synth import SynthSpec, generate
+
+    spec = SynthSpec(
+        args.images,
+        args.seed,
+        args.size,
+        args.min_objects,
+        args.max_objects,
+        tuple(s.strip() for s in args.shapes.split(",") if s.strip()),
+        args.questions_per_kind,
+    )
+    counts = generate(args.out, spec)
+    for name, count in counts.items():
+        print(f"  {args.out}/{name}.jsonl  {count} examples")
+    return 0
+
+
+# -- train ------------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=("caption", "vqa"), required=True, help="what to train")
+    p.add_argument("--train", required=True, help="training JSONL file")
+    p.add_argument("--val", help="validation JSONL file (picks the best checkpoint)")
+    p.add_argument("--out", required=True, help="run folder for checkpoints and logs")
+    p.add_argument("--config", help='JSON file {"model": {...}, "train": {...}}; flags override it')
+    p.add_argument("--vision", help="vision encoder: cnn or vit")
+    p.add_argument("--fusion", help="fusion strategy (default cross_attention)")
+    p.add_argument("--score", choices=("dot", "cosine", "neg_distance"), help="attention score")
+    p.add_argument("--epochs", type=int, help="passes over the training data")
+    p.add_argument("--max-minutes", type=float, help="stop and save after this long (resume later)")
+    p.add_argument("--batch-size", type=int, help="examples per step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 uses autocast")
+    p.add_argument(
+        "--skip-bad",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="skip examples whose image is missing or corrupt (counted in the summary)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
+    )
+
+
+TRAIN_FLAGS = (
+    "epochs",
+    "max_minutes",
+    "batch_size",
+    "lr",
+    "label_smoothing",
+    "seed",
+    "device",
+    "precision",
+    "skip_bad",
+)
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """The config file (or, on --resume, the run's own), then the flags given on top."""
+    base = RunConfig()
+    run_file = Path(args.out) / "run.json"
+    if args.config:
+        base = load_run_config(args.config)
+    elif args.resume and run_file.is_file():
+        from vtfuse.training.trainer import read_run_file
+
+        saved = read_run_file(args.out)
+        base = RunConfig(saved["model"], saved["train_config"])
+    overrides = {f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) is not None}
+    train_config = dataclasses.replace(base.train, **overrides)
+    model = base.model
+    if args.vision:
+        model = dataclasses.replace(
+            model, vision=dataclasses.replace(model.vision, name=args.vision)
+        )
+    fusion = {k: v for k, v in (("name", args.fusion), ("score", args.score)) if v}
+    if fusion:
+        model = dataclasses.replace(model, fusion=dataclasses.replace(model.fusion, **fusion))
+    return model, train_config
+
+
+@command("train", "train a captioning or VQA model")(_train_args)
+def run_train(args: argparse.Namespace) -> int:
+    from vtfuse.training import train
+
+    model, config = configs_from_args(args)
+    result = train(
+        args.task, args.train, args.out, args.val, model, config, args.resume, args.progress
+    )
+    print(
+        f"{'finished' if result.finished else 'stopped'} at step {result.step}; "
+        f"best checkpoint: {args.out}/best"
+    )
+    return 0
+
+
+# -- eval -------------------------------------------------------------------------------------
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder (its best checkpoint) or model folder")
+    p.add_argument("--data", required=True, help="labelled JSONL file to score on")
+    p.add_argument("--predictions", help="write the input lines plus 'prediction' here (JSONL)")
+    p.add_argument("--metrics", help="write the metrics here (JSON)")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per batch")
+    p.add_argument("--beam-size", type=int, default=1, help="captioning beam width (1 = greedy)")
+    p.add_argument("--max-length", type=int, help="longest caption in tokens")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length^penalty")
+    p.add_argument("--layer", type=int, default=-1, help="fusion layer for pointing accuracy")
+    p.add_argument("--blind", action="store_true", help="blank every image (the blind baseline)")
+    p.add_argument("--skip-bad", action="store_true", help="skip examples with a bad image")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
+    )
+
+
+@command("eval", "score a trained model on a labelled JSONL file")(_eval_args)
+def run_eval(args: argparse.Namespace) -> int:
+    from vtfuse.evaluation import EvalOptions, evaluate, format_table
+
+    options = EvalOptions(
+        args.batch_size,
+        args.beam_size,
+        args.max_length,
+        args.length_penalty,
+        args.layer,
+        args.blind,
+        args.skip_bad,
+        args.progress,
+    )
+    metrics = evaluate(args.run, args.data, options, args.predictions, args.metrics)
+    print(format_table(metrics, f"{args.data}{' (blind)' if args.blind else ''}"))
+    return 0
+
+
+# -- caption / ask ----------------------------------------------------------------------------
+def _caption_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder or model folder of a captioning model")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--beam-size", type=int, default=1, help="beam width (1 = greedy)")
+    p.add_argument("--max-length", type=int, help="longest caption in tokens")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length^penalty")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+@command("caption", "caption images with a trained model")(_caption_args)
+def run_caption(args: argparse.Namespace) -> int:
+    from vtfuse.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.run, args.device)
+    for image, caption in zip(
+        args.images,
+        pipe.caption(args.images, args.beam_size, args.max_length, args.length_penalty),
+        strict=True,
+    ):
+        print(f"{image}\t{caption}")
+    return 0
+
+
+def _ask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder or model folder of a VQA model")
+    p.add_argument("image", help="image file")
+    p.add_argument("question", help="the question, quoted")
+    p.add_argument("--top-k", type=int, default=5, help="how many answers to list")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+@command("ask", "answer a question about an image")(_ask_args)
+def run_ask(args: argparse.Namespace) -> int:
+    from vtfuse.pipeline import Pipeline
+
+    for answer, probability in Pipeline.load(args.run, args.device).ask(
+        args.image, args.question, args.top_k
+    ):
+        print(f"{probability:7.2%}  {answer}")
+    return 0
+
+
+# -- attention --------------------------------------------------------------------------------
+def _attention_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder or model folder")
+    p.add_argument("image", help="image file")
+    p.add_argument("--question", help="for a VQA model: the question whose tokens to show")
+    p.add_argument(
+        "--layer", type=int, default=-1, help="fusion layer to show (negative counts from the end)"
+    )
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+@command("attention", "draw where the model looked, one panel per token")(_attention_args)
+def run_attention(args: argparse.Namespace) -> int:
+    from vtfuse.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.run, args.device)
+    path, text = pipe.draw_attention(args.image, args.out, args.question, args.layer)
+    print(f"{text}\nwrote {path}")
+    return 0
+
+
+# -- quickstart -------------------------------------------------------------------------------
+def _quickstart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", default="vtfuse-quickstart", help="folder for data, runs and the report"
+    )
+    p.add_argument(
+        "--images", type=int, default=None, help="number of synthetic scenes (default: preset)"
+    )
+    p.add_argument(
+        "--minutes", type=float, default=None, help="training budget per model (default: preset)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--tiny", action="store_true", help="a seconds-long smoke run (numbers meaningless)"
+    )
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
+    )
+
+
+@command("quickstart", "synth → train captioner and VQA → eval → attention pictures → report")(
+    _quickstart_args
+)
+def run_quickstart(args: argparse.Namespace) -> int:
+    from vtfuse.quickstart import QuickstartPlan, run
+
+    plan = QuickstartPlan.tiny() if args.tiny else QuickstartPlan()
+    overrides = {
+        k: v for k, v in (("images", args.images), ("minutes", args.minutes)) if v is not None
+    }
+    plan = dataclasses.replace(plan, seed=args.seed, progress=args.progress, **overrides)
+    metrics = run(Path(args.out), plan)
+    print(json.dumps({"wall_seconds": metrics["wall_seconds"]}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vtfuse", description="Vision-text cross-attention fusion."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, run, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(handler=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vtfuse.data.dataset import DataError
+    from vtfuse.data.images import ImageLoadError
+    from vtfuse.models.base import CheckpointError
+
+    try:
+        return args.handler(args)
+    except (
+        DataError,
+        ImageLoadError,
+        ConfigError,
+        CheckpointError,
+        FileNotFoundError,
+        ValueError,
+    ) as error:
+        print(f"vtfuse {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Typed configuration: one frozen dataclass per component, serialised to JSON next to the weights.
+
+Configs are never mutated; derive a new one with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+FORMAT_VERSION = 1  # bump when a saved checkpoint can no longer be read by this code
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A configuration file or dictionary that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    name: str = "cnn"  # registered vision encoder: "cnn" or "vit"
+    image_size: int = 72  # images are resized to image_size × image_size
+    patch_size: int = 8  # ViT patch side; the CNN downsamples by the same factor
+    channels: tuple[int, ...] = (32, 64, 128)  # CNN stage widths (each stage halves the size)
+    dim: int = 128  # width of the image tokens
+    depth: int = 1  # Transformer layers over the image tokens (ViT body; refinement after a CNN)
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 0  # filled from the tokenizer when a model is built
+    dim: int = 128
+    depth: int = 3  # blocks of self-attention → fusion → MLP
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    max_length: int = 64  # longest token sequence (positions are learned)
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    name: str = "cross_attention"  # registered fusion strategy
+    score: str = "dot"  # attention score: "dot", "cosine" or "neg_distance"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    task: str = "caption"  # registered task model: "caption" or "vqa"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    num_answers: int = 0  # VQA: size of the answer vocabulary (filled from the training data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05  # share of all steps spent warming the learning rate up
+    min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm (0 disables)
+    label_smoothing: float = 0.0
+    seed: int = 0
+    max_minutes: float = 0.0  # stop (and save) after this many minutes; 0 = no limit
+    save_every: int = 500  # also write the `last` checkpoint every N steps
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    num_workers: int = 0
+    skip_bad: bool = False  # skip (and count) examples whose image is missing or corrupt
+    eval_batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass as plain JSON-ready data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
+    """Build `cls` from a dict, refusing unknown fields and wrong types with the field's path."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+        )
+    values = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(item, v, where) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def save_json(path: str | Path, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a `{"model": {...}, "train": {...}}` file (either part may be left out)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON: {error}") from None
+    return from_dict(RunConfig, data, where=str(path))

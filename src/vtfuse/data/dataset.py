@@ -1,0 +1,292 @@
+"""The vtfuse dataset format (JSONL, one example a line) and the PyTorch datasets built on it.
+
+    captioning: {"image": "images/1.png", "caption": "..."} or {"image": ..., "captions": [...]}
+    VQA:        {"image": ..., "question": "...", "answer": "...", "type": "relational"}
+    grounding:  "boxes": [{"label": "red", "box": [x0, y0, x1, y1]}]   (optional, pixels)
+
+Image paths are relative to the JSONL file's folder. Every error names the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image
+from vtfuse.data.tokenizer import Tokenizer
+
+
+class DataError(ValueError):
+    """A dataset line that does not fit the format; the message names file and line."""
+
+
+@dataclass
+class Record:
+    """One JSONL line: its fields as written, and where it came from."""
+
+    fields: dict[str, Any]
+    file: Path
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    @property
+    def image_path(self) -> Path:
+        return self.file.parent / self.fields["image"]
+
+    @property
+    def captions(self) -> list[str]:
+        if "captions" in self.fields:
+            return list(self.fields["captions"])
+        return [self.fields["caption"]]
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def _check_boxes(boxes: Any) -> str | None:
+    if not isinstance(boxes, list):
+        return "field 'boxes' must be a list"
+    for i, item in enumerate(boxes):
+        box = item.get("box") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or not isinstance(item.get("label"), str):
+            return f"boxes[{i}] needs a string 'label'"
+        if not (isinstance(box, list) and len(box) == 4):
+            return f"boxes[{i}].box must be [x0, y0, x1, y1]"
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box):
+            return f"boxes[{i}].box must hold four numbers"
+    return None
+
+
+def _check_caption(fields: dict[str, Any], labelled: bool) -> str | None:
+    if "captions" in fields:
+        if not _is_str_list(fields["captions"]):
+            return "field 'captions' must be a non-empty list of strings"
+    elif "caption" in fields:
+        if not isinstance(fields["caption"], str):
+            return "field 'caption' must be a string"
+    elif labelled:
+        return "missing field 'caption' (or 'captions')"
+    return None
+
+
+def _check_vqa(fields: dict[str, Any], labelled: bool) -> str | None:
+    if not isinstance(fields.get("question"), str):
+        return (
+            "missing field 'question'"
+            if "question" not in fields
+            else "'question' must be a string"
+        )
+    if labelled and not isinstance(fields.get("answer"), str):
+        return "missing field 'answer'" if "answer" not in fields else "'answer' must be a string"
+    if "type" in fields and not isinstance(fields["type"], str):
+        return "field 'type' must be a string"
+    return None
+
+
+TASK_CHECKS: dict[str, Callable[[dict[str, Any], bool], str | None]] = {
+    "caption": _check_caption,
+    "vqa": _check_vqa,
+}
+
+
+def read_jsonl(path: str | Path, task: str, labelled: bool = True) -> list[Record]:
+    """Read and validate a dataset file; a bad line raises DataError naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset file not found: {path}")
+    check = TASK_CHECKS[task]
+    records = []
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})"
+                ) from None
+            if not text.strip():
+                continue
+            try:
+                fields = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})"
+                ) from None
+            if not isinstance(fields, dict):
+                raise DataError(
+                    f"{path}:{number}: expected a JSON object, got {type(fields).__name__}"
+                )
+            problem = None
+            if not isinstance(fields.get("image"), str):
+                problem = (
+                    "missing field 'image'"
+                    if "image" not in fields
+                    else "'image' must be a path string"
+                )
+            problem = problem or check(fields, labelled)
+            if problem is None and "boxes" in fields:
+                problem = _check_boxes(fields["boxes"])
+            if problem:
+                raise DataError(f"{path}:{number}: {problem}")
+            records.append(Record(fields, path, number))
+    if not records:
+        raise DataError(f"{path}: no examples")
+    return records
+
+
+@dataclass
+class ImageBank:
+    """Decoded images, each stored once as uint8 (3, size, size), shared by all its examples."""
+
+    size: int
+    tensors: list[Tensor] = field(default_factory=list)
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height)
+    index: dict[Path, int] = field(default_factory=dict)
+
+    def add(self, path: Path) -> int:
+        path = path.resolve()
+        if path not in self.index:
+            image = load_image(path)
+            self.index[path] = len(self.tensors)
+            self.tensors.append(image_to_uint8(image, self.size))
+            self.original_sizes.append(image.size)
+        return self.index[path]
+
+
+@dataclass
+class LoadedData:
+    records: list[Record]  # the records kept, in input order
+    image_ids: list[int]  # per kept record, its image in the bank
+    bank: ImageBank
+    skipped: list[str]  # one message per record skipped for a bad image
+
+
+def load_records(
+    records: list[Record], image_size: int, skip_bad: bool = False, progress: bool = True
+) -> LoadedData:
+    """Decode each record's image once. A bad image raises DataError naming the line, or with
+    `skip_bad` drops the record and keeps the reason."""
+    bank = ImageBank(image_size)
+    kept, image_ids, skipped = [], [], []
+    for record in tqdm(
+        records, desc="loading images", unit="ex", disable=not progress, leave=False
+    ):
+        try:
+            image_ids.append(bank.add(record.image_path))
+        except ImageLoadError as error:
+            message = f"{record.where}: {error}"
+            if not skip_bad:
+                raise DataError(message + " (use --skip-bad to skip such examples)") from None
+            skipped.append(message)
+            continue
+        kept.append(record)
+    if not kept:
+        raise DataError("no example has a readable image")
+    return LoadedData(kept, image_ids, bank, skipped)
+
+
+class CaptionDataset(Dataset):
+    """One item per (image, reference caption) pair: images with 5 captions give 5 items."""
+
+    def __init__(self, data: LoadedData, tokenizer: Tokenizer, max_length: int):
+        self.bank = data.bank
+        self.items: list[tuple[int, list[int]]] = []
+        for record, image_id in zip(data.records, data.image_ids, strict=True):
+            for caption in record.captions:
+                ids = tokenizer.encode(caption, bos=True, eos=True)[:max_length]
+                self.items.append((image_id, ids))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [item[0] for item in self.items]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        image_id, ids = self.items[i]
+        return {
+            "image_id": image_id,
+            "images": self.bank.tensors[image_id],
+            "tokens": torch.tensor(ids),
+        }
+
+
+class VQADataset(Dataset):
+    """One item per question; answers outside the training answer set get label -1 (ignored
+    by the loss, always wrong in accuracy)."""
+
+    def __init__(self, data: LoadedData, tokenizer: Tokenizer, max_length: int):
+        self.bank = data.bank
+        self.items = [
+            (
+                image_id,
+                tokenizer.encode(record.fields["question"])[: max_length - 1],  # one slot for [CLS]
+                tokenizer.answer_id(record.fields.get("answer", "")),
+            )
+            for record, image_id in zip(data.records, data.image_ids, strict=True)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [item[0] for item in self.items]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        image_id, ids, answer = self.items[i]
+        return {
+            "image_id": image_id,
+            "images": self.bank.tensors[image_id],
+            "tokens": torch.tensor(ids),
+            "answers": torch.tensor(answer),
+        }
+
+
+def grouped_order(image_ids: list[int], generator: torch.Generator) -> list[int]:
+    """A shuffled order of examples in which the examples of one image stand together, so a
+    batch encodes each of its images once however many questions or captions it has."""
+    by_image: dict[int, list[int]] = {}
+    for example, image_id in enumerate(image_ids):
+        by_image.setdefault(image_id, []).append(example)
+    images = list(by_image)
+    order = []
+    for i in torch.randperm(len(images), generator=generator).tolist():
+        examples = by_image[images[i]]
+        order += [examples[j] for j in torch.randperm(len(examples), generator=generator).tolist()]
+    return order
+
+
+def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack each distinct image once (`images`, with `image_index` mapping every example to its
+    image's row); right-pad token sequences with 0 (<pad>) and add `token_mask`."""
+    rows: dict[int, int] = {}
+    for item in items:
+        rows.setdefault(item["image_id"], len(rows))
+    firsts = {item["image_id"]: item["images"] for item in reversed(items)}
+    batch = {
+        "images": torch.stack([firsts[image_id] for image_id in rows]),
+        "image_index": torch.tensor([rows[item["image_id"]] for item in items]),
+    }
+    lengths = [len(it["tokens"]) for it in items]
+    tokens = torch.zeros(len(items), max(lengths), dtype=torch.long)
+    for row, item in enumerate(items):
+        tokens[row, : lengths[row]] = item["tokens"]
+    batch["tokens"] = tokens
+    batch["token_mask"] = tokens != 0
+    if "answers" in items[0]:
+        batch["answers"] = torch.stack([it["answers"] for it in items])
+    return batch

@@ -1,0 +1,169 @@
+"""`vtfuse eval`: run a trained model over a labelled JSONL file and score it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from vtfuse.data.dataset import LoadedData, load_records, read_jsonl
+from vtfuse.data.synth import parse_caption
+from vtfuse.evaluation.grounding import pointing_hits
+from vtfuse.evaluation.metrics import caption_metrics, object_f1, vqa_accuracy
+from vtfuse.pipeline import Pipeline
+from vtfuse.registry import Registry
+from vtfuse.visualisation.maps import select_layer
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    batch_size: int = 64
+    beam_size: int = 1  # captioning; pointing accuracy needs greedy attention, so beam 1
+    max_length: int | None = None
+    length_penalty: float = 1.0
+    layer: int = -1  # fusion layer whose attention pointing accuracy reads
+    blind: bool = False  # replace every image by a blank one (the blind baseline)
+    skip_bad: bool = False
+    progress: bool = True
+
+
+EVALUATORS: Registry[Callable[..., tuple[dict[str, Any], list[str]]]] = Registry("evaluator")
+
+
+def _batches(n: int, size: int, desc: str, progress: bool):
+    for start in tqdm(
+        range(0, n, size), desc=desc, unit="batch", disable=not progress, leave=False
+    ):
+        yield start, min(n, start + size)
+
+
+def _pointing(hits: int, total: int) -> dict[str, float]:
+    return {"pointing_accuracy": hits / total} if total else {}
+
+
+@EVALUATORS.register("caption")
+def evaluate_captions(pipe: Pipeline, data: LoadedData, options: EvalOptions):
+    records, bank = data.records, data.bank
+    with_boxes = any("boxes" in r.fields for r in records)
+    need_weights = with_boxes and options.beam_size == 1
+    predictions: list[str] = []
+    hits = total = 0
+    for start, end in _batches(len(records), options.batch_size, "captioning", options.progress):
+        ids = data.image_ids[start:end]
+        images = torch.stack([bank.tensors[i] for i in ids]).to(pipe.device)
+        generated = pipe.generate(
+            images,
+            options.beam_size,
+            options.max_length,
+            options.length_penalty,
+            need_weights,
+            options.blind,
+        )
+        for row, tokens in enumerate(generated.tokens):
+            predictions.append(pipe.tokenizer.decode(tokens))
+            record = records[start + row]
+            if need_weights and "boxes" in record.fields:
+                words = [pipe.tokenizer.words[t] for t in tokens]
+                maps = select_layer(generated.attention[row], options.layer)
+                h, n = pointing_hits(
+                    words,
+                    maps,
+                    record.fields["boxes"],
+                    pipe.model.grid_size,
+                    bank.original_sizes[ids[row]],
+                )
+                hits, total = hits + h, total + n
+    metrics: dict[str, Any] = caption_metrics(predictions, [r.captions for r in records])
+    if all("objects" in r.fields for r in records):
+        scenes = [
+            [(o["colour"], o["shape"], o["position"]) for o in r.fields["objects"]] for r in records
+        ]
+        metrics.update(object_f1(predictions, scenes, parse_caption))
+    metrics.update(_pointing(hits, total))
+    return metrics, predictions
+
+
+@EVALUATORS.register("vqa")
+def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
+    records, bank = data.records, data.bank
+    predictions: list[str] = []
+    hits = total = 0
+    for start, end in _batches(len(records), options.batch_size, "answering", options.progress):
+        chunk = records[start:end]
+        ids = data.image_ids[start:end]
+        distinct = list(dict.fromkeys(ids))
+        images = torch.stack([bank.tensors[i] for i in distinct]).to(pipe.device)
+        image_index = torch.tensor([distinct.index(i) for i in ids], device=pipe.device)
+        tokens, mask = pipe.encode_questions([r.fields["question"] for r in chunk])
+        need_weights = any("boxes" in r.fields for r in chunk)
+        probs, weights = pipe.answer_probabilities(
+            images, tokens, mask, image_index, need_weights, options.blind
+        )
+        predictions += [pipe.tokenizer.answers[i] for i in probs.argmax(-1).tolist()]
+        for row, record in enumerate(chunk):
+            if need_weights and "boxes" in record.fields:
+                length = int(mask[row].sum())
+                words = [pipe.tokenizer.words[t] for t in tokens[row, :length].tolist()]
+                per_layer = torch.stack([w[row, :, :length] for w in weights]).permute(2, 0, 1, 3)
+                maps = select_layer(per_layer.cpu(), options.layer)  # (T, N)
+                h, n = pointing_hits(
+                    words,
+                    maps,
+                    record.fields["boxes"],
+                    pipe.model.grid_size,
+                    bank.original_sizes[ids[row]],
+                )
+                hits, total = hits + h, total + n
+    metrics = vqa_accuracy(
+        predictions, [r.fields["answer"] for r in records], [r.fields.get("type") for r in records]
+    )
+    metrics.update(_pointing(hits, total))
+    return metrics, predictions
+
+
+def evaluate(
+    model_path: str | Path,
+    data_path: str | Path,
+    options: EvalOptions = EvalOptions(),
+    predictions_path: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+    pipe: Pipeline | None = None,
+) -> dict[str, Any]:
+    """Score the model at `model_path` (a run or model folder) on `data_path`."""
+    pipe = pipe or Pipeline.load(model_path)
+    records = read_jsonl(data_path, pipe.task)
+    data = load_records(
+        records, pipe.model.config.vision.image_size, options.skip_bad, options.progress
+    )
+    metrics, predictions = EVALUATORS.get(pipe.task)(pipe, data, options)
+    metrics = {**metrics, "examples": len(data.records), "skipped": len(data.skipped)}
+    if predictions_path:
+        with Path(predictions_path).open("w") as handle:
+            for record, prediction in zip(data.records, predictions, strict=True):
+                handle.write(json.dumps({**record.fields, "prediction": prediction}) + "\n")
+    if metrics_path:
+        Path(metrics_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def format_table(metrics: dict[str, Any], title: str = "") -> str:
+    """Metrics as an aligned two-column table (nested dicts flattened with '/')."""
+    rows = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            rows += [(f"{key}/{k}", v) for k, v in value.items()]
+        else:
+            rows.append((key, value))
+    width = max(len(k) for k, _ in rows)
+    lines = [title] if title else []
+    for key, value in rows:
+        shown = (
+            "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        )
+        lines.append(f"  {key:<{width}}  {shown}")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Caption generation: batched greedy decoding and beam search over the K/V caches.
+
+The image is encoded once, its cross-attention keys and values are computed at the first step
+and reused at every later step; self-attention keys and values grow by one token a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vtfuse.blocks import LayerCache
+from vtfuse.models.captioner import Captioner
+
+
+@dataclass
+class Generated:
+    tokens: list[list[int]]  # per image, the generated ids up to and including <eos>
+    # per image, if asked: cross-attention (steps, layers, heads, N) at the step that produced
+    # each token
+    attention: list[Tensor] | None = None
+
+
+def _select(caches: list[LayerCache], index: Tensor, static_too: bool = False) -> None:
+    for cache in caches:
+        if static_too:
+            for kv in (cache.self_attn, cache.fusion):
+                if kv.key is not None:
+                    kv.key, kv.value = (
+                        kv.key.index_select(0, index),
+                        kv.value.index_select(0, index),
+                    )
+        else:
+            cache.reorder(index)
+
+
+@torch.no_grad()
+def greedy(
+    model: Captioner,
+    images: Tensor,
+    max_length: int = 48,
+    bos_id: int = 1,
+    eos_id: int = 2,
+    need_weights: bool = False,
+) -> Generated:
+    """Pick the most likely token at each step until every caption has <eos> or `max_length`."""
+    image, caches = model.start(images)
+    batch = images.shape[0]
+    current = torch.full((batch, 1), bos_id, dtype=torch.long, device=images.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=images.device)
+    steps, maps = [], []
+    for _ in range(max_length):
+        logits, weights = model.step(current, image, caches, need_weights=need_weights)
+        current = logits.argmax(-1, keepdim=True)  # (B, 1)
+        current = current.masked_fill(done[:, None], 0)
+        steps.append(current)
+        if need_weights:
+            maps.append(torch.stack([w[:, :, -1] for w in weights], dim=1))  # (B, layers, H, N)
+        done |= current[:, 0] == eos_id
+        if done.all():
+            break
+    sequences = torch.cat(steps, dim=1).tolist()
+    tokens = [_until_eos(seq, eos_id) for seq in sequences]
+    attention = None
+    if need_weights:
+        stacked = torch.stack(maps, dim=1).cpu()  # (B, steps, layers, H, N)
+        attention = [stacked[b, : len(tokens[b])] for b in range(batch)]
+    return Generated(tokens, attention)
+
+
+def _until_eos(sequence: list[int], eos_id: int) -> list[int]:
+    return sequence[: sequence.index(eos_id) + 1] if eos_id in sequence else sequence
+
+
+@torch.no_grad()
+def beam_search(
+    model: Captioner,
+    images: Tensor,
+    beam_size: int = 4,
+    max_length: int = 48,
+    length_penalty: float = 1.0,
+    bos_id: int = 1,
+    eos_id: int = 2,
+) -> Generated:
+    """Keep the `beam_size` best partial captions per image; rank the finished ones by
+    log-probability / length^length_penalty (as transformers' `generate` does)."""
+    device = images.device
+    batch, k = images.shape[0], beam_size
+    image, caches = model.start(images)
+    logits, _ = model.step(torch.full((batch, 1), bos_id, device=device), image, caches)
+    # Expand to B·K rows only after the first step: the image K/V were computed once per image.
+    expand = torch.arange(batch, device=device).repeat_interleave(k)
+    _select(caches, expand, static_too=True)
+    image = image.index_select(0, expand)
+
+    log_probs = logits.log_softmax(-1)  # (B, V)
+    vocab = log_probs.shape[-1]
+    scores, first = log_probs.topk(k, dim=-1)  # (B, K)
+    sequences = first.reshape(batch * k, 1)
+    scores = scores.reshape(batch * k)
+    done = sequences[:, 0] == eos_id
+    lengths = torch.ones(batch * k, device=device)
+    offsets = (torch.arange(batch, device=device) * k).repeat_interleave(k)
+
+    for _ in range(max_length - 1):
+        if done.all():
+            break
+        logits, _ = model.step(sequences[:, -1:], image, caches)
+        log_probs = logits.log_softmax(-1)  # (B·K, V)
+        # A finished beam may only "extend" with <pad> at no cost, so its score is frozen.
+        frozen = torch.full_like(log_probs, float("-inf"))
+        frozen[:, 0] = 0.0
+        log_probs = torch.where(done[:, None], frozen, log_probs)
+        candidates = (scores[:, None] + log_probs).view(batch, k * vocab)
+        scores, flat = candidates.topk(k, dim=-1)  # (B, K)
+        parent = (flat // vocab).view(-1) + offsets  # row in the B·K batch each beam extends
+        token = (flat % vocab).view(-1, 1)
+        _select(caches, parent)
+        sequences = torch.cat([sequences.index_select(0, parent), token], dim=1)
+        was_done = done.index_select(0, parent)
+        lengths = lengths.index_select(0, parent) + (~was_done).float()
+        done = was_done | (token[:, 0] == eos_id)
+        scores = scores.view(-1)
+
+    normalised = (scores / lengths.pow(length_penalty)).view(batch, k)
+    best = normalised.argmax(-1) + torch.arange(batch, device=device) * k
+    return Generated([_until_eos(sequences[i].tolist(), eos_id) for i in best.tolist()])

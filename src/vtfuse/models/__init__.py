@@ -1,0 +1,15 @@
+"""Task models, built by name from a `ModelConfig` (`create_model`) or loaded from a folder."""
+
+from vtfuse.models.base import TASKS, CheckpointError, TaskModel, create_model, load_pretrained
+from vtfuse.models.captioner import Captioner
+from vtfuse.models.vqa import VQAModel
+
+__all__ = [
+    "TASKS",
+    "Captioner",
+    "CheckpointError",
+    "TaskModel",
+    "VQAModel",
+    "create_model",
+    "load_pretrained",
+]

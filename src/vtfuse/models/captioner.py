@@ -1,0 +1,65 @@
+"""Image captioning: vision encoder → causal decoder that cross-attends to the image tokens."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vtfuse.blocks import LayerCache
+from vtfuse.config import ModelConfig
+from vtfuse.encoders.text import FusedTextTransformer
+from vtfuse.models.base import TASKS, TaskModel
+
+
+@TASKS.register("caption")
+class Captioner(TaskModel):
+    task = "caption"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.decoder = FusedTextTransformer(
+            config.text, self.vision.dim, config.fusion, causal=True
+        )
+        self.lm_head = nn.Linear(config.text.dim, config.text.vocab_size, bias=False)
+        self.lm_head.weight = (
+            self.decoder.token_embedding.weight
+        )  # weight tying (Press & Wolf 2017)
+        self.init_weights()
+
+    def forward(
+        self,
+        images: Tensor,
+        tokens: Tensor,
+        image_index: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Teacher forcing: logits (B, T, vocab) for the token after each of `tokens`."""
+        image = self.encode_image(images)
+        hidden, weights = self.decoder(
+            tokens, image, need_weights=need_weights, image_index=image_index
+        )
+        return self.lm_head(hidden), weights
+
+    def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+        tokens = batch["tokens"]  # (B, T): <bos> words <eos> <pad>...
+        logits, _ = self(batch["images"], tokens[:, :-1], batch.get("image_index"))
+        targets = tokens[:, 1:].masked_fill(tokens[:, 1:] == 0, -100)  # no loss on padding
+        return F.cross_entropy(
+            logits.flatten(0, 1),
+            targets.flatten(),
+            ignore_index=-100,
+            label_smoothing=label_smoothing,
+        )
+
+    # -- incremental decoding, used by vtfuse.generation ------------------------------------
+    def start(self, images: Tensor) -> tuple[Tensor, list[LayerCache]]:
+        """Encode the images once and open empty caches for decoding."""
+        return self.encode_image(images), self.decoder.new_cache()
+
+    def step(
+        self, tokens: Tensor, image: Tensor, caches: list[LayerCache], need_weights: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Feed new tokens (B, t) after the cached ones → next-token logits (B, vocab).
+        The image's cross-attention K/V are computed on the first step and reused after."""
+        hidden, weights = self.decoder(tokens, image, caches=caches, need_weights=need_weights)
+        return self.lm_head(hidden[:, -1]), weights

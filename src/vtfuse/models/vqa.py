@@ -1,0 +1,70 @@
+"""Visual question answering: a question encoder whose blocks cross-attend to the image tokens;
+the [CLS] state is classified over the answers seen in training."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vtfuse.config import ModelConfig
+from vtfuse.encoders.text import FusedTextTransformer
+from vtfuse.models.base import TASKS, TaskModel
+
+
+@TASKS.register("vqa")
+class VQAModel(TaskModel):
+    task = "vqa"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        if config.num_answers < 1:
+            raise ValueError("a VQA model needs num_answers >= 1")
+        dim = config.text.dim
+        self.encoder = FusedTextTransformer(
+            config.text, self.vision.dim, config.fusion, causal=False
+        )
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.head = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, config.num_answers)
+        )
+        self.init_weights()
+
+    def forward(
+        self,
+        images: Tensor,
+        tokens: Tensor,
+        token_mask: Tensor | None = None,
+        image_index: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Answer logits (B, num_answers) and, if asked, each block's attention over the image for
+        the question tokens (B, heads, T, N) — the [CLS] row is dropped."""
+        batch = tokens.shape[0]
+        if token_mask is not None:
+            token_mask = torch.cat([token_mask.new_ones(batch, 1), token_mask], dim=1)
+        hidden, weights = self.encoder(
+            tokens,
+            self.encode_image(images),
+            token_mask=token_mask,
+            need_weights=need_weights,
+            prefix=self.cls.expand(batch, -1, -1),
+            image_index=image_index,
+        )
+        return self.head(hidden[:, 0]), [w[:, :, 1:] for w in weights]
+
+    def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+        logits, _ = self(
+            batch["images"], batch["tokens"], batch["token_mask"], batch["image_index"]
+        )
+        return F.cross_entropy(
+            logits, batch["answers"], ignore_index=-1, label_smoothing=label_smoothing
+        )
+
+    def validation_metrics(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        logits, _ = self(
+            batch["images"], batch["tokens"], batch["token_mask"], batch["image_index"]
+        )
+        loss = F.cross_entropy(logits, batch["answers"], ignore_index=-1)
+        accuracy = (logits.argmax(-1) == batch["answers"]).float().mean()
+        return {"loss": loss.item(), "accuracy": accuracy.item()}

@@ -1,0 +1,179 @@
+"""Inference on a trained model: captions, answers, and the attention behind them.
+
+pipe = vtfuse.load("runs/caption")          # a run folder (uses best/) or a model folder
+pipe.caption(["cat.png"])                   # → ["a cat on a mat."]
+pipe.ask("scene.png", "what shape is the red object?")   # → [("circle", 0.97), ...]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from vtfuse.data.images import blank_like, image_to_uint8, load_image
+from vtfuse.data.tokenizer import Tokenizer
+from vtfuse.generation import Generated, beam_search, greedy
+from vtfuse.models.base import CheckpointError, TaskModel, load_pretrained
+from vtfuse.training.checkpoint import recover
+from vtfuse.training.trainer import resolve_device
+from vtfuse.visualisation import save_attention_figure, select_layer, to_grid
+
+ImageLike = str | Path | Image.Image
+
+
+def resolve_model_folder(path: str | Path) -> Path:
+    """A run folder means its `best` checkpoint (or `last` if there is no best yet)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    for name in ("best", "last"):
+        folder = recover(path / name)
+        if folder is not None:
+            return folder
+    raise CheckpointError(f"{path} is neither a vtfuse run folder nor a model folder")
+
+
+@dataclass
+class Attention:
+    """Where each word looked: `maps` (T, layers, heads, N) over the image's h × w grid."""
+
+    words: list[str]
+    maps: Tensor
+    grid: tuple[int, int]
+
+
+class Pipeline:
+    def __init__(self, model: TaskModel, tokenizer: Tokenizer, device: torch.device):
+        self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> Pipeline:
+        resolved = resolve_device(device)
+        model, tokenizer = load_pretrained(resolve_model_folder(path), resolved)
+        return cls(model, tokenizer, resolved)
+
+    @property
+    def task(self) -> str:
+        return self.model.task
+
+    def _require(self, task: str) -> None:
+        if self.task != task:
+            raise ValueError(f"this is a {self.task!r} model; that needs a {task!r} model")
+
+    def images_to_tensor(self, images: list[ImageLike]) -> Tensor:
+        size = self.model.config.vision.image_size
+        pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+        return torch.stack([image_to_uint8(im, size) for im in pil]).to(self.device)
+
+    # -- captioning ---------------------------------------------------------------------------
+    def generate(
+        self,
+        images: Tensor,
+        beam_size: int = 1,
+        max_length: int | None = None,
+        length_penalty: float = 1.0,
+        need_weights: bool = False,
+        blind: bool = False,
+    ) -> Generated:
+        """uint8 images (B, 3, H, W) → generated ids (and attention, greedy only)."""
+        self._require("caption")
+        max_length = max_length or self.model.config.text.max_length - 1
+        if blind:
+            images = blank_like(images)
+        if beam_size > 1:
+            if need_weights:
+                raise ValueError("attention maps come from greedy decoding: use beam_size 1")
+            return beam_search(self.model, images, beam_size, max_length, length_penalty)
+        return greedy(self.model, images, max_length, need_weights=need_weights)
+
+    def caption(
+        self,
+        images: list[ImageLike],
+        beam_size: int = 1,
+        max_length: int | None = None,
+        length_penalty: float = 1.0,
+    ) -> list[str]:
+        generated = self.generate(
+            self.images_to_tensor(images), beam_size, max_length, length_penalty
+        )
+        return [self.tokenizer.decode(ids) for ids in generated.tokens]
+
+    def caption_attention(self, image: ImageLike, max_length: int | None = None) -> Attention:
+        generated = self.generate(
+            self.images_to_tensor([image]), max_length=max_length, need_weights=True
+        )
+        ids = generated.tokens[0]
+        words = [self.tokenizer.words[i] for i in ids]
+        return Attention(words, generated.attention[0], self.model.grid_size)
+
+    # -- question answering -------------------------------------------------------------------
+    def encode_questions(self, questions: list[str]) -> tuple[Tensor, Tensor]:
+        limit = self.model.config.text.max_length - 1  # one position is the [CLS] token
+        ids = [self.tokenizer.encode(q)[:limit] or [self.tokenizer.unk_id] for q in questions]
+        tokens = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            tokens[row, : len(seq)] = torch.tensor(seq)
+        return tokens.to(self.device), (tokens != 0).to(self.device)
+
+    @torch.no_grad()
+    def answer_probabilities(
+        self,
+        images: Tensor,
+        tokens: Tensor,
+        token_mask: Tensor,
+        image_index: Tensor | None = None,
+        need_weights: bool = False,
+        blind: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Probabilities over the answers (B, A) and, if asked, per-layer attention."""
+        self._require("vqa")
+        if blind:
+            images = blank_like(images)
+        logits, weights = self.model(
+            images, tokens, token_mask, image_index, need_weights=need_weights
+        )
+        return logits.float().softmax(-1), weights
+
+    def ask(self, image: ImageLike, question: str, top_k: int = 5) -> list[tuple[str, float]]:
+        tokens, mask = self.encode_questions([question])
+        probs, _ = self.answer_probabilities(self.images_to_tensor([image]), tokens, mask)
+        values, indices = probs[0].topk(min(top_k, probs.shape[-1]))
+        return [(self.tokenizer.answers[i], float(p)) for p, i in zip(values, indices, strict=True)]
+
+    def question_attention(self, image: ImageLike, question: str) -> Attention:
+        tokens, mask = self.encode_questions([question])
+        _, weights = self.answer_probabilities(
+            self.images_to_tensor([image]), tokens, mask, need_weights=True
+        )
+        maps = torch.stack([w[0] for w in weights], dim=1).cpu()  # (T, layers, heads, N)
+        words = [self.tokenizer.words[i] for i in tokens[0].tolist()]
+        return Attention(words, maps, self.model.grid_size)
+
+    # -- pictures ------------------------------------------------------------------------------
+    def draw_attention(
+        self, image: ImageLike, out: str | Path, question: str | None = None, layer: int = -1
+    ) -> tuple[Path, str]:
+        """Save one panel per generated (or question) token; return the path and the text."""
+        pil = image if isinstance(image, Image.Image) else load_image(image)
+        if self.task == "vqa":
+            if not question:
+                raise ValueError("a VQA model needs --question")
+            attention = self.question_attention(pil, question)
+            answer, probability = self.ask(pil, question, top_k=1)[0]
+            text = f"Q: {question}  A: {answer} ({probability:.0%})"
+        else:
+            attention = self.caption_attention(pil)
+            text = self.tokenizer.decode(self.tokenizer.word_ids[w] for w in attention.words)
+        grids = to_grid(select_layer(attention.maps, layer), attention.grid)
+        path = save_attention_figure(
+            pil, attention.words, grids, out, title=f"{text}  [layer {layer}]"
+        )
+        return path, text
+
+
+def load(path: str | Path, device: str = "auto") -> Pipeline:
+    return Pipeline.load(path, device)

@@ -1,0 +1,194 @@
+"""`vtfuse quickstart`: the whole loop offline on a laptop CPU.
+
+synthetic scenes → train a captioner → train a VQA model → evaluate both on the held-out test
+split, and again with blank images (the blind baseline) → attention pictures → report.md and
+metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vtfuse.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
+from vtfuse.data.dataset import read_jsonl
+from vtfuse.data.synth import SynthSpec, generate
+from vtfuse.evaluation import EvalOptions, evaluate, format_table
+from vtfuse.pipeline import Pipeline
+from vtfuse.training import train
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One model to train: its architecture and its training schedule."""
+
+    model: ModelConfig
+    train: TrainConfig
+
+
+@dataclass(frozen=True)
+class QuickstartPlan:
+    images: int = 3000
+    seed: int = 0
+    minutes: float | None = None  # cap on each model's training time (None: the stage's own)
+    progress: bool = True
+    caption: Stage = field(
+        default_factory=lambda: Stage(
+            ModelConfig(task="caption", text=TextConfig(depth=3, max_length=48)),
+            TrainConfig(epochs=12, batch_size=64, lr=1e-3, max_minutes=5.5, label_smoothing=0.0),
+        )
+    )
+    vqa: Stage = field(
+        default_factory=lambda: Stage(
+            ModelConfig(task="vqa", text=TextConfig(depth=4, max_length=24)),
+            TrainConfig(epochs=8, batch_size=128, lr=1e-3, max_minutes=6.0),
+        )
+    )
+
+    @classmethod
+    def tiny(cls) -> QuickstartPlan:
+        """Seconds, not minutes: exercises every step; the numbers mean nothing."""
+        small_vision = VisionConfig(channels=(8, 8, 16), dim=32, depth=0, heads=2)
+        small_text = TextConfig(dim=32, depth=1, heads=2, max_length=48)
+        schedule = TrainConfig(epochs=1, batch_size=16, lr=1e-3)
+        return cls(
+            images=30,
+            caption=Stage(
+                ModelConfig(task="caption", vision=small_vision, text=small_text), schedule
+            ),
+            vqa=Stage(ModelConfig(task="vqa", vision=small_vision, text=small_text), schedule),
+        )
+
+
+def _train_stage(task: str, stage: Stage, data: Path, runs: Path, plan: QuickstartPlan) -> Path:
+    config = replace(stage.train, seed=plan.seed)
+    if plan.minutes is not None:
+        config = replace(config, max_minutes=plan.minutes)
+    out = runs / task
+    train(
+        task,
+        data / f"{task}_train.jsonl",
+        out,
+        data / f"{task}_val.jsonl",
+        stage.model,
+        config,
+        progress=plan.progress,
+    )
+    return out
+
+
+def _pictures(run: Path, data: Path, out: Path, task: str, count: int = 2) -> list[Path]:
+    pipe = Pipeline.load(run)
+    records = read_jsonl(data / f"{task}_test.jsonl", task)
+    if task == "vqa":  # one question of each kind
+        kinds = ("non-relational", "relational")
+        records = [next(r for r in records if r.fields.get("type") == kind) for kind in kinds]
+    paths = []
+    for i, record in enumerate(records[:count]):
+        path, _ = pipe.draw_attention(
+            record.image_path, out / f"{task}_{i}.png", record.fields.get("question")
+        )
+        paths.append(path)
+    return paths
+
+
+def _metric_row(
+    name: str, metrics: dict[str, Any], blind: dict[str, Any], keys: list[str]
+) -> list[str]:
+    rows = []
+    for key in keys:
+        if key in metrics:
+            seen, unseen = metrics[key], blind.get(key)
+            rows.append(
+                f"| {name} | {key} | {seen:.3f} | {'n/a' if unseen is None else f'{unseen:.3f}'} |"
+            )
+    return rows
+
+
+def write_report(out: Path, metrics: dict[str, Any], pictures: list[Path]) -> Path:
+    caption, vqa, blind = metrics["caption"], metrics["vqa"], metrics["blind"]
+    vqa_flat = {**vqa, **{f"accuracy ({k})": v for k, v in vqa["accuracy_by_type"].items()}}
+    blind_vqa = {
+        **blind["vqa"],
+        **{f"accuracy ({k})": v for k, v in blind["vqa"]["accuracy_by_type"].items()},
+    }
+    lines = [
+        "# vtfuse quickstart report",
+        "",
+        f"Synthetic scenes, held-out test split; trained and evaluated on this machine in "
+        f"{metrics['wall_seconds']:.0f} s. *Blind* is the same model given a blank image: the gap "
+        "is what looking at the image buys. BLEU is reported but means little on templated "
+        "captions (a fixed caption scores high while seeing nothing); `object_f1` checks the "
+        "facts each caption states against the scene.",
+        "",
+        "| model | metric | with image | blind |",
+        "|---|---|---|---|",
+        *_metric_row(
+            "caption",
+            caption,
+            blind["caption"],
+            ["object_f1", "pointing_accuracy", "cider", "bleu4", "meteor", "rouge_l"],
+        ),
+        *_metric_row(
+            "vqa",
+            vqa_flat,
+            blind_vqa,
+            [
+                "accuracy",
+                *[f"accuracy ({k})" for k in vqa["accuracy_by_type"]],
+                "pointing_accuracy",
+            ],
+        ),
+        "",
+        "## Where the model looked",
+        "",
+        "Each panel: one token and its cross-attention over the image (last fusion layer, mean "
+        "over heads). For captions, the attention of the step that produced the token.",
+        "",
+        *[f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in pictures],
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run(out: Path, plan: QuickstartPlan = QuickstartPlan()) -> dict[str, Any]:
+    started = time.monotonic()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data, runs, pictures_dir = out / "data", out / "runs", out / "pictures"
+    print(f"[1/5] synthesising {plan.images} scenes into {data}")
+    generate(data, SynthSpec(images=plan.images, seed=plan.seed), progress=plan.progress)
+
+    print("[2/5] training the captioner")
+    caption_run = _train_stage("caption", plan.caption, data, runs, plan)
+    print("[3/5] training the VQA model")
+    vqa_run = _train_stage("vqa", plan.vqa, data, runs, plan)
+
+    print("[4/5] evaluating on the test split, with and without the image")
+    results: dict[str, Any] = {"blind": {}}
+    for task, run_dir in (("caption", caption_run), ("vqa", vqa_run)):
+        pipe = Pipeline.load(run_dir)
+        test = data / f"{task}_test.jsonl"
+        options = EvalOptions(progress=plan.progress)
+        results[task] = evaluate(
+            run_dir, test, options, out / f"{task}_predictions.jsonl", pipe=pipe
+        )
+        results["blind"][task] = evaluate(run_dir, test, replace(options, blind=True), pipe=pipe)
+        print(format_table(results[task], f"{task} (test)"))
+        print(format_table(results["blind"][task], f"{task} (test, blind)"))
+
+    print("[5/5] drawing attention")
+    pictures = _pictures(caption_run, data, pictures_dir, "caption") + _pictures(
+        vqa_run, data, pictures_dir, "vqa"
+    )
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = write_report(out, results, pictures)
+    print(f"report: {report}\nmetrics: {out / 'metrics.json'}  ({results['wall_seconds']:.0f} s)")
+    return results

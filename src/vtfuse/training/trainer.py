@@ -1,0 +1,355 @@
+"""The training loop: read it top to bottom.
+
+AdamW (no decay on norms, biases and embeddings... only on matrices, as nanoGPT does), linear
+warm-up then cosine decay, gradient clipping, validation every epoch, `best` and `last`
+checkpoints written atomically, and exact resumption from `last`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from vtfuse.config import ModelConfig, TrainConfig, from_dict, to_dict
+from vtfuse.data.dataset import (
+    CaptionDataset,
+    VQADataset,
+    collate,
+    grouped_order,
+    load_records,
+    read_jsonl,
+)
+from vtfuse.data.tokenizer import Tokenizer
+from vtfuse.models.base import TaskModel, create_model, load_pretrained
+from vtfuse.training.checkpoint import (
+    atomic_folder,
+    load_training_state,
+    recover,
+    save_training_state,
+)
+
+RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
+DATASETS = {"caption": CaptionDataset, "vqa": VQADataset}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU or CUDA; fp32 runs without autocast."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_tokenizer(task: str, records) -> Tokenizer:
+    if task == "caption":
+        return Tokenizer.build(c for r in records for c in r.captions)
+    return Tokenizer.build(
+        (r.fields["question"] for r in records), answers=(r.fields["answer"] for r in records)
+    )
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices only; norms, biases and position tables are left alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
+
+
+def warmup_cosine(total_steps: int, config: TrainConfig) -> Callable[[int], float]:
+    """lr multiplier: linear warm-up to 1, then cosine decay to `min_lr_ratio` (Loshchilov &
+    Hutter 2017, without restarts)."""
+    warmup = max(1, round(total_steps * config.warmup_ratio))
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+    return multiplier
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    epoch: int
+    finished: bool  # all epochs done (False when stopped by --max-minutes or a signal)
+    best_val_loss: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so it can save before exiting."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # only the main thread may set handlers
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def write_run_file(
+    out: Path,
+    task: str,
+    train_path: str,
+    val_path: str | None,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+) -> None:
+    data = {
+        "task": task,
+        "train": str(Path(train_path).resolve()),
+        "val": str(Path(val_path).resolve()) if val_path else None,
+        "model": to_dict(model_config),
+        "train_config": to_dict(train_config),
+    }
+    (out / RUN_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_run_file(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {RUN_FILE}: not a vtfuse run folder")
+    data = json.loads(path.read_text())
+    data["model"] = from_dict(ModelConfig, data["model"], where=f"{path}: model")
+    data["train_config"] = from_dict(
+        TrainConfig, data["train_config"], where=f"{path}: train_config"
+    )
+    return data
+
+
+@torch.no_grad()
+def validate(
+    model: TaskModel, loader: DataLoader, device: torch.device, precision: str
+) -> dict[str, float]:
+    model.eval()
+    totals: dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, precision):
+            metrics = model.validation_metrics(batch)
+        size = batch["tokens"].shape[0]
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + value * size
+        count += size
+    model.train()
+    return {f"val_{k}": v / count for k, v in totals.items()}
+
+
+def train(
+    task: str,
+    train_path: str | Path,
+    out: str | Path,
+    val_path: str | Path | None = None,
+    model_config: ModelConfig | None = None,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train a `task` model on a JSONL file; everything lands in the run folder `out`."""
+    out = Path(out)
+    config = config or TrainConfig()
+    started = time.monotonic()
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    model_config = dataclasses.replace(model_config or ModelConfig(), task=task)
+
+    # -- data -----------------------------------------------------------------------------
+    train_records = read_jsonl(train_path, task)
+    last_dir = recover(out / "last") if resume else None
+    if resume and last_dir is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}/last to resume from")
+    if last_dir is not None:
+        model, tokenizer = load_pretrained(last_dir, device)
+        model_config = model.config
+    else:
+        tokenizer = build_tokenizer(task, train_records)
+        text = dataclasses.replace(model_config.text, vocab_size=len(tokenizer))
+        model_config = dataclasses.replace(
+            model_config, text=text, num_answers=len(tokenizer.answers)
+        )
+        model = create_model(model_config).to(device)
+    model.train()
+    size, max_length = model_config.vision.image_size, model_config.text.max_length
+    loaded = load_records(train_records, size, config.skip_bad, progress)
+    train_set = DATASETS[task](loaded, tokenizer, max_length)
+    if loaded.skipped:
+        log(
+            f"skipped {len(loaded.skipped)} training example(s) with a bad image, "
+            f"e.g. {loaded.skipped[0]}"
+        )
+    val_loader = None
+    if val_path:
+        val_loaded = load_records(read_jsonl(val_path, task), size, config.skip_bad, progress)
+        val_loader = DataLoader(
+            DATASETS[task](val_loaded, tokenizer, max_length),
+            batch_size=config.eval_batch_size,
+            collate_fn=collate,
+        )
+
+    # -- optimisation -----------------------------------------------------------------------
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config))
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": float("inf")}
+    if last_dir is not None:
+        state = load_training_state(last_dir, optimizer, scheduler)
+        log(f"resumed from {last_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_file(
+            out, task, str(train_path), str(val_path) if val_path else None, model_config, config
+        )
+        (out / LOG_FILE).write_text("")
+    log(
+        f"{task} model: {model.num_parameters() / 1e6:.2f}M parameters, {len(train_set)} training "
+        f"examples, {total_steps} steps on {device}"
+    )
+
+    def save(name: str) -> None:
+        with atomic_folder(out / name) as folder:
+            model.save_pretrained(folder, tokenizer)
+            if name == "last":
+                save_training_state(folder, optimizer, scheduler, state)
+
+    def write_log(entry: dict[str, Any]) -> None:
+        with (out / LOG_FILE).open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    history: list[dict[str, Any]] = []
+    stopped = False
+    with _StopFlag() as stop:
+        while state["epoch"] < config.epochs and not stopped:
+            epoch = state["epoch"]
+            generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+            order = grouped_order(train_set.image_ids, generator)
+            order = order[state["batch_in_epoch"] * config.batch_size :]
+            loader = DataLoader(
+                train_set,
+                batch_size=config.batch_size,
+                sampler=order,
+                collate_fn=collate,
+                num_workers=config.num_workers,
+            )
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                unit="batch",
+                disable=not progress,
+                leave=False,
+            )
+            tick, seen = time.monotonic(), 0
+            for batch in bar:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast(device, config.precision):
+                    loss = model.training_loss(batch, config.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                state["step"] += 1
+                state["batch_in_epoch"] += 1
+                seen += batch["tokens"].shape[0]
+                rate = seen / max(1e-9, time.monotonic() - tick)
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{rate:.0f}")
+                if state["step"] % 50 == 0:
+                    write_log(
+                        {
+                            "step": state["step"],
+                            "epoch": epoch + 1,
+                            "loss": loss.item(),
+                            "lr": scheduler.get_last_lr()[0],
+                            "samples_per_s": rate,
+                        }
+                    )
+                out_of_time = (
+                    config.max_minutes > 0 and time.monotonic() - started > 60 * config.max_minutes
+                )
+                if out_of_time or stop.raised:
+                    reason = "time limit" if out_of_time else "signal"
+                    log(f"stopping at step {state['step']} ({reason}); resume with --resume")
+                    stopped = True
+                    break
+                if config.save_every and state["step"] % config.save_every == 0:
+                    save("last")
+            bar.close()
+            if not stopped:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+            entry: dict[str, Any] = {
+                "step": state["step"],
+                "epoch": epoch + 1,
+                "train_loss": loss.item(),
+            }
+            if val_loader is not None and not stopped:
+                entry.update(validate(model, val_loader, device, config.precision))
+                if entry["val_loss"] < state["best_val_loss"]:
+                    state["best_val_loss"] = entry["val_loss"]
+                    save("best")
+            elif not stopped:
+                save("best")  # no validation data: the latest weights are the best we know
+            history.append(entry)
+            write_log(entry)
+            log(
+                "  ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
+                )
+            )
+            save("last")
+    if recover(out / "best") is None:
+        save("best")
+    log(f"run folder: {out}  ({time.monotonic() - started:.0f}s)")
+    return TrainResult(
+        out, state["step"], state["epoch"], not stopped, state["best_val_loss"], history
+    )

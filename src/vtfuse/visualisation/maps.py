@@ -1,0 +1,31 @@
+"""Attention maps as grids over the image: choose a layer, average the heads, find the peak."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def select_layer(attention: Tensor, layer: int = -1) -> Tensor:
+    """(T, layers, heads, N) → (T, N): one layer's attention, averaged over heads."""
+    layers = attention.shape[1]
+    if not -layers <= layer < layers:
+        raise ValueError(f"layer {layer} does not exist: the model has {layers} fusion layers")
+    return attention[:, layer].float().mean(dim=1)
+
+
+def to_grid(maps: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(T, N) → (T, h, w): image tokens are row-major over the grid."""
+    return maps.reshape(maps.shape[0], *grid)
+
+
+def peak_point(
+    weights: Tensor, grid: tuple[int, int], image_size: tuple[int, int]
+) -> tuple[float, float]:
+    """The centre, in the image's own pixels, of the grid cell with the most attention.
+    (Bilinear upsampling of the map would peak at the same cell centre.)"""
+    rows, cols = grid
+    width, height = image_size
+    index = int(torch.argmax(weights))
+    row, col = divmod(index, cols)
+    return (col + 0.5) * width / cols, (row + 0.5) * height / rows

@@ -1,0 +1,351 @@
+"""Checkpoints: atomic folders, exact training state, and save/load of task models."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vtfuse.config import ConfigError, ModelConfig, TextConfig, TrainConfig, VisionConfig
+from vtfuse.data.tokenizer import Tokenizer
+from vtfuse.models import CheckpointError, create_model, load_pretrained
+from vtfuse.training.checkpoint import (
+    STATE_JSON,
+    STATE_TENSORS,
+    atomic_folder,
+    load_training_state,
+    recover,
+    save_training_state,
+)
+from vtfuse.training.trainer import make_optimizer, warmup_cosine
+
+VISION = VisionConfig(image_size=24, channels=(8, 8, 16), dim=32, depth=1, heads=2)
+
+
+def tiny_config(task: str) -> ModelConfig:
+    return ModelConfig(
+        task=task,
+        vision=VISION,
+        text=TextConfig(vocab_size=20, dim=32, depth=2, heads=2, max_length=16),
+        num_answers=5 if task == "vqa" else 0,
+    )
+
+
+def tokenizer() -> Tokenizer:
+    return Tokenizer.build(
+        ["a red square.", "a blue circle?"], answers=["yes", "no", "2", "1", "0"]
+    )
+
+
+def batch(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, 20, (3, 6), generator=g)
+    tokens[2, 4:] = 0
+    out = {
+        "images": torch.randint(0, 256, (2, 3, 24, 24), generator=g, dtype=torch.uint8),
+        "image_index": torch.tensor([0, 1, 1]),
+        "token_mask": tokens != 0,
+    }
+    if task == "vqa":
+        out.update(tokens=tokens, answers=torch.tensor([0, 4, 2]))
+    else:
+        tokens[:, 0] = 1
+        out["tokens"] = tokens
+    return out
+
+
+def write_tree(folder, files: dict[str, str]):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def read_tree(folder) -> dict[str, str]:
+    return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+# -- atomic_folder / recover -------------------------------------------------------------------
+def test_atomic_folder_replaces_target_on_success(tmp_path):
+    target = tmp_path / "last"
+    write_tree(target, {"a.txt": "old", "stale.txt": "gone soon"})
+    with atomic_folder(target) as folder:
+        assert folder != target and folder.parent == tmp_path
+        assert read_tree(target) == {"a.txt": "old", "stale.txt": "gone soon"}  # untouched so far
+        (folder / "a.txt").write_text("new")
+    assert read_tree(target) == {"a.txt": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no .last.tmp / .last.old left
+
+
+def test_atomic_folder_creates_a_new_target(tmp_path):
+    target = tmp_path / "best"
+    with atomic_folder(target) as folder:
+        (folder / "x").write_text("1")
+    assert read_tree(target) == {"x": "1"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_atomic_folder_keeps_old_target_when_the_block_raises(tmp_path):
+    target = tmp_path / "last"
+    write_tree(target, {"a.txt": "old"})
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), atomic_folder(target) as folder:
+        (folder / "a.txt").write_text("half-written")
+        raise Boom
+    assert read_tree(target) == {"a.txt": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_atomic_folder_clears_a_stale_temporary(tmp_path):
+    target = tmp_path / "last"
+    write_tree(tmp_path / ".last.tmp", {"junk": "from a crash"})
+    with atomic_folder(target) as folder:
+        assert list(folder.iterdir()) == []
+        (folder / "ok").write_text("1")
+    assert read_tree(target) == {"ok": "1"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_recover(tmp_path):
+    target = tmp_path / "last"
+    assert recover(target) is None
+    write_tree(tmp_path / ".last.old", {"a": "previous"})
+    assert recover(target) == tmp_path / ".last.old"  # crash between the two renames
+    write_tree(target, {"a": "current"})
+    assert recover(target) == target
+    assert recover(str(target)) == target
+
+
+# -- training state ----------------------------------------------------------------------------
+def make_training(seed: int = 0):
+    torch.manual_seed(seed)
+    model = create_model(tiny_config("caption"))
+    config = TrainConfig(lr=1e-2)
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(10, config))
+    return model, optimizer, scheduler
+
+
+def train_steps(model, optimizer, scheduler, steps: int, seed: int = 0):
+    for i in range(steps):
+        loss = model.training_loss(batch("caption", seed + i))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def test_training_state_round_trip(tmp_path):
+    model, optimizer, scheduler = make_training()
+    train_steps(model, optimizer, scheduler, 2)
+    random.seed(5)
+    np.random.seed(6)
+    torch.manual_seed(7)
+    progress = {"step": 2, "epoch": 0, "batch_in_epoch": 2, "best_val_loss": 1.5}
+    save_training_state(tmp_path, optimizer, scheduler, progress)
+    assert (tmp_path / STATE_TENSORS).is_file() and (tmp_path / STATE_JSON).is_file()
+    after_save = (torch.rand(4), random.random(), np.random.rand(3))
+
+    # a fresh model / optimiser / scheduler with the same parameters, and scrambled RNGs
+    fresh_model, fresh_optimizer, fresh_scheduler = make_training()
+    fresh_model.load_state_dict(model.state_dict())
+    assert fresh_scheduler.last_epoch == 0
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    restored = load_training_state(tmp_path, fresh_optimizer, fresh_scheduler)
+    assert restored == progress
+
+    # RNG: the same numbers come out as right after saving
+    after_load = (torch.rand(4), random.random(), np.random.rand(3))
+    assert torch.equal(after_load[0], after_save[0])
+    assert after_load[1] == after_save[1]
+    np.testing.assert_array_equal(after_load[2], after_save[2])
+
+    # optimiser: every state tensor and hyper-parameter equal
+    original, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert original["state"].keys() == loaded["state"].keys()
+    assert len(original["state"]) == len(list(model.parameters()))  # every parameter has moments
+    for index, slots in original["state"].items():
+        assert slots.keys() == loaded["state"][index].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for name, value in slots.items():
+            assert torch.equal(value, loaded["state"][index][name]), (index, name)
+    for group, loaded_group in zip(original["param_groups"], loaded["param_groups"], strict=True):
+        assert {k: v for k, v in group.items() if k != "betas"} == {
+            k: v for k, v in loaded_group.items() if k != "betas"
+        }
+        assert tuple(group["betas"]) == tuple(loaded_group["betas"])
+
+    # scheduler: same position and learning rates
+    assert fresh_scheduler.last_epoch == scheduler.last_epoch == 2
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+    assert [g["lr"] for g in fresh_optimizer.param_groups] == [
+        g["lr"] for g in optimizer.param_groups
+    ]
+
+    # and training continues identically
+    train_steps(model, optimizer, scheduler, 1, seed=10)
+    train_steps(fresh_model, fresh_optimizer, fresh_scheduler, 1, seed=10)
+    for (name, a), b in zip(
+        model.state_dict().items(), fresh_model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_training_state_of_a_fresh_optimizer(tmp_path):
+    _, optimizer, scheduler = make_training()
+    save_training_state(tmp_path, optimizer, scheduler, {"step": 0})
+    _, other_optimizer, other_scheduler = make_training()
+    assert load_training_state(tmp_path, other_optimizer, other_scheduler) == {"step": 0}
+    assert other_optimizer.state_dict()["state"] == {}
+
+
+# -- save_pretrained / load_pretrained ---------------------------------------------------------
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_save_and_load_pretrained(tmp_path, task):
+    torch.manual_seed(0)
+    model = create_model(tiny_config(task)).eval()
+    tok = tokenizer()
+    model.save_pretrained(tmp_path / "model", tok)
+    assert {p.name for p in (tmp_path / "model").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    }
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["format_version"] == 1 and config["model"]["task"] == task
+
+    torch.manual_seed(1)  # a different random init, replaced by the saved weights
+    loaded, loaded_tok = load_pretrained(tmp_path / "model")
+    assert type(loaded) is type(model)
+    assert loaded.config == model.config
+    assert not loaded.training
+    assert loaded_tok.words == tok.words and loaded_tok.answers == tok.answers
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    if task == "caption":
+        assert loaded.lm_head.weight is loaded.decoder.token_embedding.weight  # still tied
+
+    data = batch(task)
+    with torch.no_grad():
+        if task == "vqa":
+            expected, _ = model(
+                data["images"], data["tokens"], data["token_mask"], data["image_index"]
+            )
+            actual, _ = loaded(
+                data["images"], data["tokens"], data["token_mask"], data["image_index"]
+            )
+        else:
+            expected, _ = model(data["images"], data["tokens"], data["image_index"])
+            actual, _ = loaded(data["images"], data["tokens"], data["image_index"])
+    assert torch.equal(expected, actual)
+
+
+def saved_folder(tmp_path, task="caption"):
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    create_model(tiny_config(task)).save_pretrained(folder, tokenizer())
+    return folder
+
+
+def test_wrong_format_version_is_refused(tmp_path):
+    folder = saved_folder(tmp_path)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["format_version"] = 99
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(folder)
+    assert "'format_version'" in str(info.value)
+    assert "99" in str(info.value) and str(path) in str(info.value)
+    del config["format_version"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="'format_version' is None"):
+        load_pretrained(folder)
+
+
+def test_unknown_config_field_is_refused(tmp_path):
+    folder = saved_folder(tmp_path, "vqa")
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["model"]["text"]["rotary"] = True
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as info:
+        load_pretrained(folder)
+    assert "rotary" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_invalid_json_config_is_refused(tmp_path):
+    folder = saved_folder(tmp_path)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_pretrained(folder)
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    folder = saved_folder(tmp_path)
+    torch.manual_seed(0)
+    torch.save(create_model(tiny_config("caption")).state_dict(), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(folder)
+    assert "safetensors" in str(info.value)
+    assert "model.safetensors" in str(info.value)
+
+
+def test_folder_with_only_a_pickle_is_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    torch.manual_seed(0)
+    torch.save(create_model(tiny_config("caption")), folder / "model.pt")
+    with pytest.raises(CheckpointError, match=r"not a vtfuse model folder: no config\.json"):
+        load_pretrained(folder)
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
+    folder = saved_folder(tmp_path)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["model"]["text"]["depth"] = 3  # the saved weights have 2 blocks
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        load_pretrained(folder)
+
+
+# -- regressions for bugs found while writing these tests ---------------------------------
+def test_config_json_that_is_not_an_object_is_refused(tmp_path):
+    folder = saved_folder(tmp_path)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        load_pretrained(folder)
+
+
+def test_a_second_crash_never_loses_every_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / "last"
+    write_tree(tmp_path / ".last.old", {"a": "previous"})  # an earlier crash between the renames
+    assert recover(target) == tmp_path / ".last.old"
+
+    class Crash(Exception):
+        pass
+
+    real_rename = Path.rename
+
+    def crashing_rename(self, destination):
+        if self.name == ".last.tmp":
+            raise Crash
+        return real_rename(self, destination)
+
+    monkeypatch.setattr(Path, "rename", crashing_rename)
+    with pytest.raises(Crash), atomic_folder(target) as folder:
+        (folder / "a").write_text("new")
+    found = recover(target)
+    assert found is not None
+    assert read_tree(found) in ({"a": "previous"}, {"a": "new"})

@@ -1,0 +1,253 @@
+"""Every `vtfuse` subcommand, end to end on a tiny synthetic dataset, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vtfuse.cli.main import COMMANDS, main
+
+TINY_MODEL = {
+    "model": {
+        "vision": {
+            "image_size": 24,
+            "patch_size": 8,
+            "channels": [8, 8, 16],
+            "dim": 32,
+            "depth": 1,
+            "heads": 2,
+        },
+        "text": {"dim": 32, "depth": 2, "heads": 2, "max_length": 48},
+    },
+    "train": {"epochs": 2, "batch_size": 16, "lr": 0.003},
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    assert (
+        main(
+            ["synth", "--out", str(root / "data"), "--images", "30", "--size", "24", "--seed", "2"]
+        )
+        == 0
+    )
+    (root / "tiny.json").write_text(json.dumps(TINY_MODEL))
+    for task in ("caption", "vqa"):
+        code = main(
+            [
+                "train",
+                "--task",
+                task,
+                "--train",
+                str(root / "data" / f"{task}_train.jsonl"),
+                "--val",
+                str(root / "data" / f"{task}_val.jsonl"),
+                "--out",
+                str(root / task),
+                "--config",
+                str(root / "tiny.json"),
+                "--no-progress",
+            ]
+        )
+        assert code == 0
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: vtfuse " + name in capsys.readouterr().out
+
+
+def test_synth_writes_all_splits(workspace):
+    for task in ("caption", "vqa"):
+        for split in ("train", "val", "test"):
+            assert (workspace / "data" / f"{task}_{split}.jsonl").stat().st_size > 0
+
+
+def test_train_flags_override_the_config_file(workspace):
+    run = json.loads((workspace / "caption" / "run.json").read_text())
+    assert run["model"]["vision"]["dim"] == 32 and run["train_config"]["epochs"] == 2
+    assert run["model"]["text"]["vocab_size"] > 4
+
+
+def test_eval_writes_metrics_and_predictions(workspace, capsys):
+    for task, keys in (
+        (
+            "caption",
+            {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "object_f1"},
+        ),
+        ("vqa", {"accuracy", "accuracy_by_type", "pointing_accuracy"}),
+    ):
+        data = workspace / "data" / f"{task}_test.jsonl"
+        metrics_path, predictions_path = workspace / f"{task}_m.json", workspace / f"{task}_p.jsonl"
+        assert (
+            main(
+                [
+                    "eval",
+                    str(workspace / task),
+                    "--data",
+                    str(data),
+                    "--metrics",
+                    str(metrics_path),
+                    "--predictions",
+                    str(predictions_path),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        metrics = json.loads(metrics_path.read_text())
+        assert keys <= set(metrics)
+        inputs = data.read_text().splitlines()
+        outputs = predictions_path.read_text().splitlines()
+        assert len(inputs) == len(outputs)
+        for line_in, line_out in zip(inputs, outputs, strict=True):
+            original, predicted = json.loads(line_in), json.loads(line_out)
+            assert {k: predicted[k] for k in original} == original  # input order, fields kept
+            assert isinstance(predicted["prediction"], str)
+        assert "accuracy" in capsys.readouterr().out or task == "caption"
+
+
+def test_caption_ask_and_attention(workspace, capsys):
+    image = str(workspace / "data" / "images" / "000000.png")
+    assert main(["caption", str(workspace / "caption"), image, image, "--beam-size", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(image + "\t")
+    assert (
+        main(
+            ["ask", str(workspace / "vqa"), image, "what shape is the red object?", "--top-k", "3"]
+        )
+        == 0
+    )
+    answers = capsys.readouterr().out.strip().splitlines()
+    assert len(answers) == 3 and all("%" in a for a in answers)
+    for task, extra in (("caption", []), ("vqa", ["--question", "is the red object on the left?"])):
+        out = workspace / f"{task}_attention.png"
+        assert (
+            main(
+                [
+                    "attention",
+                    str(workspace / task),
+                    image,
+                    "--out",
+                    str(out),
+                    "--layer",
+                    "0",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_malformed_line_names_file_and_line(workspace, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    good = (workspace / "data" / "caption_train.jsonl").read_text().splitlines()
+    bad.write_text("\n".join([good[0], '{"image": "x.png", "caption": ', good[1]]) + "\n")
+    shutil.copytree(workspace / "data" / "images", tmp_path / "images")
+    code = main(
+        [
+            "train",
+            "--task",
+            "caption",
+            "--train",
+            str(bad),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
+    assert code == 2
+    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(workspace, tmp_path, capsys):
+    shutil.copytree(workspace / "data" / "images", tmp_path / "images")
+    (tmp_path / "images" / "000001.png").write_bytes(b"not a png at all")
+    lines = (workspace / "data" / "caption_train.jsonl").read_text()
+    (tmp_path / "train.jsonl").write_text(lines)
+    bad_line = next(i for i, line in enumerate(lines.splitlines(), 1) if "000001.png" in line)
+    args = [
+        "train",
+        "--task",
+        "caption",
+        "--train",
+        str(tmp_path / "train.jsonl"),
+        "--out",
+        str(tmp_path / "run"),
+        "--config",
+        str(workspace / "tiny.json"),
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"train.jsonl:{bad_line}" in err and "000001.png" in err
+    assert main([*args, "--skip-bad"]) == 0
+    assert "skipped 1 training example" in capsys.readouterr().out
+
+
+def test_unknown_option_and_bad_config_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--task", "caption", "--bogus"])
+    assert exit_info.value.code == 2
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": {"vision": {"widht": 3}}}))
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "caption",
+                "--train",
+                "x.jsonl",
+                "--out",
+                str(tmp_path / "r"),
+                "--config",
+                str(config),
+            ]
+        )
+        == 2
+    )
+    assert "widht" in capsys.readouterr().err
+
+
+def test_resume_continues_through_the_cli(workspace, tmp_path, capsys):
+    data = workspace / "data"
+    args = [
+        "train",
+        "--task",
+        "vqa",
+        "--train",
+        str(data / "vqa_train.jsonl"),
+        "--out",
+        str(tmp_path / "r"),
+        "--config",
+        str(workspace / "tiny.json"),
+        "--no-progress",
+    ]
+    assert main([*args, "--max-minutes", "0.0000001"]) == 0
+    assert "stopped at step 1" in capsys.readouterr().out
+    assert main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "finished at step" in out
+
+
+def test_quickstart_tiny_writes_report_and_metrics(tmp_path):
+    assert main(["quickstart", "--tiny", "--out", str(tmp_path / "qs"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())
+    assert {"caption", "vqa", "blind", "wall_seconds"} <= set(metrics)
+    assert {"caption", "vqa"} == set(metrics["blind"])
+    assert "cider" in metrics["caption"] and "accuracy_by_type" in metrics["vqa"]
+    report = (tmp_path / "qs" / "report.md").read_text()
+    assert "| vqa | accuracy |" in report and "pictures/vqa_0.png" in report
+    assert len(list((tmp_path / "qs" / "pictures").glob("*.png"))) == 4

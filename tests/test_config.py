@@ -1,0 +1,138 @@
+"""Typed configuration: strict from_dict, lossless to_dict round trip, file loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from vtfuse.config import (
+    ConfigError,
+    FusionConfig,
+    ModelConfig,
+    RunConfig,
+    TextConfig,
+    TrainConfig,
+    VisionConfig,
+    from_dict,
+    load_run_config,
+    save_json,
+    to_dict,
+)
+
+
+def test_unknown_fields_are_refused_by_name():
+    with pytest.raises(ConfigError) as info:
+        from_dict(TrainConfig, {"epochs": 2, "learning_rate": 0.1, "zzz": 1})
+    message = str(info.value)
+    assert message.startswith("TrainConfig: unknown field(s) learning_rate, zzz")
+    assert "known:" in message and "lr" in message
+
+
+def test_unknown_nested_field_names_its_path():
+    with pytest.raises(ConfigError, match=r"^RunConfig\.model\.vision: unknown field\(s\) width"):
+        from_dict(RunConfig, {"model": {"vision": {"width": 3}}})
+
+
+@pytest.mark.parametrize(
+    "data,path,expected",
+    [
+        ({"train": {"epochs": "3"}}, "RunConfig.train.epochs", "expected int, got '3'"),
+        ({"train": {"epochs": 2.5}}, "RunConfig.train.epochs", "expected int, got 2.5"),
+        ({"train": {"epochs": True}}, "RunConfig.train.epochs", "expected int, got True"),
+        ({"train": {"lr": "fast"}}, "RunConfig.train.lr", "expected float, got 'fast'"),
+        ({"train": {"skip_bad": 1}}, "RunConfig.train.skip_bad", "expected bool, got 1"),
+        ({"model": {"task": 5}}, "RunConfig.model.task", "expected str, got 5"),
+        (
+            {"model": {"vision": {"channels": 8}}},
+            "RunConfig.model.vision.channels",
+            "expected a list, got 8",
+        ),
+        (
+            {"model": {"vision": {"channels": [8, "x"]}}},
+            "RunConfig.model.vision.channels",
+            "expected int",
+        ),
+        ({"model": {"text": 3}}, "RunConfig.model.text", "expected an object, got int"),
+    ],
+)
+def test_wrong_types_name_the_field_path(data, path, expected):
+    with pytest.raises(ConfigError) as info:
+        from_dict(RunConfig, data)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+
+
+def test_ints_are_accepted_for_floats_and_lists_for_tuples():
+    config = from_dict(RunConfig, {"train": {"lr": 1}, "model": {"vision": {"channels": [4, 8]}}})
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.model.vision.channels == (4, 8)
+    assert from_dict(RunConfig, {}) == RunConfig()
+
+
+def test_where_prefix_is_used():
+    with pytest.raises(ConfigError, match=r"^file\.json: model\.text\.dim: expected int"):
+        from_dict(ModelConfig, {"text": {"dim": "wide"}}, where="file.json: model")
+
+
+def test_round_trip():
+    config = RunConfig(
+        model=ModelConfig(
+            task="vqa",
+            vision=VisionConfig(
+                name="vit", image_size=32, patch_size=4, channels=(8, 16), dim=48, depth=2
+            ),
+            text=TextConfig(vocab_size=77, dim=64, depth=1, heads=8, max_length=20, dropout=0.1),
+            fusion=FusionConfig(score="neg_distance"),
+            num_answers=13,
+        ),
+        train=TrainConfig(epochs=3, lr=3e-4, skip_bad=True, device="cpu", precision="bf16"),
+    )
+    data = to_dict(config)
+    assert data["model"]["vision"]["channels"] == [8, 16]  # JSON-ready
+    assert json.loads(json.dumps(data)) == data
+    restored = from_dict(RunConfig, data)
+    assert restored == config
+    assert isinstance(restored.model.vision.channels, tuple)
+    assert to_dict(restored) == data
+    assert from_dict(RunConfig, to_dict(RunConfig())) == RunConfig()
+
+
+def test_configs_are_frozen():
+    config = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3  # type: ignore[misc]
+
+
+def test_load_run_config(tmp_path):
+    path = tmp_path / "run.json"
+    save_json(path, {"model": {"fusion": {"score": "cosine"}}, "train": {"epochs": 4}})
+    config = load_run_config(path)
+    assert config.model.fusion.score == "cosine"
+    assert config.train.epochs == 4
+    assert config.model.vision == VisionConfig()
+
+    partial = tmp_path / "partial.json"
+    save_json(partial, {"train": {"seed": 9}})
+    assert load_run_config(partial) == RunConfig(train=TrainConfig(seed=9))
+
+
+def test_load_run_config_bad_json_names_the_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"train": {"epochs": 3,}}')
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path)
+    assert str(info.value).startswith(f"{path}: not valid JSON")
+
+
+def test_load_run_config_bad_field_names_file_and_field(tmp_path):
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps({"train": {"epoch": 3}}))
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path)
+    assert str(info.value).startswith(f"{path}.train: unknown field(s) epoch")
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected an object, got list"):
+        load_run_config(path)

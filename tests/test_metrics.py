@@ -1,0 +1,206 @@
+"""Metrics: VQA accuracy, object F1, COCO caption metrics, pointing accuracy, attention peaks."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from vtfuse.data.synth import parse_caption
+from vtfuse.evaluation.grounding import inside, pointing_hits
+from vtfuse.evaluation.metrics import caption_metrics, object_f1, vqa_accuracy
+from vtfuse.visualisation.maps import peak_point, select_layer, to_grid
+
+KEYS = {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"}
+REFERENCES = [
+    [
+        "a red square at the top left and a blue circle on the right.",
+        "there is a red square at the top left, a blue circle on the right.",
+    ],
+    ["a green circle in the center."],
+    ["an orange triangle at the bottom and a purple square at the top."],
+    ["a yellow square on the left and a red circle at the bottom right."],
+]
+WRONG = [
+    "a blue triangle at the bottom.",
+    "a red square on the left.",
+    "a green circle in the center and a square.",
+    "a circle.",
+]
+
+
+# -- VQA accuracy ------------------------------------------------------------------------------
+def test_vqa_accuracy_by_type():
+    result = vqa_accuracy(
+        ["Circle", "2", "square ", "left", "top"],
+        ["circle", "3", "square", "right", "top"],
+        ["non-relational", "relational", "relational", None, "non-relational"],
+    )
+    assert result["accuracy"] == pytest.approx(3 / 5)
+    assert result["accuracy_by_type"] == {"non-relational": 1.0, "relational": 0.5}
+    assert list(result["accuracy_by_type"]) == ["non-relational", "relational"]
+
+
+def test_vqa_accuracy_edge_cases():
+    assert vqa_accuracy([], [], []) == {"accuracy": 0.0, "accuracy_by_type": {}}
+    assert vqa_accuracy(["no"], ["yes"], [None]) == {"accuracy": 0.0, "accuracy_by_type": {}}
+    with pytest.raises(ValueError):
+        vqa_accuracy(["a", "b"], ["a"], [None, None])
+
+
+# -- object F1 ---------------------------------------------------------------------------------
+def test_object_f1_exact_numbers():
+    captions = [
+        "a red square at the top left and a blue circle on the right.",  # 1 of 2 stated is true
+        "there is a green square in the center.",  # true, but misses one object
+    ]
+    scenes = [
+        [("red", "square", "top left"), ("green", "circle", "bottom")],
+        [("green", "square", "center"), ("blue", "circle", "top right")],
+    ]
+    result = object_f1(captions, scenes, parse_caption)
+    # true positives 2, stated 3, actual 4
+    assert result["object_precision"] == pytest.approx(2 / 3)
+    assert result["object_recall"] == pytest.approx(1 / 2)
+    assert result["object_f1"] == pytest.approx(4 / 7)
+
+
+def test_object_f1_perfect_and_empty():
+    scene = [("red", "square", "top left")]
+    assert object_f1(["a red square at the top left."], [scene], parse_caption) == {
+        "object_f1": 1.0,
+        "object_precision": 1.0,
+        "object_recall": 1.0,
+    }
+    assert object_f1(["nothing here."], [scene], parse_caption) == {
+        "object_f1": 0.0,
+        "object_precision": 0.0,
+        "object_recall": 0.0,
+    }
+    assert object_f1([], [], parse_caption) == {
+        "object_f1": 0.0,
+        "object_precision": 0.0,
+        "object_recall": 0.0,
+    }
+    # any fact type works: here one of two stated facts is true and one of two true facts stated
+    assert object_f1(["x"], [[("a",), ("b",)]], lambda _: {("a",), ("c",)}) == pytest.approx(
+        {"object_f1": 0.5, "object_precision": 0.5, "object_recall": 0.5}
+    )
+
+
+# -- caption metrics (java: PTB tokenizer and METEOR) ------------------------------------------
+@pytest.fixture(scope="module")
+def perfect():
+    return caption_metrics([refs[0] for refs in REFERENCES], REFERENCES)
+
+
+@pytest.fixture(scope="module")
+def wrong():
+    return caption_metrics(WRONG, REFERENCES)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs java")
+def test_identical_captions_score_perfectly(perfect):
+    assert set(perfect) == KEYS
+    assert all(isinstance(v, float) for v in perfect.values())
+    for n in range(1, 5):
+        assert perfect[f"bleu{n}"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["meteor"] > 0.95
+    assert perfect["rouge_l"] == pytest.approx(1.0)
+    assert perfect["cider"] > 1.0
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs java")
+def test_wrong_captions_score_lower_on_every_metric(perfect, wrong):
+    assert set(wrong) == KEYS
+    assert isinstance(wrong["meteor"], float)
+    for key in KEYS:
+        assert wrong[key] < perfect[key], key
+        assert wrong[key] >= 0.0
+    assert wrong["bleu1"] < 0.5 and wrong["cider"] < 1.0
+
+
+def test_caption_metrics_without_java(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.warns(UserWarning, match="java not found"):
+        scores = caption_metrics([refs[0] for refs in REFERENCES], REFERENCES)
+    assert set(scores) == KEYS
+    assert scores["meteor"] is None
+    assert scores["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["cider"] > 1.0
+    with pytest.warns(UserWarning):
+        empty = caption_metrics(["", "", "", ""], REFERENCES)  # empty captions are scored, as zero
+    assert empty["cider"] == 0.0 and empty["rouge_l"] == 0.0
+    assert empty["bleu1"] < 1e-6
+
+
+# -- pointing accuracy and attention peaks -----------------------------------------------------
+def one_hot_map(grid, cell):
+    rows, cols = grid
+    weights = torch.full((rows * cols,), 0.01)
+    weights[cell[0] * cols + cell[1]] = 1.0
+    return weights / weights.sum()
+
+
+def test_peak_point_coordinates():
+    grid, size = (3, 4), (80, 60)  # 4 columns of 20 px, 3 rows of 20 px
+    assert peak_point(one_hot_map(grid, (0, 0)), grid, size) == (10.0, 10.0)
+    assert peak_point(one_hot_map(grid, (1, 2)), grid, size) == (50.0, 30.0)
+    assert peak_point(one_hot_map(grid, (2, 3)), grid, size) == (70.0, 50.0)
+    # non-square image, square grid: x scales with the width, y with the height
+    assert peak_point(one_hot_map((3, 3), (2, 0)), (3, 3), (90, 30)) == (15.0, 25.0)
+
+
+def test_inside_includes_the_border():
+    assert inside((5, 5), [5, 5, 10, 10]) and inside((10, 7), [5, 5, 10, 10])
+    assert not inside((10.1, 7), [5, 5, 10, 10]) and not inside((7, 4.9), [5, 5, 10, 10])
+
+
+def test_pointing_hits():
+    grid, size = (3, 3), (90, 90)  # cell centres at 15, 45, 75
+    boxes = [
+        {"label": "Red", "box": [0, 0, 30, 30]},  # top-left cell (labels are compared lower-cased)
+        {"label": "blue", "box": [60, 60, 90, 90]},  # bottom-right cell
+        {"label": "blue", "box": [60, 0, 90, 30]},  # a second blue object, top-right
+    ]
+    words = ["a", "red", "square", "and", "blue", "blue", "circle", "green"]
+    maps = torch.stack(
+        [
+            one_hot_map(grid, (1, 1)),
+            one_hot_map(grid, (0, 0)),  # red → inside the red box: hit
+            one_hot_map(grid, (0, 0)),
+            one_hot_map(grid, (1, 1)),
+            one_hot_map(grid, (0, 2)),  # blue → inside the second blue box: hit
+            one_hot_map(grid, (1, 0)),  # blue → in no blue box: miss
+            one_hot_map(grid, (2, 2)),
+            one_hot_map(grid, (2, 2)),  # green has no box: not counted
+        ]
+    )
+    assert pointing_hits(words, maps, boxes, grid, size) == (2, 3)
+    assert pointing_hits(["square"], maps[:1], boxes, grid, size) == (0, 0)
+    # words beyond the maps are ignored (a caption cut short)
+    assert pointing_hits(words, maps[:2], boxes, grid, size) == (1, 1)
+
+
+def test_pointing_hits_uses_the_original_image_size():
+    grid = (2, 2)
+    box = [{"label": "red", "box": [100, 0, 200, 50]}]  # top-right quarter of a 200 × 100 image
+    top_right = one_hot_map(grid, (0, 1))[None]
+    assert pointing_hits(["red"], top_right, box, grid, (200, 100)) == (1, 1)
+    assert pointing_hits(["red"], top_right, box, grid, (100, 200)) == (0, 1)
+
+
+def test_select_layer_and_grid():
+    attention = torch.arange(2 * 3 * 2 * 4, dtype=torch.float32).reshape(2, 3, 2, 4)  # (T, L, H, N)
+    last = select_layer(attention, -1)
+    assert last.shape == (2, 4)
+    torch.testing.assert_close(last, attention[:, 2].mean(dim=1))
+    torch.testing.assert_close(select_layer(attention, 0), attention[:, 0].mean(dim=1))
+    with pytest.raises(ValueError, match="layer 3 does not exist"):
+        select_layer(attention, 3)
+    with pytest.raises(ValueError, match="layer -4 does not exist"):
+        select_layer(attention, -4)
+    grids = to_grid(last, (2, 2))
+    assert grids.shape == (2, 2, 2)
+    assert grids[1, 1, 0] == last[1, 2]
