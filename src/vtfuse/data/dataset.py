@@ -197,16 +197,11 @@ def load_records(
     return LoadedData(kept, image_ids, bank, skipped)
 
 
-class CaptionDataset(Dataset):
-    """One item per (image, reference caption) pair: images with 5 captions give 5 items."""
+class ImageTextDataset(Dataset):
+    """Items are (image id, token ids, label); the image tensor is shared through the bank."""
 
-    def __init__(self, data: LoadedData, tokenizer: Tokenizer, max_length: int):
-        self.bank = data.bank
-        self.items: list[tuple[int, list[int]]] = []
-        for record, image_id in zip(data.records, data.image_ids, strict=True):
-            for caption in record.captions:
-                ids = tokenizer.encode(caption, bos=True, eos=True)[:max_length]
-                self.items.append((image_id, ids))
+    def __init__(self, bank: ImageBank, items: list[tuple[int, list[int], int | None]]):
+        self.bank, self.items = bank, items
 
     def __len__(self) -> int:
         return len(self.items)
@@ -216,21 +211,35 @@ class CaptionDataset(Dataset):
         return [item[0] for item in self.items]
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        image_id, ids = self.items[i]
-        return {
+        image_id, ids, label = self.items[i]
+        item = {
             "image_id": image_id,
             "images": self.bank.tensors[image_id],
             "tokens": torch.tensor(ids),
         }
+        if label is not None:
+            item["answers"] = torch.tensor(label)
+        return item
 
 
-class VQADataset(Dataset):
+class CaptionDataset(ImageTextDataset):
+    """One item per (image, reference caption) pair: images with 5 captions give 5 items."""
+
+    def __init__(self, data: LoadedData, tokenizer: Tokenizer, max_length: int):
+        items = [
+            (image_id, tokenizer.encode(caption, bos=True, eos=True)[:max_length], None)
+            for record, image_id in zip(data.records, data.image_ids, strict=True)
+            for caption in record.captions
+        ]
+        super().__init__(data.bank, items)
+
+
+class VQADataset(ImageTextDataset):
     """One item per question; answers outside the training answer set get label -1 (ignored
     by the loss, always wrong in accuracy)."""
 
     def __init__(self, data: LoadedData, tokenizer: Tokenizer, max_length: int):
-        self.bank = data.bank
-        self.items = [
+        items = [
             (
                 image_id,
                 tokenizer.encode(record.fields["question"])[: max_length - 1],  # one slot for [CLS]
@@ -238,22 +247,7 @@ class VQADataset(Dataset):
             )
             for record, image_id in zip(data.records, data.image_ids, strict=True)
         ]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def image_ids(self) -> list[int]:
-        return [item[0] for item in self.items]
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        image_id, ids, answer = self.items[i]
-        return {
-            "image_id": image_id,
-            "images": self.bank.tensors[image_id],
-            "tokens": torch.tensor(ids),
-            "answers": torch.tensor(answer),
-        }
+        super().__init__(data.bank, items)
 
 
 def grouped_order(image_ids: list[int], generator: torch.Generator) -> list[int]:

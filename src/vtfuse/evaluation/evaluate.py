@@ -42,6 +42,10 @@ def _batches(n: int, size: int, desc: str, progress: bool):
         yield start, min(n, start + size)
 
 
+def _point(pipe: Pipeline, words: list[str], maps, record, image_size) -> tuple[int, int]:
+    return pointing_hits(words, maps, record.fields["boxes"], pipe.model.grid_size, image_size)
+
+
 def _pointing(hits: int, total: int) -> dict[str, float]:
     return {"pointing_accuracy": hits / total} if total else {}
 
@@ -70,13 +74,7 @@ def evaluate_captions(pipe: Pipeline, data: LoadedData, options: EvalOptions):
             if need_weights and "boxes" in record.fields:
                 words = [pipe.tokenizer.words[t] for t in tokens]
                 maps = select_layer(generated.attention[row], options.layer)
-                h, n = pointing_hits(
-                    words,
-                    maps,
-                    record.fields["boxes"],
-                    pipe.model.grid_size,
-                    bank.original_sizes[ids[row]],
-                )
+                h, n = _point(pipe, words, maps, record, bank.original_sizes[ids[row]])
                 hits, total = hits + h, total + n
     metrics: dict[str, Any] = caption_metrics(predictions, [r.captions for r in records])
     if all("objects" in r.fields for r in records):
@@ -111,13 +109,7 @@ def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
                 words = [pipe.tokenizer.words[t] for t in tokens[row, :length].tolist()]
                 per_layer = torch.stack([w[row, :, :length] for w in weights]).permute(2, 0, 1, 3)
                 maps = select_layer(per_layer.cpu(), options.layer)  # (T, N)
-                h, n = pointing_hits(
-                    words,
-                    maps,
-                    record.fields["boxes"],
-                    pipe.model.grid_size,
-                    bank.original_sizes[ids[row]],
-                )
+                h, n = _point(pipe, words, maps, record, bank.original_sizes[ids[row]])
                 hits, total = hits + h, total + n
     metrics = vqa_accuracy(
         predictions, [r.fields["answer"] for r in records], [r.fields.get("type") for r in records]

@@ -1,5 +1,5 @@
 """Visual question answering: a question encoder whose blocks cross-attend to the image tokens;
-the [CLS] state is classified over the answers seen in training."""
+the mean of its states is classified over the answers seen in training."""
 
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ class VQAModel(TaskModel):
         """Answer logits (B, num_answers) and, if asked, each block's attention over the image for
         the question tokens (B, heads, T, N) — the [CLS] row is dropped."""
         batch = tokens.shape[0]
-        if token_mask is not None:
-            token_mask = torch.cat([token_mask.new_ones(batch, 1), token_mask], dim=1)
+        if token_mask is None:
+            token_mask = torch.ones_like(tokens, dtype=torch.bool)
+        token_mask = torch.cat([token_mask.new_ones(batch, 1), token_mask], dim=1)
         hidden, weights = self.encoder(
             tokens,
             self.encode_image(images),
@@ -51,7 +52,12 @@ class VQAModel(TaskModel):
             prefix=self.cls.expand(batch, -1, -1),
             image_index=image_index,
         )
-        return self.head(hidden[:, 0]), [w[:, :, 1:] for w in weights]
+        # Mean over [CLS] and the question tokens, not [CLS] alone: the loss then reaches each
+        # word's own cross-attention directly ("red" learns to look at red) instead of only
+        # through [CLS]'s self-attention, which at initialisation barely listens to any word.
+        keep = token_mask[:, :, None].to(hidden.dtype)
+        pooled = (hidden * keep).sum(1) / keep.sum(1)
+        return self.head(pooled), [w[:, :, 1:] for w in weights]
 
     def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
         logits, _ = self(
