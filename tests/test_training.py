@@ -67,9 +67,9 @@ def test_loss_falls_and_best_and_last_are_written(data, tmp_path, task):
 
 def test_loss_falls_over_a_few_steps_on_one_batch(data, tmp_path):
     """Many passes over 16 captions: the loss must drop well below its starting value."""
-    result = run(data, tmp_path / "overfit", "caption", epochs=30, batch_size=64, lr=3e-3)
+    result = run(data, tmp_path / "overfit", "caption", epochs=60, batch_size=64, lr=3e-3)
     first, last = result.history[0]["train_loss"], result.history[-1]["train_loss"]
-    assert last < 0.7 * first
+    assert last < 0.6 * first
 
 
 def test_same_seed_same_weights(data, tmp_path):

@@ -24,8 +24,10 @@ class PositionEmbedding2D(nn.Module):
 
     def __init__(self, rows: int, cols: int, dim: int):
         super().__init__()
-        self.row = nn.Parameter(torch.randn(rows, 1, dim) * 0.02)
-        self.col = nn.Parameter(torch.randn(1, cols, dim) * 0.02)
+        # 0.2 each (0.3 summed), the scale of the word embeddings: position must be audible
+        # next to the image content from the first step
+        self.row = nn.Parameter(torch.randn(rows, 1, dim) * 0.2)
+        self.col = nn.Parameter(torch.randn(1, cols, dim) * 0.2)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return tokens + (self.row + self.col).flatten(0, 1)  # (B, rows·cols, dim)

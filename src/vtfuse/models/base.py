@@ -19,6 +19,7 @@ from vtfuse.registry import Registry
 
 TASKS: Registry[TaskModel] = Registry("task")
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+EMBEDDING_STD = 0.3
 
 
 class CheckpointError(ValueError):
@@ -34,14 +35,19 @@ class TaskModel(nn.Module):
         self.vision = create_vision_encoder(config.vision)
 
     def init_weights(self) -> None:
-        """GPT-2's initialisation (as nanoGPT): linear and embedding weights N(0, 0.02), biases 0.
-        With PyTorch's default N(0, 1) embeddings, the word and position vectors drown what
-        cross-attention brings from the image and training stalls for epochs."""
+        """Linear weights N(0, 0.02) and zero biases, as GPT-2; embeddings N(0, 0.3).
+
+        Measured on the synthetic VQA task: with GPT-2's N(0, 0.02) embeddings the first
+        self-attention layer averages the words into one another (its output outweighs the
+        tiny embeddings) and training sits on a plateau at chance for epochs; with N(0, 0.3)
+        each word keeps its identity and the loss falls from the first steps."""
         for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
+            if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=EMBEDDING_STD)
 
     def encode_image(self, images: Tensor) -> Tensor:
         """uint8 images (I, 3, H, W) → image tokens (I, h·w, dim)."""
