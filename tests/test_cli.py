@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from vtfuse.cli.main import COMMANDS, main
 
@@ -251,3 +252,15 @@ def test_quickstart_tiny_writes_report_and_metrics(tmp_path):
     report = (tmp_path / "qs" / "report.md").read_text()
     assert "| vqa | accuracy |" in report and "pictures/vqa_0.png" in report
     assert len(list((tmp_path / "qs" / "pictures").glob("*.png"))) == 4
+
+
+def test_question_attention_has_one_map_per_word(workspace):
+    from vtfuse.pipeline import Pipeline
+
+    pipe = Pipeline.load(workspace / "vqa")
+    image = workspace / "data" / "images" / "000000.png"
+    attention = pipe.question_attention(image, "what shape is the red object ?")
+    layers, heads = pipe.model.config.text.depth, pipe.model.config.text.heads
+    assert attention.words == ["what", "shape", "is", "the", "red", "object", "?"]
+    assert attention.maps.shape == (7, layers, heads, 9)
+    assert torch.allclose(attention.maps.sum(-1), torch.ones(7, layers, heads))

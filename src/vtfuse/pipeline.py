@@ -149,7 +149,7 @@ class Pipeline:
         _, weights = self.answer_probabilities(
             self.images_to_tensor([image]), tokens, mask, need_weights=True
         )
-        maps = torch.stack([w[0] for w in weights], dim=1).cpu()  # (T, layers, heads, N)
+        maps = torch.stack([w[0] for w in weights]).permute(2, 0, 1, 3).cpu()  # (T, layers, H, N)
         words = [self.tokenizer.words[i] for i in tokens[0].tolist()]
         return Attention(words, maps, self.model.grid_size)
 
