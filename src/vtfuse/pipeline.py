@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vtfuse.data.dataset import pad_tokens
 from vtfuse.data.images import blank_like, image_to_uint8, load_image
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.generation import Generated, beam_search, greedy
@@ -114,10 +115,8 @@ class Pipeline:
     def encode_questions(self, questions: list[str]) -> tuple[Tensor, Tensor]:
         limit = self.model.config.text.max_length - 1  # one position is the [CLS] token
         ids = [self.tokenizer.encode(q)[:limit] or [self.tokenizer.unk_id] for q in questions]
-        tokens = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            tokens[row, : len(seq)] = torch.tensor(seq)
-        return tokens.to(self.device), (tokens != 0).to(self.device)
+        tokens, mask = pad_tokens(ids)
+        return tokens.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
     def answer_probabilities(

@@ -264,6 +264,14 @@ def grouped_order(image_ids: list[int], generator: torch.Generator) -> list[int]
     return order
 
 
+def pad_tokens(sequences: list[Tensor] | list[list[int]]) -> tuple[Tensor, Tensor]:
+    """Right-pad token sequences with 0 (<pad>) → tokens (B, T) and token_mask (B, T)."""
+    tokens = torch.zeros(len(sequences), max(len(s) for s in sequences), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        tokens[row, : len(sequence)] = torch.as_tensor(sequence)
+    return tokens, tokens != 0
+
+
 def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Stack each distinct image once (`images`, with `image_index` mapping every example to its
     image's row); right-pad token sequences with 0 (<pad>) and add `token_mask`."""
@@ -275,12 +283,7 @@ def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         "images": torch.stack([firsts[image_id] for image_id in rows]),
         "image_index": torch.tensor([rows[item["image_id"]] for item in items]),
     }
-    lengths = [len(it["tokens"]) for it in items]
-    tokens = torch.zeros(len(items), max(lengths), dtype=torch.long)
-    for row, item in enumerate(items):
-        tokens[row, : lengths[row]] = item["tokens"]
-    batch["tokens"] = tokens
-    batch["token_mask"] = tokens != 0
+    batch["tokens"], batch["token_mask"] = pad_tokens([item["tokens"] for item in items])
     if "answers" in items[0]:
         batch["answers"] = torch.stack([it["answers"] for it in items])
     return batch

@@ -94,9 +94,9 @@ def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
     for start, end in _batches(len(records), options.batch_size, "answering", options.progress):
         chunk = records[start:end]
         ids = data.image_ids[start:end]
-        distinct = list(dict.fromkeys(ids))
-        images = torch.stack([bank.tensors[i] for i in distinct]).to(pipe.device)
-        image_index = torch.tensor([distinct.index(i) for i in ids], device=pipe.device)
+        rows = {image_id: row for row, image_id in enumerate(dict.fromkeys(ids))}
+        images = torch.stack([bank.tensors[i] for i in rows]).to(pipe.device)
+        image_index = torch.tensor([rows[i] for i in ids], device=pipe.device)
         tokens, mask = pipe.encode_questions([r.fields["question"] for r in chunk])
         need_weights = any("boxes" in r.fields for r in chunk)
         probs, weights = pipe.answer_probabilities(
