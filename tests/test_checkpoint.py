@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from vtfuse.config import ConfigError, ModelConfig, TextConfig, TrainConfig, VisionConfig
+from vtfuse.config import (
+    FORMAT_VERSION,
+    ConfigError,
+    ModelConfig,
+    TextConfig,
+    TrainConfig,
+    VisionConfig,
+)
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.models import CheckpointError, create_model, load_pretrained
+from vtfuse.models.base import warm_start
 from vtfuse.training.checkpoint import (
     STATE_JSON,
     STATE_TENSORS,
@@ -220,7 +228,7 @@ def test_save_and_load_pretrained(tmp_path, task):
         "tokenizer.json",
     }
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert config["format_version"] == 1 and config["model"]["task"] == task
+    assert config["format_version"] == FORMAT_VERSION and config["model"]["task"] == task
 
     torch.manual_seed(1)  # a different random init, replaced by the saved weights
     loaded, loaded_tok = load_pretrained(tmp_path / "model")
@@ -231,7 +239,7 @@ def test_save_and_load_pretrained(tmp_path, task):
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     if task == "caption":
-        assert loaded.lm_head.weight is loaded.decoder.token_embedding.weight  # still tied
+        assert loaded.lm_head.weight is loaded.text.token_embedding.weight  # still tied
 
     data = batch(task)
     with torch.no_grad():
@@ -349,3 +357,82 @@ def test_a_second_crash_never_loses_every_checkpoint(tmp_path, monkeypatch):
     found = recover(target)
     assert found is not None
     assert read_tree(found) in ({"a": "previous"}, {"a": "new"})
+
+
+def test_warm_start_copies_matching_weights_and_shared_words(tmp_path):
+    """A VQA model started from a captioner gets its vision encoder, fusion blocks and the
+    embeddings of shared words; its own words and answer head keep their initialisation."""
+    caption_words = Tokenizer.build(["a red square at the top.", "a blue circle."])
+    captioner = create_model(
+        ModelConfig(
+            task="caption",
+            vision=VISION,
+            text=TextConfig(vocab_size=len(caption_words), dim=32, depth=2, heads=2, max_length=16),
+        )
+    )
+    captioner.save_pretrained(tmp_path / "captioner", caption_words)
+    question_words = Tokenizer.build(["what shape is the red object?"], answers=["square"])
+    torch.manual_seed(1)
+    vqa = create_model(
+        ModelConfig(
+            task="vqa",
+            vision=VISION,
+            text=TextConfig(
+                vocab_size=len(question_words), dim=32, depth=2, heads=2, max_length=16
+            ),
+            num_answers=1,
+        )
+    )
+    head_before = vqa.head[0].weight.clone()
+    own_word = question_words.word_ids["shape"]
+    own_row_before = vqa.text.token_embedding.weight[own_word].clone()
+
+    copied = warm_start(vqa, question_words, tmp_path / "captioner")
+
+    source = captioner.state_dict()
+    for name, weight in vqa.state_dict().items():
+        if name.startswith(("vision.", "text.blocks.", "text.position_embedding")):
+            assert torch.equal(weight, source[name]), name
+    for word in ("red", "the", "<pad>"):
+        assert torch.equal(
+            vqa.text.token_embedding.weight[question_words.word_ids[word]],
+            captioner.text.token_embedding.weight[caption_words.word_ids[word]],
+        )
+    assert torch.equal(vqa.text.token_embedding.weight[own_word], own_row_before)
+    assert torch.equal(vqa.head[0].weight, head_before)
+    shared = set(question_words.words) & set(caption_words.words)
+    assert copied.words == len(shared)
+    embedding = "text.token_embedding.weight"
+    expected = [n for n in source if n.startswith(("vision.", "text.")) and n != embedding]
+    assert copied.tensors == len(expected)
+    assert copied.left == []  # every captioner weight found a home (lm_head is the embedding)
+
+
+def test_warm_start_from_an_unrelated_model_is_refused(tmp_path):
+    other = VisionConfig(image_size=24, channels=(4, 4, 4), dim=16, depth=0, heads=2)
+    source = create_model(
+        ModelConfig(
+            task="caption",
+            vision=other,
+            text=TextConfig(vocab_size=20, dim=16, depth=1, heads=2, max_length=8),
+        )
+    )
+    source.save_pretrained(tmp_path / "other", tokenizer())
+    model = create_model(tiny_config("vqa"))
+    # the norms of a 16-wide model share names but not shapes with a 32-wide one
+    with pytest.raises(CheckpointError, match="no weight matches"):
+        warm_start(model, tokenizer(), tmp_path / "other")
+
+
+def test_fresh_captioner_predicts_near_uniformly():
+    """Token embeddings N(0, 1/dim) tied to the output layer: unit-scale logits, so the initial
+    loss is near ln(vocabulary) (unit-variance logits add ~0.5 nat, and the residual stream
+    still favours repeating the input word); N(0, 1) embeddings, tied, would start at
+    ~15 nats (see TaskModel.init_weights)."""
+    torch.manual_seed(0)
+    config = tiny_config("caption")
+    model = create_model(config)
+    loss = model.training_loss(batch("caption"))
+    assert np.log(config.text.vocab_size) - 0.5 < loss.item() < np.log(config.text.vocab_size) + 1.5
+    first_block_input = model.text.token_embedding(torch.arange(20)) * model.text.embedding_scale
+    assert 0.8 < first_block_input.std().item() < 1.2

@@ -222,20 +222,24 @@ def test_unknown_option_and_bad_config_are_clear(tmp_path, capsys):
     assert "widht" in capsys.readouterr().err
 
 
-def test_resume_continues_through_the_cli(workspace, tmp_path, capsys):
-    data = workspace / "data"
-    args = [
+def tiny_vqa_training(workspace: Path, out: Path) -> list[str]:
+    """`vtfuse train` arguments for a tiny VQA run on the workspace's data."""
+    return [
         "train",
         "--task",
         "vqa",
         "--train",
-        str(data / "vqa_train.jsonl"),
+        str(workspace / "data" / "vqa_train.jsonl"),
         "--out",
-        str(tmp_path / "r"),
+        str(out),
         "--config",
         str(workspace / "tiny.json"),
         "--no-progress",
     ]
+
+
+def test_resume_continues_through_the_cli(workspace, tmp_path, capsys):
+    args = tiny_vqa_training(workspace, tmp_path / "r")
     assert main([*args, "--max-minutes", "0.0000001"]) == 0
     assert "stopped at step 1" in capsys.readouterr().out
     assert main([*args, "--resume"]) == 0
@@ -264,3 +268,12 @@ def test_question_attention_has_one_map_per_word(workspace):
     assert attention.words == ["what", "shape", "is", "the", "red", "object", "?"]
     assert attention.maps.shape == (7, layers, heads, 9)
     assert torch.allclose(attention.maps.sum(-1), torch.ones(7, layers, heads))
+
+
+def test_train_vqa_warm_started_from_the_captioner(workspace, tmp_path, capsys):
+    args = tiny_vqa_training(workspace, tmp_path / "vqa")
+    assert main([*args, "--epochs", "1", "--init-from", str(workspace / "caption")]) == 0
+    out = capsys.readouterr().out
+    assert f"warm start from {workspace / 'caption' / 'best'}" in out
+    run = json.loads((tmp_path / "vqa" / "run.json").read_text())
+    assert run["train_config"]["init_from"] == str(workspace / "caption")

@@ -35,12 +35,13 @@ def randomise(model: Captioner, seed: int) -> None:
             else:
                 is_gain = "norm" in name and name.endswith("weight")
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if is_gain else 0.0))
-        decoder = model.decoder
+        decoder = model.text
+        scale = decoder.embedding_scale  # the forward pass multiplies embeddings by it
         decoder.token_embedding.weight.copy_(
-            torch.randn(decoder.token_embedding.weight.shape, generator=g) * 0.5
+            torch.randn(decoder.token_embedding.weight.shape, generator=g) * 0.5 / scale
         )
         decoder.position_embedding.weight.copy_(
-            torch.randn(decoder.position_embedding.weight.shape, generator=g) * 2.0
+            torch.randn(decoder.position_embedding.weight.shape, generator=g) * 2.0 / scale
         )
         for block in decoder.blocks:
             block.fusion.attn.to_out.weight.mul_(4.0)

@@ -197,6 +197,8 @@ def test_select_layer_and_grid():
     assert last.shape == (2, 4)
     torch.testing.assert_close(last, attention[:, 2].mean(dim=1))
     torch.testing.assert_close(select_layer(attention, 0), attention[:, 0].mean(dim=1))
+    every_layer = sum(attention[:, i].mean(dim=1) for i in range(3)) / 3
+    torch.testing.assert_close(select_layer(attention), every_layer)  # the default
     with pytest.raises(ValueError, match="layer 3 does not exist"):
         select_layer(attention, 3)
     with pytest.raises(ValueError, match="layer -4 does not exist"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-FORMAT_VERSION = 1  # bump when a saved checkpoint can no longer be read by this code
+FORMAT_VERSION = 2  # bump when a saved checkpoint can no longer be read by this code
 
 C = TypeVar("C")
 
@@ -28,6 +28,7 @@ class VisionConfig:
     image_size: int = 72  # images are resized to image_size × image_size
     patch_size: int = 8  # ViT patch side; the CNN downsamples by the same factor
     channels: tuple[int, ...] = (32, 64, 128)  # CNN stage widths (each stage halves the size)
+    pool: int = 1  # average each pool × pool block of tokens into one: fewer, coarser tokens
     dim: int = 128  # width of the image tokens
     depth: int = 1  # Transformer layers over the image tokens (ViT body; refinement after a CNN)
     heads: int = 4
@@ -79,6 +80,7 @@ class TrainConfig:
     num_workers: int = 0
     skip_bad: bool = False  # skip (and count) examples whose image is missing or corrupt
     eval_batch_size: int = 128
+    init_from: str = ""  # warm start from this run or model folder (matching weights copied)
 
 
 @dataclass(frozen=True)

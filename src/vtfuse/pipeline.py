@@ -18,24 +18,12 @@ from vtfuse.data.dataset import pad_tokens
 from vtfuse.data.images import blank_like, image_to_uint8, load_image
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.generation import Generated, beam_search, greedy
-from vtfuse.models.base import CheckpointError, TaskModel, load_pretrained
-from vtfuse.training.checkpoint import recover
+from vtfuse.models.base import TaskModel, load_pretrained
+from vtfuse.training.checkpoint import resolve_model_folder
 from vtfuse.training.trainer import resolve_device
 from vtfuse.visualisation import save_attention_figure, select_layer, to_grid
 
 ImageLike = str | Path | Image.Image
-
-
-def resolve_model_folder(path: str | Path) -> Path:
-    """A run folder means its `best` checkpoint (or `last` if there is no best yet)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    for name in ("best", "last"):
-        folder = recover(path / name)
-        if folder is not None:
-            return folder
-    raise CheckpointError(f"{path} is neither a vtfuse run folder nor a model folder")
 
 
 @dataclass
@@ -154,7 +142,11 @@ class Pipeline:
 
     # -- pictures ------------------------------------------------------------------------------
     def draw_attention(
-        self, image: ImageLike, out: str | Path, question: str | None = None, layer: int = -1
+        self,
+        image: ImageLike,
+        out: str | Path,
+        question: str | None = None,
+        layer: int | None = None,
     ) -> tuple[Path, str]:
         """Save one panel per generated (or question) token; return the path and the text."""
         pil = image if isinstance(image, Image.Image) else load_image(image)
@@ -169,7 +161,11 @@ class Pipeline:
             text = self.tokenizer.decode(self.tokenizer.word_ids[w] for w in attention.words)
         grids = to_grid(select_layer(attention.maps, layer), attention.grid)
         path = save_attention_figure(
-            pil, attention.words, grids, out, title=f"{text}  [layer {layer}]"
+            pil,
+            attention.words,
+            grids,
+            out,
+            title=f"{text}  [{'mean of layers' if layer is None else f'layer {layer}'}]",
         )
         return path, text
 

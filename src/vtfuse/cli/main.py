@@ -91,6 +91,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="skip examples whose image is missing or corrupt (counted in the summary)",
     )
     p.add_argument(
+        "--init-from",
+        help="warm start from a vtfuse run or model folder (e.g. VQA from a captioner): "
+        "weights with matching names and shapes, and shared words' embeddings, are copied",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
     p.add_argument(
@@ -108,6 +113,7 @@ TRAIN_FLAGS = (
     "device",
     "precision",
     "skip_bad",
+    "init_from",
 )
 
 
@@ -160,7 +166,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-size", type=int, default=1, help="captioning beam width (1 = greedy)")
     p.add_argument("--max-length", type=int, help="longest caption in tokens")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length^penalty")
-    p.add_argument("--layer", type=int, default=-1, help="fusion layer for pointing accuracy")
+    p.add_argument(
+        "--layer", type=int, help="fusion layer for pointing accuracy (default: mean of all)"
+    )
     p.add_argument("--blind", action="store_true", help="blank every image (the blind baseline)")
     p.add_argument("--skip-bad", action="store_true", help="skip examples with a bad image")
     p.add_argument(
@@ -236,7 +244,9 @@ def _attention_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="image file")
     p.add_argument("--question", help="for a VQA model: the question whose tokens to show")
     p.add_argument(
-        "--layer", type=int, default=-1, help="fusion layer to show (negative counts from the end)"
+        "--layer",
+        type=int,
+        help="fusion layer to show (negative counts from the end; default: mean of all layers)",
     )
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

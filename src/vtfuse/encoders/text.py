@@ -33,6 +33,7 @@ class FusedTextTransformer(nn.Module):
             for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(config.dim)
+        self.embedding_scale = config.dim**0.5  # see TaskModel.init_weights
         self.dropout = nn.Dropout(config.dropout)
 
     def new_cache(self) -> list[LayerCache]:
@@ -57,7 +58,7 @@ class FusedTextTransformer(nn.Module):
         `need_weights`, each block's attention over the image (B, heads, T', N).
         """
         past = caches[0].self_attn.length if caches else 0
-        x = self.token_embedding(tokens)
+        x = self.token_embedding(tokens) * self.embedding_scale
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)
         length = past + x.shape[1]
@@ -67,7 +68,7 @@ class FusedTextTransformer(nn.Module):
                 f"{self.config.max_length}"
             )
         positions = torch.arange(past, length, device=tokens.device)
-        x = self.dropout(x + self.position_embedding(positions))
+        x = self.dropout(x + self.position_embedding(positions) * self.embedding_scale)
         all_weights = []
         for i, block in enumerate(self.blocks):
             x, weights = block(

@@ -26,7 +26,7 @@ class EvalOptions:
     beam_size: int = 1  # captioning; pointing accuracy needs greedy attention, so beam 1
     max_length: int | None = None
     length_penalty: float = 1.0
-    layer: int = -1  # fusion layer whose attention pointing accuracy reads
+    layer: int | None = None  # fusion layer pointing accuracy reads (None: mean of all)
     blind: bool = False  # replace every image by a blank one (the blind baseline)
     skip_bad: bool = False
     progress: bool = True

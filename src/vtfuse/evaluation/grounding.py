@@ -2,7 +2,8 @@
 
 The pointing game (Zhang et al. 2016, "Top-down neural attention by excitation backprop"),
 applied to cross-attention: for every word that equals a box label, the peak of that word's
-attention (one layer, mean over heads) must land inside a box with that label.
+attention (mean over heads, and over layers unless one is chosen) must land inside a box with
+that label.
 """
 
 from __future__ import annotations

@@ -17,13 +17,9 @@ class Captioner(TaskModel):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        self.decoder = FusedTextTransformer(
-            config.text, self.vision.dim, config.fusion, causal=True
-        )
+        self.text = FusedTextTransformer(config.text, self.vision.dim, config.fusion, causal=True)
         self.lm_head = nn.Linear(config.text.dim, config.text.vocab_size, bias=False)
-        self.lm_head.weight = (
-            self.decoder.token_embedding.weight
-        )  # weight tying (Press & Wolf 2017)
+        self.lm_head.weight = self.text.token_embedding.weight  # weight tying (Press & Wolf 2017)
         self.init_weights()
 
     def forward(
@@ -35,7 +31,7 @@ class Captioner(TaskModel):
     ) -> tuple[Tensor, list[Tensor]]:
         """Teacher forcing: logits (B, T, vocab) for the token after each of `tokens`."""
         image = self.encode_image(images)
-        hidden, weights = self.decoder(
+        hidden, weights = self.text(
             tokens, image, need_weights=need_weights, image_index=image_index
         )
         return self.lm_head(hidden), weights
@@ -54,12 +50,12 @@ class Captioner(TaskModel):
     # -- incremental decoding, used by vtfuse.generation ------------------------------------
     def start(self, images: Tensor) -> tuple[Tensor, list[LayerCache]]:
         """Encode the images once and open empty caches for decoding."""
-        return self.encode_image(images), self.decoder.new_cache()
+        return self.encode_image(images), self.text.new_cache()
 
     def step(
         self, tokens: Tensor, image: Tensor, caches: list[LayerCache], need_weights: bool = False
     ) -> tuple[Tensor, list[Tensor]]:
         """Feed new tokens (B, t) after the cached ones → next-token logits (B, vocab).
         The image's cross-attention K/V are computed on the first step and reused after."""
-        hidden, weights = self.decoder(tokens, image, caches=caches, need_weights=need_weights)
+        hidden, weights = self.text(tokens, image, caches=caches, need_weights=need_weights)
         return self.lm_head(hidden[:, -1]), weights

@@ -21,10 +21,8 @@ class VQAModel(TaskModel):
         if config.num_answers < 1:
             raise ValueError("a VQA model needs num_answers >= 1")
         dim = config.text.dim
-        self.encoder = FusedTextTransformer(
-            config.text, self.vision.dim, config.fusion, causal=False
-        )
-        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.text = FusedTextTransformer(config.text, self.vision.dim, config.fusion, causal=False)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))  # unit scale, as the scaled embeddings
         self.head = nn.Sequential(
             nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, config.num_answers)
         )
@@ -44,7 +42,7 @@ class VQAModel(TaskModel):
         if token_mask is None:
             token_mask = torch.ones_like(tokens, dtype=torch.bool)
         token_mask = torch.cat([token_mask.new_ones(batch, 1), token_mask], dim=1)
-        hidden, weights = self.encoder(
+        hidden, weights = self.text(
             tokens,
             self.encode_image(images),
             token_mask=token_mask,

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vtfuse.models.base import CONFIG_FILE, CheckpointError
+
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
 
 
@@ -67,6 +69,18 @@ def recover(target: str | Path) -> Path | None:
     if target.exists():
         return target
     return previous if previous.exists() else None
+
+
+def resolve_model_folder(path: str | Path) -> Path:
+    """A run folder means its `best` checkpoint (or `last` if there is no best yet)."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    for name in ("best", "last"):
+        folder = recover(path / name)
+        if folder is not None:
+            return folder
+    raise CheckpointError(f"{path} is neither a vtfuse run folder nor a model folder")
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -35,11 +35,12 @@ from vtfuse.data.dataset import (
     read_jsonl,
 )
 from vtfuse.data.tokenizer import Tokenizer
-from vtfuse.models.base import TaskModel, create_model, load_pretrained
+from vtfuse.models.base import TaskModel, create_model, load_pretrained, warm_start
 from vtfuse.training.checkpoint import (
     atomic_folder,
     load_training_state,
     recover,
+    resolve_model_folder,
     save_training_state,
 )
 
@@ -216,7 +217,15 @@ def train(
         model_config = dataclasses.replace(
             model_config, text=text, num_answers=len(tokenizer.answers)
         )
-        model = create_model(model_config).to(device)
+        model = create_model(model_config)
+        if config.init_from:
+            source = resolve_model_folder(config.init_from)
+            copied = warm_start(model, tokenizer, source)
+            log(
+                f"warm start from {source}: {copied.tensors} weights and {copied.words} word "
+                f"embeddings copied, {len(copied.left)} source weights had no match"
+            )
+        model = model.to(device)
     model.train()
     size, max_length = model_config.vision.image_size, model_config.text.max_length
     loaded = load_records(train_records, size, config.skip_bad, progress)

@@ -1,0 +1,43 @@
+"""Vision encoders: token grids, 2-D positions and token pooling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vtfuse.config import VisionConfig
+from vtfuse.encoders.vision import create_vision_encoder
+
+SMALL = dict(image_size=48, patch_size=8, channels=(8, 8, 16), dim=16, depth=1, heads=2)
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit"])
+def test_grid_of_tokens(name):
+    encoder = create_vision_encoder(VisionConfig(name=name, **SMALL))
+    tokens = encoder(torch.randn(2, 3, 48, 48))
+    assert encoder.grid_size == (6, 6)
+    assert tokens.shape == (2, 36, 16)
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit"])
+def test_pool_averages_blocks_of_tokens(name):
+    encoder = create_vision_encoder(VisionConfig(name=name, pool=3, **SMALL))
+    assert encoder.grid_size == (2, 2)
+    assert encoder(torch.randn(1, 3, 48, 48)).shape == (1, 4, 16)
+    grid = torch.arange(36.0).reshape(1, 6, 6, 1).expand(1, 6, 6, 16)
+    pooled = encoder.pool(grid.reshape(1, 36, 16))
+    # row-major 6 × 6 grid: the top-left 3 × 3 block holds 0,1,2 / 6,7,8 / 12,13,14 (mean 7)
+    assert pooled[0, :, 0].tolist() == [7.0, 10.0, 25.0, 28.0]
+
+
+def test_pool_that_does_not_divide_the_grid_is_refused():
+    with pytest.raises(ValueError, match=r"vision\.pool 4 must divide the 6×6 token grid"):
+        create_vision_encoder(VisionConfig(pool=4, **SMALL))
+
+
+def test_position_embedding_tells_cells_apart():
+    """A blank image still yields distinct tokens per cell: left differs from right."""
+    encoder = create_vision_encoder(VisionConfig(pool=3, **SMALL))
+    tokens = encoder(torch.zeros(1, 3, 48, 48))[0]
+    distances = torch.cdist(tokens, tokens)
+    assert (distances + torch.eye(4) * 1e3).min() > 0.1
