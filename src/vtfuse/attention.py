@@ -147,6 +147,8 @@ class MultiHeadAttention(nn.Module):
         context_dim: int | None = None,
         score: str = "dot",
         dropout: float = 0.0,
+        project_query: bool = True,
+        project_output: bool = True,
     ):
         super().__init__()
         if dim % heads:
@@ -154,9 +156,9 @@ class MultiHeadAttention(nn.Module):
         self.heads = heads
         self.head_dim = dim // heads
         self.dropout = dropout
-        self.to_q = nn.Linear(dim, dim)
+        self.to_q = nn.Linear(dim, dim) if project_query else nn.Identity()
         self.to_kv = nn.Linear(context_dim or dim, 2 * dim)
-        self.to_out = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim) if project_output else nn.Identity()
         self.score = SCORES.get(score)()
 
     def split_heads(self, x: Tensor) -> Tensor:
@@ -180,18 +182,21 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """x (B, T, dim) attends to itself or to `context` (B, S, context_dim).
 
+        A static `cache` (cross-attention K/V filled on an earlier step) is used as it is, and
+        `context` may then be None.
+
         `key_mask` (B, S) marks real keys (for self-attention with a cache: all S keys so far).
         `context_index` (B,) lets several rows share a context row: the context (I, S, ·) holds
         each distinct image once, its keys and values are projected once and then gathered.
         Returns the output (B, T, dim) and, only if `need_weights`, the weights (B, H, T, S).
         """
         q = self.split_heads(self.to_q(x))
-        if context is None:
+        if cache is not None and cache.static:
+            k, v = cache.key, cache.value  # image K/V computed once, reused at every step
+        elif context is None:
             k, v = self.project_kv(x)
             if cache is not None:
                 k, v = cache.append(k, v)
-        elif cache is not None and cache.key is not None:
-            k, v = cache.key, cache.value  # image K/V computed once, reused at every step
         else:
             k, v = self.project_kv(context)
             if context_index is not None:

@@ -8,19 +8,8 @@ from torch import Tensor, nn
 
 from vtfuse.attention import KVCache, MultiHeadAttention
 from vtfuse.config import FusionConfig
+from vtfuse.feedforward import MLP
 from vtfuse.fusion import FUSIONS
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
 
 class SelfAttentionBlock(nn.Module):
@@ -72,9 +61,7 @@ class FusionBlock(nn.Module):
         self.causal = causal
         self.norm_attn = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, heads, dropout=dropout)
-        self.fusion = FUSIONS.get(fusion.name)(
-            dim=dim, heads=heads, image_dim=image_dim, score=fusion.score, dropout=dropout
-        )
+        self.fusion = FUSIONS.get(fusion.name)(dim, heads, image_dim, fusion, dropout)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
 

@@ -49,8 +49,9 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    name: str = "cross_attention"  # registered fusion strategy
-    score: str = "dot"  # attention score: "dot", "cosine" or "neg_distance"
+    name: str = "cross_attention"  # registered fusion strategy (see vtfuse.fusion)
+    score: str = ""  # "dot", "cosine" or "neg_distance"; "" = the strategy's own default
+    latents: int = 16  # resampler: learned latent queries (the text sees this many tokens)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from vtfuse.attention import SCORES
 from vtfuse.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_run_config
+from vtfuse.fusion import FUSIONS
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command, str]] = {}
@@ -74,8 +76,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder for checkpoints and logs")
     p.add_argument("--config", help='JSON file {"model": {...}, "train": {...}}; flags override it')
     p.add_argument("--vision", help="vision encoder: cnn or vit")
-    p.add_argument("--fusion", help="fusion strategy (default cross_attention)")
-    p.add_argument("--score", choices=("dot", "cosine", "neg_distance"), help="attention score")
+    p.add_argument(
+        "--fusion", choices=FUSIONS.names(), help="fusion strategy (default cross_attention)"
+    )
+    p.add_argument("--score", choices=SCORES.names(), help="attention score")
     p.add_argument("--epochs", type=int, help="passes over the training data")
     p.add_argument("--max-minutes", type=float, help="stop and save after this long (resume later)")
     p.add_argument("--batch-size", type=int, help="examples per step")

@@ -1,10 +1,13 @@
-"""Dual-stream cross-attention: text queries, image keys and values."""
+"""Dual-stream cross-attention: text queries, image keys and values — plain and Flamingo-gated."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from vtfuse.attention import KVCache, MultiHeadAttention
+from vtfuse.config import FusionConfig
+from vtfuse.feedforward import MLP
 from vtfuse.fusion.base import FUSIONS
 
 
@@ -13,15 +16,20 @@ class CrossAttentionFusion(nn.Module):
     """text ← text + CrossAttn(LN(text), image)   (Vaswani et al. 2017, decoder sub-layer 2)."""
 
     def __init__(
-        self, dim: int, heads: int, image_dim: int, score: str = "dot", dropout: float = 0.0
+        self, dim: int, heads: int, image_dim: int, config: FusionConfig, dropout: float = 0.0
     ):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(
-            dim, heads, context_dim=image_dim, score=score, dropout=dropout
+        self.attn = self.make_attention(dim, heads, image_dim, config, dropout)
+
+    def make_attention(
+        self, dim: int, heads: int, image_dim: int, config: FusionConfig, dropout: float
+    ) -> MultiHeadAttention:
+        return MultiHeadAttention(
+            dim, heads, context_dim=image_dim, score=config.score or "dot", dropout=dropout
         )
 
-    def forward(
+    def attend(
         self,
         text: Tensor,
         image: Tensor,
@@ -30,11 +38,41 @@ class CrossAttentionFusion(nn.Module):
         need_weights: bool = False,
         image_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        attended, weights = self.attn(
+        """CrossAttn(LN(text), image) without the residual: (B, T, dim), weights (B, H, T, N)."""
+        return self.attn(
             self.norm(text),
             image,
             cache=cache,
             need_weights=need_weights,
             context_index=image_index,
         )
+
+    def forward(self, text: Tensor, image: Tensor, **kwargs) -> tuple[Tensor, Tensor | None]:
+        attended, weights = self.attend(text, image, **kwargs)
         return text + attended, weights
+
+
+@FUSIONS.register("gated_cross_attention")
+class GatedCrossAttentionFusion(CrossAttentionFusion):
+    """Flamingo's gated cross-attention dense block (Alayrac et al. 2022, Fig. 4):
+
+        text ← text + tanh(α_attn) · CrossAttn(LN(text), image)
+        text ← text + tanh(α_ff)   · FF(LN(text))
+
+    with α_attn = α_ff = 0 at initialisation, so the block returns its input exactly and a
+    (pretrained) language model around it starts unchanged; the gates open as training asks.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, image_dim: int, config: FusionConfig, dropout: float = 0.0
+    ):
+        super().__init__(dim, heads, image_dim, config, dropout)
+        self.attn_gate = nn.Parameter(torch.zeros(()))
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = MLP(dim, dropout=dropout)
+        self.ff_gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, text: Tensor, image: Tensor, **kwargs) -> tuple[Tensor, Tensor | None]:
+        attended, weights = self.attend(text, image, **kwargs)
+        text = text + self.attn_gate.tanh() * attended
+        return text + self.ff_gate.tanh() * self.ff(self.norm_ff(text)), weights

@@ -1,0 +1,68 @@
+"""A fixed number of learned latent queries read the image; the text reads the latents."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vtfuse.attention import KVCache, MultiHeadAttention
+from vtfuse.config import FusionConfig
+from vtfuse.feedforward import MLP
+from vtfuse.fusion.base import FUSIONS, gather_images
+from vtfuse.fusion.cross_attention import CrossAttentionFusion
+
+
+@FUSIONS.register("resampler")
+class ResamplerFusion(nn.Module):
+    """Perceiver Resampler (Alayrac et al. 2022, §2.1) / Q-Former-style queries (Li et al. 2023):
+
+        z ← z + CrossAttn(LN(z), image);   z ← z + FF(LN(z))      z: M learned latents
+        text ← text + CrossAttn(LN(text), z)
+
+    The text side attends to M tokens whatever the image's size (M = `fusion.latents`). The
+    attention map over the image is the text→latent weights times the latent→image weights.
+    During generation the resampled latents' K/V are cached like an image's.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, image_dim: int, config: FusionConfig, dropout: float = 0.0
+    ):
+        super().__init__()
+        if config.latents < 1:
+            raise ValueError(f"fusion.latents must be at least 1, got {config.latents}")
+        self.latents = nn.Parameter(torch.randn(config.latents, dim))
+        self.norm_latents = nn.LayerNorm(dim)
+        self.read_image = MultiHeadAttention(
+            dim, heads, context_dim=image_dim, score=config.score or "dot", dropout=dropout
+        )
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = MLP(dim, dropout=dropout)
+        self.read_latents = CrossAttentionFusion(dim, heads, dim, config, dropout)
+
+    def resample(self, image: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """image (I, N, image_dim) → latents (I, M, dim) and, if asked, weights (I, H, M, N)."""
+        z = self.latents.expand(image.shape[0], -1, -1)
+        read, weights = self.read_image(self.norm_latents(z), image, need_weights=need_weights)
+        z = z + read
+        return z + self.ff(self.norm_ff(z)), weights
+
+    def forward(
+        self,
+        text: Tensor,
+        image: Tensor,
+        *,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+        image_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        cached = cache is not None and cache.static
+        latents, image_weights = (
+            (None, None) if cached and not need_weights else (self.resample(image, need_weights))
+        )
+        text, weights = self.read_latents(
+            text, latents, cache=cache, need_weights=need_weights, image_index=image_index
+        )
+        if need_weights:
+            per_latent = gather_images(image_weights.mean(dim=1), image_index)  # (B, M, N)
+            weights = weights @ per_latent[:, None]  # (B, H, T, M) @ (B, 1, M, N)
+        return text, weights

@@ -1,0 +1,168 @@
+"""Every fusion strategy behind one interface: shapes, gradients, maps, caches, learning."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from vtfuse.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
+from vtfuse.fusion import FUSIONS
+from vtfuse.generation import greedy
+from vtfuse.models import create_model
+
+STRATEGIES = FUSIONS.names()
+DIM, HEADS, IMAGE_DIM = 32, 2, 16
+
+
+def build(name: str, **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return FUSIONS.get(name)(DIM, HEADS, IMAGE_DIM, FusionConfig(name=name, latents=4, **options))
+
+
+def open_gates(module: torch.nn.Module, value: float = 0.5) -> None:
+    """Gated strategies start closed (output = input); open them so every weight matters."""
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.endswith("gate"):
+                parameter.fill_(value)
+
+
+def inputs(text_rows: int = 3, image_tokens: int = 9):
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(text_rows, 5, DIM, generator=g)
+    image = torch.randn(2, image_tokens, IMAGE_DIM, generator=g)
+    return text, image, torch.tensor([0, 1, 1])[:text_rows]
+
+
+def test_all_strategies_are_registered():
+    assert {
+        "cross_attention",
+        "gated_cross_attention",
+        "similarity",
+        "resampler",
+        "weighted_sum",
+    } <= set(STRATEGIES)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_shapes_and_attention_maps(name):
+    fusion = build(name)
+    text, image, index = inputs()
+    out, weights = fusion(text, image, image_index=index, need_weights=True)
+    assert out.shape == text.shape
+    assert weights.dim() == 4 and weights.shape[0] == 3 and weights.shape[2:] == (5, 9)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:3]))
+    assert fusion(text, image, image_index=index)[1] is None  # only when asked
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_the_image_changes_the_text(name):
+    fusion = build(name)
+    open_gates(fusion)
+    text, image, index = inputs()
+    other = image.flip(1) * 2 + 1
+    assert not torch.allclose(
+        fusion(text, image, image_index=index)[0], fusion(text, other, image_index=index)[0]
+    )
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_gradients_reach_every_parameter(name):
+    fusion = build(name)
+    open_gates(fusion)
+    text, image, index = inputs()
+    image.requires_grad_(True)
+    out, _ = fusion(text, image, image_index=index)
+    (out * torch.randn_like(out)).sum().backward()
+    for parameter_name, parameter in fusion.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, parameter_name
+    assert image.grad.abs().sum() > 0
+
+
+def test_gated_cross_attention_is_exactly_the_identity_at_initialisation():
+    fusion = build("gated_cross_attention")
+    text, image, index = inputs()
+    out, _ = fusion(text, image, image_index=index)
+    assert torch.equal(out, text)
+    open_gates(fusion, 0.1)
+    assert not torch.equal(fusion(text, image, image_index=index)[0], text)
+
+
+def test_resampler_output_does_not_depend_on_the_number_of_image_tokens():
+    fusion = build("resampler")
+    for tokens in (9, 49, 196):
+        _, image, _ = inputs(image_tokens=tokens)
+        latents, weights = fusion.resample(image, need_weights=True)
+        assert latents.shape == (2, 4, DIM)
+        assert weights.shape == (2, HEADS, 4, tokens)
+
+
+@pytest.mark.parametrize(
+    "name", ["cross_attention", "gated_cross_attention", "similarity", "resampler"]
+)
+@pytest.mark.parametrize("score", ["dot", "cosine", "neg_distance"])
+def test_attention_strategies_take_every_score(name, score):
+    fusion = build(name, score=score)
+    open_gates(fusion)
+    text, image, index = inputs()
+    out, weights = fusion(text, image, image_index=index, need_weights=True)
+    fast, _ = fusion(text, image, image_index=index)
+    torch.testing.assert_close(out, fast, atol=1e-5, rtol=1e-5)  # weights path = fast path
+    assert weights.shape[-1] == image.shape[1]
+
+
+def tiny_model(task: str, fusion: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        task=task,
+        vision=VisionConfig(image_size=24, channels=(8, 8, 16), dim=IMAGE_DIM, depth=0, heads=2),
+        text=TextConfig(vocab_size=12, dim=DIM, depth=2, heads=HEADS, max_length=16),
+        fusion=FusionConfig(name=fusion, latents=4),
+        num_answers=3 if task == "vqa" else 0,
+    )
+    model = create_model(config)
+    open_gates(model)
+    return model
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_cached_generation_equals_full_recomputation(name):
+    model = tiny_model("caption", name).eval()
+    images = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
+    generated = greedy(model, images, max_length=6)
+    with torch.no_grad():
+        for row in range(2):
+            prefix = torch.tensor([[1, *generated.tokens[row][:-1]]])
+            logits, _ = model(images[row : row + 1], prefix)
+            assert logits[0].argmax(-1).tolist() == generated.tokens[row]
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_each_strategy_learns_a_tiny_task(name):
+    """VQA on four fixed images: the answer is which image it is. Loss must fall by half."""
+    model = tiny_model("vqa", name)
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (3, 3, 24, 24), generator=g, dtype=torch.uint8)
+    batch = {
+        "images": images,
+        "tokens": torch.randint(4, 12, (6, 4), generator=g),
+        "token_mask": torch.ones(6, 4, dtype=torch.bool),
+        "image_index": torch.tensor([0, 1, 2, 0, 1, 2]),
+        "answers": torch.tensor([0, 1, 2, 0, 1, 2]),
+    }
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model.training_loss(batch).item()
+    for _ in range(40):
+        loss = model.training_loss(batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert loss.item() < first / 2, (first, loss.item())
+
+
+def test_unknown_strategy_names_the_choices():
+    with pytest.raises(ValueError, match="unknown fusion strategy 'nope'; choose one of: "):
+        FUSIONS.get("nope")
+    assert dataclasses.asdict(FusionConfig())["name"] == "cross_attention"
