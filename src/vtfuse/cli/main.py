@@ -302,6 +302,85 @@ def run_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- compare ----------------------------------------------------------------------------------
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=("caption", "vqa"), required=True, help="what to compare on")
+    p.add_argument("--train", help="training JSONL (default: built-in synthetic data)")
+    p.add_argument("--val", help="validation JSONL (with --train)")
+    p.add_argument("--test", help="test JSONL the strategies are scored on (with --train)")
+    p.add_argument("--caption-train", help="captions for --caption-warm-start on your own data")
+    p.add_argument("--caption-val", help="validation captions for --caption-warm-start")
+    p.add_argument("--fusions", default="all", help="'all' or a comma list, e.g. a,b,c")
+    p.add_argument(
+        "--max-minutes-each", type=float, default=3.0, help="training budget of every model"
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per strategy (0, 1, ...)")
+    p.add_argument("--epochs", type=int, help="passes over the training data (budget permitting)")
+    p.add_argument("--config", help='JSON file {"model": {...}, "train": {...}} for every run')
+    p.add_argument(
+        "--caption-warm-start",
+        action="store_true",
+        help="VQA: start each strategy from a captioner trained with the same strategy",
+    )
+    p.add_argument("--images", type=int, default=3000, help="synthetic scenes, without --train")
+    p.add_argument("--out", required=True, help="folder for runs and compare.{csv,md,png,json}")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
+    )
+
+
+@command("compare", "train and score fusion strategies on the same data, budget and seeds")(
+    _compare_args
+)
+def run_compare(args: argparse.Namespace) -> int:
+    from vtfuse.compare import CompareSpec, DataFiles, compare, parse_fusions
+    from vtfuse.data.synth import SynthSpec, generate
+    from vtfuse.quickstart import QuickstartPlan
+
+    out = Path(args.out)
+    plan = QuickstartPlan()
+    stage = plan.caption if args.task == "caption" else plan.vqa
+    model, config = stage.model, stage.train  # the quickstart's recipe for the built-in scenes
+    if args.config:
+        run_config = load_run_config(args.config)
+        model, config = run_config.model, run_config.train
+    if args.train:
+        if not (args.val and args.test):
+            raise ValueError("--train needs --val and --test too")
+        files = DataFiles(
+            Path(args.train),
+            Path(args.val),
+            Path(args.test),
+            args.caption_train and Path(args.caption_train),
+            args.caption_val and Path(args.caption_val),
+        )
+    else:
+        data = out / "data"
+        if not (data / "vqa_test.jsonl").is_file():
+            generate(data, SynthSpec(images=args.images), progress=args.progress)
+        files = DataFiles(
+            *(data / f"{args.task}_{split}.jsonl" for split in ("train", "val", "test")),
+            data / "caption_train.jsonl",
+            data / "caption_val.jsonl",
+        )
+    config = dataclasses.replace(
+        config,
+        max_minutes=args.max_minutes_each,
+        **({"epochs": args.epochs} if args.epochs else {}),
+    )
+    spec = CompareSpec(
+        args.task,
+        parse_fusions(args.fusions),
+        dataclasses.replace(model, task=args.task),
+        config,
+        args.seeds,
+        args.caption_warm_start,
+        args.progress,
+    )
+    compare(spec, files, out, command=args.command_line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vtfuse", description="Vision-text cross-attention fusion."
@@ -315,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["vtfuse", *argv])
     from vtfuse.data.dataset import DataError
     from vtfuse.data.images import ImageLoadError
     from vtfuse.models.base import CheckpointError
