@@ -48,6 +48,7 @@ class CompareSpec:
     train: TrainConfig  # max_minutes is each model's budget
     seeds: int = 3
     caption_warm_start: bool = False
+    caption_train: TrainConfig | None = None  # the warm-start captioner's schedule (None: `train`)
     progress: bool = True
 
 
@@ -129,13 +130,14 @@ def run_one(spec: CompareSpec, files: DataFiles, fusion: str, seed: int, out: Pa
     run_dir = out / "runs" / fusion / f"seed{seed}"
     config = replace(spec.train, seed=seed)
     if spec.caption_warm_start:
+        caption_config = replace(spec.caption_train or spec.train, seed=seed)
         captioner = _train(
             "caption",
             files.caption_train,
             files.caption_val,
             run_dir / "caption",
             spec,
-            config,
+            caption_config,
             fusion,
         )
         config = replace(config, init_from=str(captioner))

@@ -363,11 +363,13 @@ def run_compare(args: argparse.Namespace) -> int:
             data / "caption_train.jsonl",
             data / "caption_val.jsonl",
         )
-    config = dataclasses.replace(
-        config,
-        max_minutes=args.max_minutes_each,
+    budget = {
+        "max_minutes": args.max_minutes_each,
         **({"epochs": args.epochs} if args.epochs else {}),
-    )
+    }
+    config = dataclasses.replace(config, **budget)
+    # the warm-start captioner keeps the captioning recipe unless a config file sets one for all
+    caption_config = dataclasses.replace(config if args.config else plan.caption.train, **budget)
     spec = CompareSpec(
         args.task,
         parse_fusions(args.fusions),
@@ -375,6 +377,7 @@ def run_compare(args: argparse.Namespace) -> int:
         config,
         args.seeds,
         args.caption_warm_start,
+        caption_config,
         args.progress,
     )
     compare(spec, files, out, command=args.command_line)
