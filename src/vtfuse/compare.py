@@ -1,34 +1,66 @@
-"""`vtfuse compare`: every chosen fusion strategy on the same data, budget and seeds.
+"""`vtfuse compare`: fusion strategies side by side, on the same data, budget and seeds.
 
-For each strategy and seed a model is trained (`vtfuse.training.train`) and scored on the test
-file (`vtfuse.evaluation.evaluate`); the costs are measured alongside: parameters, training
-samples/s (from the run's log) and inference latency per image (batch size 1, after a warm-up
-call). Results are the mean ± sample standard deviation over seeds, written as CSV, markdown,
-a bar chart and the raw per-seed JSON.
+Why: a fusion strategy is only better than another if it wins under equal conditions, and a
+single seed on a few CPU minutes is noise. So every chosen strategy is trained with
+`vtfuse.training.train` on the same files, with the same schedule and time budget, once per seed
+(0 … N−1), and scored on the same test file with `vtfuse.evaluation.evaluate` (greedy decoding).
 
-With `caption_warm_start` (VQA only) each strategy first trains a captioner with the same
-strategy and the VQA model starts from it — the quickstart's recipe, without which a VQA model
-trained for a few CPU minutes stays near chance whatever its fusion.
+What is measured, per run:
+
+* the task's main metrics — captioning: CIDEr, BLEU-4, METEOR, object F1, pointing accuracy;
+  VQA: accuracy, accuracy per question type (`accuracy_<type>`), pointing accuracy (object F1
+  and pointing accuracy only when the data has scenes and boxes, METEOR only with Java);
+* its costs — total and trainable parameters; training samples/s (the mean of the rates the
+  training log reports every 50 steps, or, for runs too short for that, samples seen / wall
+  time of the whole `train` call); inference latency in ms per image at batch size 1
+  (`Pipeline.caption` or `Pipeline.ask` over up to 32 test images, after one warm-up call,
+  images already decoded).
+
+Seeds are summarised as mean ± *sample* standard deviation (n − 1; 0 for a single seed) and
+written as `compare.csv`, `compare.md`, a bar chart `compare.png`, and the raw per-seed numbers
+in `compare.json`.
+
+With `caption_warm_start` (VQA only), each (strategy, seed) first trains a captioner with the
+same strategy and budget, and the VQA model starts from it (`TrainConfig.init_from`) — the
+quickstart's recipe, without which a VQA model trained for a few CPU minutes stays near chance
+whatever its fusion.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vtfuse.config import FusionConfig, ModelConfig, TrainConfig
+from PIL import Image
+
+from vtfuse.config import ModelConfig, TrainConfig
 from vtfuse.data.dataset import read_jsonl
+from vtfuse.data.images import load_image
+from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.evaluation import EvalOptions, evaluate
 from vtfuse.fusion import FUSIONS
 from vtfuse.pipeline import Pipeline
+from vtfuse.quickstart import SCENE_TEXT, SCENE_VISION, QuickstartPlan
 from vtfuse.training import train
 
-MAIN_METRIC = {"caption": "cider", "vqa": "accuracy"}
+TASKS = ("caption", "vqa")
+# The task's main metrics, in table order; VQA adds `accuracy_<type>` after `accuracy`.
+MAIN_METRICS = {
+    "caption": ("cider", "bleu4", "meteor", "object_f1", "pointing_accuracy"),
+    "vqa": ("accuracy", "pointing_accuracy"),
+}
+HEADLINE = {"caption": "cider", "vqa": "accuracy"}  # the metric the chart shows
+COSTS = ("parameters", "trainable_parameters", "samples_per_s", "latency_ms_per_image")
+LATENCY_IMAGES = 32
+
+Summary = dict[str, tuple[float, float]]  # metric → (mean, sample std) over seeds
 
 
 @dataclass(frozen=True)
@@ -36,48 +68,180 @@ class DataFiles:
     train: Path
     val: Path
     test: Path
-    caption_train: Path | None = None  # for the caption warm start
+    caption_train: Path | None = None  # the warm-start captioner's data
     caption_val: Path | None = None
 
 
 @dataclass(frozen=True)
 class CompareSpec:
+    """What to compare and under which conditions; invalid combinations are refused up front."""
+
     task: str
     fusions: tuple[str, ...]
-    model: ModelConfig
-    train: TrainConfig  # max_minutes is each model's budget
+    model: ModelConfig  # fusion.name is replaced by each strategy in turn
+    train: TrainConfig  # max_minutes is every model's budget; seed is replaced by 0 … seeds−1
     seeds: int = 3
     caption_warm_start: bool = False
-    caption_train: TrainConfig | None = None  # the warm-start captioner's schedule (None: `train`)
+    caption_train: TrainConfig | None = None  # the warm-start captioner's schedule (None: train)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
+        if not self.fusions:
+            raise ValueError(
+                f"no fusion strategy given; choose among: {', '.join(FUSIONS.names())}"
+            )
+        for name in self.fusions:
+            FUSIONS.get(name)  # raises "unknown fusion strategy 'x'; choose one of: ..."
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.train.max_minutes <= 0:
+            raise ValueError("a comparison needs a time budget: --max-minutes-each > 0")
+        if self.caption_warm_start and self.task != "vqa":
+            raise ValueError("--caption-warm-start is for --task vqa")
 
+
+@dataclass(frozen=True)
+class RunResult:
+    """One (strategy, seed): its scores and costs, as written to compare.json."""
+
+    fusion: str
+    seed: int
+    run: str
+    metrics: dict[str, float]
+    parameters: int
+    trainable_parameters: int
+    samples_per_s: float
+    latency_ms_per_image: float
+    train_seconds: float
+
+
+# -- set-up ------------------------------------------------------------------------------------
 def parse_fusions(text: str) -> tuple[str, ...]:
-    """ "all" or a comma list of registered strategies."""
-    if text == "all":
+    """ "all" (every registered strategy) or a comma list, repeats dropped; `CompareSpec`
+    checks the names against the registry."""
+    if text.strip() == "all":
         return tuple(FUSIONS.names())
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    for name in names:
-        FUSIONS.get(name)  # raises, naming the choices
-    if not names:
-        raise ValueError("--fusions: give 'all' or a comma-separated list of strategies")
-    return names
+    return tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
 
 
-def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Numeric metrics only; `accuracy_by_type` becomes `accuracy_<type>` columns."""
-    flat = {}
-    for key, value in metrics.items():
-        if key in ("examples", "skipped"):
-            continue
-        if isinstance(value, dict):
-            flat.update({f"accuracy_{k}": float(v) for k, v in value.items()})
-        elif isinstance(value, int | float):
-            flat[key] = float(value)
+def scene_recipe(task: str) -> tuple[ModelConfig, TrainConfig, TrainConfig]:
+    """The quickstart's recipe for the built-in scenes: its model shapes, the task's schedule,
+    and the captioning schedule (for a warm-start captioner)."""
+    plan = QuickstartPlan()
+    stage = plan.caption if task == "caption" else plan.vqa
+    model = ModelConfig(task=task, vision=SCENE_VISION, text=SCENE_TEXT)
+    return model, stage.train, plan.caption.train
+
+
+def synthetic_data(folder: Path, task: str, images: int, progress: bool = True) -> DataFiles:
+    """Generate the built-in scenes into `folder` (same seed, same data) and name the splits."""
+    generate(folder, SynthSpec(images=images), progress=progress)
+    return DataFiles(
+        *(folder / f"{task}_{split}.jsonl" for split in ("train", "val", "test")),
+        caption_train=folder / "caption_train.jsonl",
+        caption_val=folder / "caption_val.jsonl",
+    )
+
+
+# -- one run -----------------------------------------------------------------------------------
+def main_metrics(task: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """The task's main metrics from `evaluate`'s output, `accuracy_by_type` spread into
+    `accuracy_<type>`; metrics that are absent or None (METEOR without Java) are left out."""
+    flat: dict[str, float] = {}
+    for key in MAIN_METRICS[task]:
+        if metrics.get(key) is not None:
+            flat[key] = float(metrics[key])
+        if key == "accuracy":
+            for kind, value in metrics.get("accuracy_by_type", {}).items():
+                flat[f"accuracy_{kind}"] = float(value)
     return flat
 
 
-def mean_and_std(values: list[float]) -> tuple[float, float]:
+def training_speed(run_dir: Path, fallback: float) -> float:
+    """Mean samples/s over the run's log lines that report it (one every 50 steps); `fallback`
+    for runs too short to have one."""
+    rates = [
+        entry["samples_per_s"]
+        for line in (run_dir / "log.jsonl").read_text().splitlines()
+        if "samples_per_s" in (entry := json.loads(line))
+    ]
+    return math.fsum(rates) / len(rates) if rates else fallback
+
+
+def latency_ms(pipe: Pipeline, test: Path, count: int = LATENCY_IMAGES) -> float:
+    """Milliseconds per image at batch size 1 — one caption, or one question answered — over up
+    to `count` distinct test images, after one warm-up call; images are decoded beforehand."""
+    records = list({r.image_path: r for r in read_jsonl(test, pipe.task)}.values())[: count + 1]
+    inputs = [(load_image(r.image_path), r.fields.get("question", "")) for r in records]
+
+    def infer(image: Image.Image, question: str) -> None:
+        if pipe.task == "caption":
+            pipe.caption([image])
+        else:
+            pipe.ask(image, question)
+
+    infer(*inputs[0])  # warm-up: first-call allocations are not latency
+    timed = inputs[1:] or inputs
+    start = time.perf_counter()
+    for image, question in timed:
+        infer(image, question)
+    return 1000 * (time.perf_counter() - start) / len(timed)
+
+
+def _train(
+    task: str,
+    files: tuple[Path, Path | None],
+    out: Path,
+    model: ModelConfig,
+    config: TrainConfig,
+    progress: bool,
+) -> tuple[float, float]:
+    """Train one model into `out`; return (samples/s, wall seconds)."""
+    started = time.monotonic()
+    result = train(task, files[0], out, files[1], model, config, progress=progress)
+    seconds = time.monotonic() - started
+    return training_speed(out, result.step * config.batch_size / seconds), seconds
+
+
+def run_one(spec: CompareSpec, files: DataFiles, fusion: str, seed: int, out: Path) -> RunResult:
+    """Train (after its captioner, with a warm start) and score one strategy with one seed."""
+    run_dir = out / "runs" / fusion / f"seed{seed}"
+    model = replace(spec.model, fusion=replace(spec.model.fusion, name=fusion))
+    config = replace(spec.train, seed=seed)
+    if spec.caption_warm_start:
+        captioner = run_dir.with_name(f"seed{seed}-captioner")
+        caption_config = replace(spec.caption_train or spec.train, seed=seed)
+        _train(
+            "caption",
+            (files.caption_train, files.caption_val),
+            captioner,
+            model,
+            caption_config,
+            spec.progress,
+        )
+        config = replace(config, init_from=str(captioner))
+    speed, seconds = _train(
+        spec.task, (files.train, files.val), run_dir, model, config, spec.progress
+    )
+    pipe = Pipeline.load(run_dir)
+    metrics = evaluate(run_dir, files.test, EvalOptions(progress=spec.progress), pipe=pipe)
+    return RunResult(
+        fusion,
+        seed,
+        str(run_dir),
+        main_metrics(spec.task, metrics),
+        pipe.model.num_parameters(),
+        pipe.model.num_parameters(trainable_only=True),
+        speed,
+        latency_ms(pipe, files.test),
+        round(seconds, 1),
+    )
+
+
+# -- summaries ---------------------------------------------------------------------------------
+def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n − 1); the std of a single value is 0."""
     mean = math.fsum(values) / len(values)
     if len(values) == 1:
@@ -85,164 +249,172 @@ def mean_and_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def aggregate(per_seed: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
-    """(mean, sample std) of every key present in all seeds."""
+def aggregate(per_seed: Sequence[dict[str, float]]) -> Summary:
+    """(mean, sample std) of every key present in all seeds, in first-seed order."""
     keys = [k for k in per_seed[0] if all(k in seed for seed in per_seed)]
     return {key: mean_and_std([seed[key] for seed in per_seed]) for key in keys}
 
 
-def training_speed(run_dir: Path, examples_per_second: float) -> float:
-    """Mean samples/s over the run's log lines that report it (one every 50 steps); shorter
-    runs fall back to `examples_per_second` measured around the whole run."""
-    rates = [
-        entry["samples_per_s"]
-        for line in (run_dir / "log.jsonl").read_text().splitlines()
-        if "samples_per_s" in (entry := json.loads(line))
-    ]
-    return math.fsum(rates) / len(rates) if rates else examples_per_second
+def summarise(runs: Sequence[RunResult]) -> Summary:
+    """One strategy's seeds: its metrics, then its costs, each as (mean, sample std)."""
+    costs = [{name: float(getattr(r, name)) for name in COSTS} for r in runs]
+    return {**aggregate([r.metrics for r in runs]), **aggregate(costs)}
 
 
-def latency_ms(pipe: Pipeline, test: Path, count: int = 16) -> float:
-    """Milliseconds per image at batch size 1: a caption, or one question answered."""
-    records = read_jsonl(test, pipe.task)[: count + 1]
-
-    def infer(record) -> None:
-        if pipe.task == "caption":
-            pipe.caption([record.image_path])
-        else:
-            pipe.ask(record.image_path, record.fields["question"])
-
-    infer(records[0])  # warm-up
-    start = time.perf_counter()
-    for record in records[1:]:
-        infer(record)
-    return 1000 * (time.perf_counter() - start) / max(1, len(records) - 1)
+def metric_columns(summaries: dict[str, Summary]) -> list[str]:
+    """Every metric some strategy has, in first-seen order (costs excluded)."""
+    keys = dict.fromkeys(k for s in summaries.values() for k in s if k not in COSTS)
+    return list(keys)
 
 
-def _train(task: str, train_file, val_file, out: Path, spec: CompareSpec, config, fusion: str):
-    model = replace(spec.model, fusion=FusionConfig(name=fusion, latents=spec.model.fusion.latents))
-    train(task, train_file, out, val_file, model, config, progress=spec.progress)
-    return out
-
-
-def run_one(spec: CompareSpec, files: DataFiles, fusion: str, seed: int, out: Path) -> dict:
-    """Train and score one strategy with one seed; return its metrics and costs."""
-    run_dir = out / "runs" / fusion / f"seed{seed}"
-    config = replace(spec.train, seed=seed)
-    if spec.caption_warm_start:
-        caption_config = replace(spec.caption_train or spec.train, seed=seed)
-        captioner = _train(
-            "caption",
-            files.caption_train,
-            files.caption_val,
-            run_dir / "caption",
-            spec,
-            caption_config,
-            fusion,
-        )
-        config = replace(config, init_from=str(captioner))
-    started = time.monotonic()
-    task_dir = _train(spec.task, files.train, files.val, run_dir / spec.task, spec, config, fusion)
-    train_seconds = time.monotonic() - started
-    steps = json.loads((task_dir / "log.jsonl").read_text().splitlines()[-1])["step"]
-    pipe = Pipeline.load(task_dir)
-    metrics = evaluate(task_dir, files.test, EvalOptions(progress=spec.progress), pipe=pipe)
-    return {
-        **flatten_metrics(metrics),
-        "parameters": float(pipe.model.num_parameters()),
-        "trainable_parameters": float(pipe.model.num_parameters(trainable_only=True)),
-        "samples_per_s": training_speed(task_dir, steps * config.batch_size / train_seconds),
-        "latency_ms_per_image": latency_ms(pipe, files.test),
-        "train_seconds": train_seconds,
-    }
-
-
-def compare(spec: CompareSpec, files: DataFiles, out: Path, command: str = "") -> Path:
-    """Run every (strategy, seed); write compare.{csv,md,png,json} into `out`."""
-    if spec.caption_warm_start and (spec.task != "vqa" or files.caption_train is None):
-        raise ValueError("--caption-warm-start is for --task vqa and needs caption data")
-    out.mkdir(parents=True, exist_ok=True)
-    raw: dict[str, list[dict]] = {}
-    for fusion in spec.fusions:
-        for seed in range(spec.seeds):
-            print(f"[compare] {fusion}, seed {seed + 1}/{spec.seeds}", flush=True)
-            raw.setdefault(fusion, []).append(run_one(spec, files, fusion, seed, out))
-    (out / "compare.json").write_text(json.dumps(raw, indent=2) + "\n")
-    results = {fusion: aggregate(runs) for fusion, runs in raw.items()}
-    write_csv(out / "compare.csv", results, spec.seeds)
-    table = write_markdown(out / "compare.md", results, spec, command)
-    plot(out / "compare.png", results, spec.task)
-    print(table)
-    return out
-
-
-def _columns(results: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
-    first = next(iter(results.values()))
-    return [key for key in first if all(key in r for r in results.values())]
-
-
-def write_csv(path: Path, results: dict[str, dict[str, tuple[float, float]]], seeds: int) -> None:
-    columns = _columns(results)
+# -- outputs -----------------------------------------------------------------------------------
+def write_csv(path: Path, summaries: dict[str, Summary], seeds: int) -> None:
+    """One row per strategy: `<metric>_mean`, `<metric>_std`, then the costs (means)."""
+    metrics = metric_columns(summaries)
+    header = ["fusion", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], *COSTS, "seeds"]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(
-            ["fusion", *[f"{c}_{s}" for c in columns for s in ("mean", "std")], "seeds"]
-        )
-        for fusion, values in results.items():
-            writer.writerow([fusion, *[f"{v:.6g}" for c in columns for v in values[c]], seeds])
+        writer.writerow(header)
+        for fusion, summary in summaries.items():
+            cells: list[str] = []
+            for metric in metrics:  # a metric one strategy lacks is left empty
+                cells += [f"{v:.6g}" for v in summary[metric]] if metric in summary else ["", ""]
+            costs = [_cost(name, summary[name][0]) for name in COSTS]
+            writer.writerow([fusion, *cells, *costs, seeds])
 
 
-def _cell(mean: float, std: float, key: str) -> str:
-    if key.endswith("parameters"):
-        return f"{mean / 1e6:.2f}M"
-    if key in ("samples_per_s", "latency_ms_per_image", "train_seconds"):
-        return f"{mean:.0f}" if key != "latency_ms_per_image" else f"{mean:.1f}"
-    return f"{mean:.3f} ± {std:.3f}"
+def _cost(name: str, value: float) -> str:
+    return str(round(value)) if name.endswith("parameters") else f"{value:.4g}"
 
 
-def write_markdown(path: Path, results, spec: CompareSpec, command: str) -> str:
-    columns = _columns(results)
-    lines = [
-        f"| fusion | {' | '.join(columns)} |",
-        f"|---|{'---|' * len(columns)}",
-        *[
-            f"| {fusion} | {' | '.join(_cell(*values[c], c) for c in columns)} |"
-            for fusion, values in results.items()
-        ],
-    ]
-    table = "\n".join(lines)
-    header = (
-        f"# vtfuse compare: {spec.task}\n\n"
-        f"{spec.seeds} seed(s), at most {spec.train.max_minutes:g} min of training per model"
-        f"{' (plus as long for its captioner)' if spec.caption_warm_start else ''}; "
-        "mean ± sample standard deviation over seeds. Latency: ms per image at batch size 1.\n"
-        + (f"\nCommand: `{command}`\n" if command else "")
+def _count(value: float) -> str:
+    """12345 → "12.3k", 4567890 → "4.57M"."""
+    if value >= 1e6:
+        return f"{value / 1e6:.3g}M"
+    return f"{value / 1e3:.3g}k" if value >= 1e3 else f"{value:.0f}"
+
+
+def markdown_table(summaries: dict[str, Summary]) -> str:
+    metrics = metric_columns(summaries)
+    header = [*metrics, "parameters", "trainable", "train samples/s", "latency ms/image"]
+    lines = [f"| fusion | {' | '.join(header)} |", f"|---|{'---:|' * len(header)}"]
+    for fusion, summary in summaries.items():
+        cells = [
+            f"{summary[m][0]:.3f} ± {summary[m][1]:.3f}" if m in summary else "n/a" for m in metrics
+        ]
+        cells += [
+            _count(summary["parameters"][0]),
+            _count(summary["trainable_parameters"][0]),
+            f"{summary['samples_per_s'][0]:.0f}",
+            f"{summary['latency_ms_per_image'][0]:.1f}",
+        ]
+        lines.append(f"| {fusion} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _budget(spec: CompareSpec) -> str:
+    line = (
+        f"Budget: at most {spec.train.max_minutes:g} min of training per model, "
+        f"{spec.train.epochs} epoch(s) at batch size {spec.train.batch_size}, "
+        f"seeds 0–{spec.seeds - 1}."
     )
-    path.write_text(f"{header}\n{table}\n")
+    if spec.caption_warm_start:
+        captioner = spec.caption_train or spec.train
+        line += (
+            f" Each VQA model starts from a captioner with the same strategy and seed: at most "
+            f"{captioner.max_minutes:g} min, {captioner.epochs} epoch(s) at batch size "
+            f"{captioner.batch_size}."
+        )
+    return line
+
+
+def write_markdown(
+    path: Path, summaries: dict[str, Summary], spec: CompareSpec, files: DataFiles, command: str
+) -> str:
+    """compare.md: the conditions, then the table; returns the table."""
+    table = markdown_table(summaries)
+    lines = [
+        f"# vtfuse compare: {spec.task}",
+        "",
+        _budget(spec),
+        f"Data: train `{files.train}`, val `{files.val}`, test `{files.test}`.",
+        "",
+        f"Metrics on the test file (greedy): mean ± sample standard deviation (n − 1) over "
+        f"{spec.seeds} seed(s). Costs are means over seeds: parameters, training samples/s, and "
+        "inference latency in ms per image at batch size 1. Per-seed numbers: compare.json.",
+        "",
+        *([f"Command: `{command}`", ""] if command else []),
+        table,
+        "",
+    ]
+    path.write_text("\n".join(lines))
     return table
 
 
-def plot(path: Path, results, task: str) -> None:
+def plot(path: Path, summaries: dict[str, Summary], task: str) -> None:
+    """Bar chart of the headline metric per strategy with std error bars; for VQA one group of
+    bars per question type (after the overall accuracy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = _columns(results)
-    metrics = [c for c in columns if c.startswith("accuracy_")] or [MAIN_METRIC[task]]
-    metrics = [m for m in metrics if m in columns]
-    fusions = list(results)
-    width = 0.8 / max(1, len(metrics))
-    figure, axes = plt.subplots(figsize=(max(6, 1.4 * len(fusions)), 4))
-    for i, metric in enumerate(metrics):
-        means = [results[f][metric][0] for f in fusions]
-        stds = [results[f][metric][1] for f in fusions]
-        positions = [x + i * width for x in range(len(fusions))]
-        axes.bar(positions, means, width, yerr=stds, capsize=3, label=metric)
-    axes.set_xticks([x + width * (len(metrics) - 1) / 2 for x in range(len(fusions))])
-    axes.set_xticklabels(fusions, rotation=20, ha="right")
-    axes.set_ylabel("test score (mean ± std over seeds)")
-    axes.legend()
+    headline = HEADLINE[task]
+    groups = [headline, *(m for m in metric_columns(summaries) if m.startswith("accuracy_"))]
+    labels = ["all questions" if g == "accuracy" and len(groups) > 1 else g for g in groups]
+    labels = [label.removeprefix("accuracy_") for label in labels]
+    fusions = list(summaries)
+    width = 0.8 / len(fusions)
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * len(fusions) + 2), 4))
+    for i, fusion in enumerate(fusions):
+        offset = (i - (len(fusions) - 1) / 2) * width
+        summary = summaries[fusion]
+        means = [summary.get(g, (math.nan, 0.0))[0] for g in groups]
+        stds = [summary.get(g, (0.0, 0.0))[1] for g in groups]
+        axes.bar(
+            [x + offset for x in range(len(groups))],
+            means,
+            width,
+            yerr=stds,
+            capsize=3,
+            label=fusion,
+        )
+    axes.set_xticks(range(len(groups)), labels)
+    axes.set_ylabel(f"test {headline} (mean ± std over seeds)")
+    axes.legend(title="fusion", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+# -- the whole comparison ----------------------------------------------------------------------
+def compare(
+    spec: CompareSpec, files: DataFiles, out: Path, command: str = ""
+) -> dict[str, Summary]:
+    """Run every (strategy, seed); write compare.{json,csv,md,png} into `out`; print the table."""
+    if spec.caption_warm_start and files.caption_train is None:
+        raise ValueError("--caption-warm-start needs caption data (--caption-train)")
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[RunResult]] = {}
+    total = len(spec.fusions) * spec.seeds
+    for index, (fusion, seed) in enumerate(
+        ((f, s) for f in spec.fusions for s in range(spec.seeds)), start=1
+    ):
+        warm = " (captioner first, then VQA)" if spec.caption_warm_start else ""
+        print(f"[compare {index}/{total}] {fusion}, seed {seed}{warm}", flush=True)
+        runs.setdefault(fusion, []).append(run_one(spec, files, fusion, seed, out))
+    summaries = {fusion: summarise(results) for fusion, results in runs.items()}
+    raw = {
+        "task": spec.task,
+        "command": command,
+        "max_minutes_each": spec.train.max_minutes,
+        "seeds": spec.seeds,
+        "caption_warm_start": spec.caption_warm_start,
+        "runs": {f: [dataclasses.asdict(r) for r in results] for f, results in runs.items()},
+    }
+    (out / "compare.json").write_text(json.dumps(raw, indent=2) + "\n")
+    write_csv(out / "compare.csv", summaries, spec.seeds)
+    table = write_markdown(out / "compare.md", summaries, spec, files, command)
+    plot(out / "compare.png", summaries, spec.task)
+    print(f"\n{table}\n\nwrote {out}/compare.{{csv,md,png,json}}")
+    return summaries

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -305,25 +306,49 @@ def run_quickstart(args: argparse.Namespace) -> int:
 # -- compare ----------------------------------------------------------------------------------
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=("caption", "vqa"), required=True, help="what to compare on")
-    p.add_argument("--train", help="training JSONL (default: built-in synthetic data)")
-    p.add_argument("--val", help="validation JSONL (with --train)")
-    p.add_argument("--test", help="test JSONL the strategies are scored on (with --train)")
-    p.add_argument("--caption-train", help="captions for --caption-warm-start on your own data")
-    p.add_argument("--caption-val", help="validation captions for --caption-warm-start")
-    p.add_argument("--fusions", default="all", help="'all' or a comma list, e.g. a,b,c")
     p.add_argument(
-        "--max-minutes-each", type=float, default=3.0, help="training budget of every model"
+        "--fusions",
+        default="all",
+        help=f"'all' or a comma list of strategies among: {', '.join(FUSIONS.names())}",
     )
-    p.add_argument("--seeds", type=int, default=3, help="seeds per strategy (0, 1, ...)")
-    p.add_argument("--epochs", type=int, help="passes over the training data (budget permitting)")
-    p.add_argument("--config", help='JSON file {"model": {...}, "train": {...}} for every run')
+    p.add_argument(
+        "--max-minutes-each",
+        type=float,
+        required=True,
+        help="training budget of every model, in minutes (each captioner gets as much again)",
+    )
+    p.add_argument(
+        "--out", required=True, help="folder for data, runs and compare.{csv,md,png,json}"
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per strategy: 0, 1, ..., N-1")
+    p.add_argument(
+        "--epochs", type=int, help="passes over the training data (the budget may stop earlier)"
+    )
+    p.add_argument(
+        "--config",
+        help='JSON file {"model": {...}, "train": {...}} for every run (default: the quickstart '
+        "recipe on the built-in data, the library defaults on yours)",
+    )
+    p.add_argument("--train", help="training JSONL (default: generate the built-in scenes)")
+    p.add_argument(
+        "--val", help="validation JSONL, picks each run's best checkpoint (with --train)"
+    )
+    p.add_argument("--test", help="test JSONL every strategy is scored on (with --train)")
+    p.add_argument(
+        "--images", type=int, default=3000, help="number of built-in scenes (without --train)"
+    )
     p.add_argument(
         "--caption-warm-start",
         action="store_true",
-        help="VQA: start each strategy from a captioner trained with the same strategy",
+        help="--task vqa: start each VQA run from a captioner trained with the same strategy, "
+        "seed and budget (the quickstart's recipe)",
     )
-    p.add_argument("--images", type=int, default=3000, help="synthetic scenes, without --train")
-    p.add_argument("--out", required=True, help="folder for runs and compare.{csv,md,png,json}")
+    p.add_argument(
+        "--caption-train", help="caption JSONL for --caption-warm-start on your own data"
+    )
+    p.add_argument(
+        "--caption-val", help="caption validation JSONL for --caption-warm-start on your own data"
+    )
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
     )
@@ -333,53 +358,55 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     _compare_args
 )
 def run_compare(args: argparse.Namespace) -> int:
-    from vtfuse.compare import CompareSpec, DataFiles, compare, parse_fusions
-    from vtfuse.data.synth import SynthSpec, generate
-    from vtfuse.quickstart import QuickstartPlan
+    from vtfuse.compare import (
+        CompareSpec,
+        DataFiles,
+        compare,
+        parse_fusions,
+        scene_recipe,
+        synthetic_data,
+    )
 
-    out = Path(args.out)
-    plan = QuickstartPlan()
-    stage = plan.caption if args.task == "caption" else plan.vqa
-    model, config = stage.model, stage.train  # the quickstart's recipe for the built-in scenes
+    own_data = [f for f in ("train", "val", "test") if getattr(args, f)]
+    if own_data and len(own_data) < 3:
+        raise ValueError("give all of --train, --val and --test, or none (built-in data)")
+    if not own_data and (args.caption_train or args.caption_val):
+        raise ValueError("--caption-train/--caption-val go with your own --train/--val/--test")
+    if own_data and args.caption_warm_start and not args.caption_train:
+        raise ValueError("--caption-warm-start on your own data needs --caption-train")
     if args.config:
         run_config = load_run_config(args.config)
-        model, config = run_config.model, run_config.train
-    if args.train:
-        if not (args.val and args.test):
-            raise ValueError("--train needs --val and --test too")
+        model, config, caption_config = run_config.model, run_config.train, run_config.train
+    elif own_data:
+        model, config, caption_config = ModelConfig(), TrainConfig(), TrainConfig()
+    else:
+        model, config, caption_config = scene_recipe(args.task)
+    budget = {
+        "max_minutes": args.max_minutes_each,
+        **({"epochs": args.epochs} if args.epochs is not None else {}),
+    }
+    spec = CompareSpec(  # checks the choices before any data is written
+        args.task,
+        parse_fusions(args.fusions),
+        dataclasses.replace(model, task=args.task),
+        dataclasses.replace(config, **budget),
+        args.seeds,
+        args.caption_warm_start,
+        dataclasses.replace(caption_config, **budget),
+        args.progress,
+    )
+    out = Path(args.out)
+    if own_data:
         files = DataFiles(
             Path(args.train),
             Path(args.val),
             Path(args.test),
-            args.caption_train and Path(args.caption_train),
-            args.caption_val and Path(args.caption_val),
+            Path(args.caption_train) if args.caption_train else None,
+            Path(args.caption_val) if args.caption_val else None,
         )
     else:
-        data = out / "data"
-        if not (data / "vqa_test.jsonl").is_file():
-            generate(data, SynthSpec(images=args.images), progress=args.progress)
-        files = DataFiles(
-            *(data / f"{args.task}_{split}.jsonl" for split in ("train", "val", "test")),
-            data / "caption_train.jsonl",
-            data / "caption_val.jsonl",
-        )
-    budget = {
-        "max_minutes": args.max_minutes_each,
-        **({"epochs": args.epochs} if args.epochs else {}),
-    }
-    config = dataclasses.replace(config, **budget)
-    # the warm-start captioner keeps the captioning recipe unless a config file sets one for all
-    caption_config = dataclasses.replace(config if args.config else plan.caption.train, **budget)
-    spec = CompareSpec(
-        args.task,
-        parse_fusions(args.fusions),
-        dataclasses.replace(model, task=args.task),
-        config,
-        args.seeds,
-        args.caption_warm_start,
-        caption_config,
-        args.progress,
-    )
+        print(f"[compare] generating {args.images} built-in scenes into {out / 'data'}")
+        files = synthetic_data(out / "data", args.task, args.images, args.progress)
     compare(spec, files, out, command=args.command_line)
     return 0
 
@@ -399,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.command_line = " ".join(["vtfuse", *argv])
+    args.command_line = shlex.join(["vtfuse", *argv])
     from vtfuse.data.dataset import DataError
     from vtfuse.data.images import ImageLoadError
     from vtfuse.models.base import CheckpointError
