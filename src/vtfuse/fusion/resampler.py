@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vtfuse.attention import KVCache, MultiHeadAttention
+from vtfuse.attention import KVCache
 from vtfuse.config import FusionConfig
 from vtfuse.feedforward import MLP
 from vtfuse.fusion.base import FUSIONS, gather_images
@@ -31,10 +31,7 @@ class ResamplerFusion(nn.Module):
         if config.latents < 1:
             raise ValueError(f"fusion.latents must be at least 1, got {config.latents}")
         self.latents = nn.Parameter(torch.randn(config.latents, dim))
-        self.norm_latents = nn.LayerNorm(dim)
-        self.read_image = MultiHeadAttention(
-            dim, heads, context_dim=image_dim, score=config.score or "dot", dropout=dropout
-        )
+        self.read_image = CrossAttentionFusion(dim, heads, image_dim, config, dropout)
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = MLP(dim, dropout=dropout)
         self.read_latents = CrossAttentionFusion(dim, heads, dim, config, dropout)
@@ -42,8 +39,7 @@ class ResamplerFusion(nn.Module):
     def resample(self, image: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """image (I, N, image_dim) → latents (I, M, dim) and, if asked, weights (I, H, M, N)."""
         z = self.latents.expand(image.shape[0], -1, -1)
-        read, weights = self.read_image(self.norm_latents(z), image, need_weights=need_weights)
-        z = z + read
+        z, weights = self.read_image(z, image, need_weights=need_weights)
         return z + self.ff(self.norm_ff(z)), weights
 
     def forward(
@@ -55,10 +51,9 @@ class ResamplerFusion(nn.Module):
         need_weights: bool = False,
         image_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        cached = cache is not None and cache.static
-        latents, image_weights = (
-            (None, None) if cached and not need_weights else (self.resample(image, need_weights))
-        )
+        latents = image_weights = None  # a static cache already holds the latents' K/V
+        if need_weights or cache is None or not cache.static:
+            latents, image_weights = self.resample(image, need_weights)
         text, weights = self.read_latents(
             text, latents, cache=cache, need_weights=need_weights, image_index=image_index
         )

@@ -141,11 +141,11 @@ def warm_start(model: TaskModel, tokenizer: Tokenizer, folder: str | Path) -> Wa
     the same name and shape is copied, and the token embedding row by row for the words the
     two vocabularies share. The rest (a VQA answer head, say) keeps its initialisation."""
     source, source_tokenizer = load_pretrained(folder)
-    target = model.state_dict()
+    target, weights = model.state_dict(), source.state_dict()
     embedding, tied_head = "text.token_embedding.weight", "lm_head.weight"
     tensors, left = 0, []
     with torch.no_grad():
-        for name, weight in source.state_dict().items():
+        for name, weight in weights.items():
             if name in (embedding, tied_head):
                 continue
             if name in target and target[name].shape == weight.shape:
@@ -158,7 +158,7 @@ def warm_start(model: TaskModel, tokenizer: Tokenizer, folder: str | Path) -> Wa
             for row, word in enumerate(tokenizer.words)
             if word in source_tokenizer.word_ids
         ]
-        source_rows = source.state_dict()[embedding]
+        source_rows = weights[embedding]
         if shared and source_rows.shape[1] == target[embedding].shape[1]:
             rows, from_rows = (list(column) for column in zip(*shared, strict=True))
             target[embedding][rows] = source_rows[from_rows].to(target[embedding].dtype)
