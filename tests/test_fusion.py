@@ -13,6 +13,7 @@ from vtfuse.generation import greedy
 from vtfuse.models import create_model
 
 STRATEGIES = FUSIONS.names()
+DUAL_STREAM = [name for name in STRATEGIES if not FUSIONS.get(name).single_stream]
 DIM, HEADS, IMAGE_DIM = 32, 2, 16
 
 
@@ -38,6 +39,8 @@ def inputs(text_rows: int = 3, image_tokens: int = 9):
 
 def test_all_strategies_are_registered():
     assert {
+        "concat",
+        "co_attention",
         "cross_attention",
         "gated_cross_attention",
         "similarity",
@@ -46,18 +49,18 @@ def test_all_strategies_are_registered():
     } <= set(STRATEGIES)
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", DUAL_STREAM)
 def test_shapes_and_attention_maps(name):
     fusion = build(name)
     text, image, index = inputs()
-    out, weights = fusion(text, image, image_index=index, need_weights=True)
+    out, _, weights = fusion(text, image, image_index=index, need_weights=True)
     assert out.shape == text.shape
     assert weights.dim() == 4 and weights.shape[0] == 3 and weights.shape[2:] == (5, 9)
     torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:3]))
-    assert fusion(text, image, image_index=index)[1] is None  # only when asked
+    assert fusion(text, image, image_index=index)[2] is None  # only when asked
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", DUAL_STREAM)
 def test_the_image_changes_the_text(name):
     fusion = build(name)
     open_gates(fusion)
@@ -68,14 +71,16 @@ def test_the_image_changes_the_text(name):
     )
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", DUAL_STREAM)
 def test_gradients_reach_every_parameter(name):
     fusion = build(name)
     open_gates(fusion)
     text, image, index = inputs()
     image.requires_grad_(True)
-    out, _ = fusion(text, image, image_index=index)
-    (out * torch.randn_like(out)).sum().backward()
+    out, stream, _ = fusion(text, image, image_index=index)
+    (out * torch.randn_like(out)).sum().backward(retain_graph=True)
+    if stream is not image:  # co-attention's image stream carries its own parameters
+        (stream * torch.randn_like(stream)).sum().backward()
     for parameter_name, parameter in fusion.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, parameter_name
     assert image.grad.abs().sum() > 0
@@ -84,7 +89,7 @@ def test_gradients_reach_every_parameter(name):
 def test_gated_cross_attention_is_exactly_the_identity_at_initialisation():
     fusion = build("gated_cross_attention")
     text, image, index = inputs()
-    out, _ = fusion(text, image, image_index=index)
+    out, _, _ = fusion(text, image, image_index=index)
     assert torch.equal(out, text)
     open_gates(fusion, 0.1)
     assert not torch.equal(fusion(text, image, image_index=index)[0], text)
@@ -100,15 +105,15 @@ def test_resampler_output_does_not_depend_on_the_number_of_image_tokens():
 
 
 @pytest.mark.parametrize(
-    "name", ["cross_attention", "gated_cross_attention", "similarity", "resampler"]
+    "name", ["cross_attention", "gated_cross_attention", "similarity", "resampler", "co_attention"]
 )
 @pytest.mark.parametrize("score", ["dot", "cosine", "neg_distance"])
 def test_attention_strategies_take_every_score(name, score):
     fusion = build(name, score=score)
     open_gates(fusion)
     text, image, index = inputs()
-    out, weights = fusion(text, image, image_index=index, need_weights=True)
-    fast, _ = fusion(text, image, image_index=index)
+    out, _, weights = fusion(text, image, image_index=index, need_weights=True)
+    fast, _, _ = fusion(text, image, image_index=index)
     torch.testing.assert_close(out, fast, atol=1e-5, rtol=1e-5)  # weights path = fast path
     assert weights.shape[-1] == image.shape[1]
 
@@ -137,6 +142,51 @@ def test_cached_generation_equals_full_recomputation(name):
             prefix = torch.tensor([[1, *generated.tokens[row][:-1]]])
             logits, _ = model(images[row : row + 1], prefix)
             assert logits[0].argmax(-1).tolist() == generated.tokens[row]
+
+
+def caption_batch(rows: int = 2, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (rows, 3, 24, 24), generator=g, dtype=torch.uint8)
+    return images, torch.randint(3, 12, (rows, length), generator=g)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_a_decoder_never_sees_later_words(name):
+    """Co-attention's image stream and concat's joint sequence must stay causal too."""
+    model = tiny_model("caption", name).eval()
+    images, tokens = caption_batch()
+    changed = tokens.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % 12
+    with torch.no_grad():
+        before, _ = model(images, tokens)
+        after, _ = model(images, changed)
+    torch.testing.assert_close(before[:, :4], after[:, :4])
+    assert not torch.allclose(before[:, 4:], after[:, 4:])
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_models_return_one_map_over_the_image_per_layer(name, task):
+    model = tiny_model(task, name).eval()
+    images, tokens = caption_batch()
+    with torch.no_grad():
+        _, weights = model(images, tokens, need_weights=True)
+    grid = model.grid_size[0] * model.grid_size[1]
+    assert len(weights) == 2
+    for layer in weights:
+        assert layer.shape[0] == 2 and layer.shape[2:] == (7, grid)
+        torch.testing.assert_close(layer.sum(-1), torch.ones(layer.shape[:3]))
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_gradients_reach_every_parameter_of_a_model(name, task):
+    model = tiny_model(task, name)
+    images, tokens = caption_batch()
+    logits, _ = model(images, tokens)
+    (logits * torch.randn_like(logits)).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

@@ -179,22 +179,27 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None = None,
         need_weights: bool = False,
         context_index: Tensor | None = None,
+        mask: Tensor | None = None,
+        context_grows: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """x (B, T, dim) attends to itself or to `context` (B, S, context_dim).
 
         A static `cache` (cross-attention K/V filled on an earlier step) is used as it is, and
-        `context` may then be None.
+        `context` may then be None. With `context_grows` the context continues the cached one
+        (co-attention's image reading the text during decoding): its K/V are appended, as
+        self-attention's are.
 
         `key_mask` (B, S) marks real keys (for self-attention with a cache: all S keys so far).
         `context_index` (B,) lets several rows share a context row: the context (I, S, ·) holds
         each distinct image once, its keys and values are projected once and then gathered.
+        `mask` (B or 1, 1, T, S), True where attention is allowed, adds to the other masks.
         Returns the output (B, T, dim) and, only if `need_weights`, the weights (B, H, T, S).
         """
         q = self.split_heads(self.to_q(x))
         if cache is not None and cache.static:
             k, v = cache.key, cache.value  # image K/V computed once, reused at every step
-        elif context is None:
-            k, v = self.project_kv(x)
+        elif context is None or context_grows:
+            k, v = self.project_kv(x if context is None else context)
             if cache is not None:
                 k, v = cache.append(k, v)
         else:
@@ -204,11 +209,14 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 cache.key, cache.value, cache.static = k, v, True
 
-        mask = attention_mask(key_mask, causal, q.shape[2], k.shape[2], q.device)
+        causal_only = causal and key_mask is None and mask is None
+        allowed = attention_mask(key_mask, causal, q.shape[2], k.shape[2], q.device)
+        if mask is not None:
+            allowed = mask if allowed is None else allowed & mask
         if need_weights:
-            out, weights = self.reference(q, k, v, mask)
+            out, weights = self.reference(q, k, v, allowed)
         else:
-            out, weights = self.fast(q, k, v, mask, causal and key_mask is None), None
+            out, weights = self.fast(q, k, v, allowed, causal_only), None
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, T, dim)
         return self.to_out(out), weights
 

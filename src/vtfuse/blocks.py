@@ -44,7 +44,9 @@ class FusionBlock(nn.Module):
 
     With `causal=True` this is a caption decoder block; with `causal=False` a question encoder
     block. The fusion step is a registered module (see `vtfuse.fusion`), so strategies swap in
-    without touching this class.
+    without touching this class. A single-stream strategy has no fusion step: the image tokens
+    are already in the sequence, the self-attention (with the strategy's score) merges them,
+    and its weights are the block's attention map.
     """
 
     def __init__(
@@ -59,9 +61,13 @@ class FusionBlock(nn.Module):
     ):
         super().__init__()
         self.causal = causal
+        strategy = FUSIONS.get(fusion.name)
+        score = (fusion.score or "dot") if strategy.single_stream else "dot"
         self.norm_attn = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, heads, dropout=dropout)
-        self.fusion = FUSIONS.get(fusion.name)(dim, heads, image_dim, fusion, dropout)
+        self.attn = MultiHeadAttention(dim, heads, score=score, dropout=dropout)
+        self.fusion = None
+        if not strategy.single_stream:
+            self.fusion = strategy(dim, heads, image_dim, fusion, dropout)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
 
@@ -74,19 +80,26 @@ class FusionBlock(nn.Module):
         cache: LayerCache | None = None,
         need_weights: bool = False,
         image_index: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        attended, _ = self.attn(
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """→ the new states, the image (stream) for the next block, and the attention map:
+        the fusion's over the image (B, H, T, N), or for a single stream the self-attention's
+        over the whole sequence (B, H, T, S)."""
+        attended, weights = self.attn(
             self.norm_attn(x),
             key_mask=token_mask,
             causal=self.causal,
             cache=cache.self_attn if cache else None,
+            need_weights=need_weights and self.fusion is None,
         )
         x = x + attended
-        x, weights = self.fusion(
-            x,
-            image,
-            cache=cache.fusion if cache else None,
-            need_weights=need_weights,
-            image_index=image_index,
-        )
-        return x + self.mlp(self.norm_mlp(x)), weights
+        if self.fusion is not None:
+            x, image, weights = self.fusion(
+                x,
+                image,
+                cache=cache.fusion if cache else None,
+                need_weights=need_weights,
+                image_index=image_index,
+                token_mask=token_mask,
+                causal=self.causal,
+            )
+        return x + self.mlp(self.norm_mlp(x)), image, weights

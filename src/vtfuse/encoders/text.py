@@ -1,7 +1,8 @@
 """The text side: token + position embeddings, then blocks of self-attention → fusion → MLP.
 
 `causal=True` makes it a caption decoder (each token sees only earlier ones, K/V cached during
-generation); `causal=False` makes it a question encoder.
+generation); `causal=False` makes it a question encoder. With a single-stream strategy
+(`concat`) the projected image tokens open the sequence and the blocks have no fusion step.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from vtfuse.blocks import FusionBlock, LayerCache
 from vtfuse.config import FusionConfig, TextConfig
+from vtfuse.fusion import FUSIONS
 
 
 class FusedTextTransformer(nn.Module):
@@ -20,6 +22,12 @@ class FusedTextTransformer(nn.Module):
         self.causal = causal
         self.token_embedding = nn.Embedding(config.vocab_size, config.dim)
         self.position_embedding = nn.Embedding(config.max_length, config.dim)
+        strategy = FUSIONS.get(fusion.name)
+        self.image_prefix = None  # single stream: image tokens (B, N, dim) opening the sequence
+        if strategy.single_stream:
+            self.image_prefix = strategy(
+                config.dim, config.heads, image_dim, fusion, config.dropout
+            )
         self.blocks = nn.ModuleList(
             FusionBlock(
                 config.dim,
@@ -58,20 +66,29 @@ class FusedTextTransformer(nn.Module):
         `need_weights`, each block's attention over the image (B, heads, T', N).
         """
         past = caches[0].self_attn.length if caches else 0
+        image_tokens = image.shape[1] if self.image_prefix is not None else 0
+        opens = past == 0  # this call starts the sequence (a single stream puts the image here)
         x = self.token_embedding(tokens) * self.embedding_scale
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)
-        length = past + x.shape[1]
+        text_past = past - (0 if opens else image_tokens)
+        length = text_past + x.shape[1]
         if length > self.config.max_length:
             raise ValueError(
                 f"sequence of {length} tokens is longer than text.max_length "
                 f"{self.config.max_length}"
             )
-        positions = torch.arange(past, length, device=tokens.device)
+        positions = torch.arange(text_past, length, device=tokens.device)
         x = self.dropout(x + self.position_embedding(positions) * self.embedding_scale)
+        text_length = x.shape[1]
+        if self.image_prefix is not None and opens:
+            x = torch.cat([self.image_prefix(image, image_index), x], dim=1)
+            if token_mask is not None:
+                opened = token_mask.new_ones(x.shape[0], image_tokens)
+                token_mask = torch.cat([opened, token_mask], dim=1)
         all_weights = []
         for i, block in enumerate(self.blocks):
-            x, weights = block(
+            x, image, weights = block(
                 x,
                 image,
                 token_mask=token_mask,
@@ -80,5 +97,13 @@ class FusedTextTransformer(nn.Module):
                 image_index=image_index,
             )
             if need_weights:
-                all_weights.append(weights)
-        return self.norm(x), all_weights
+                all_weights.append(self.over_image(weights, text_length, image_tokens))
+        return self.norm(x[:, -text_length:]), all_weights
+
+    def over_image(self, weights: Tensor, text_length: int, image_tokens: int) -> Tensor:
+        """A block's map → the text rows' attention over the image (B, H, T, N). A single
+        stream's self-attention map is cut to the image columns and renormalised over them."""
+        if self.image_prefix is None:
+            return weights
+        over_image = weights[:, :, -text_length:, :image_tokens]
+        return over_image / over_image.sum(-1, keepdim=True).clamp_min(1e-12)

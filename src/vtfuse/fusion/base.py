@@ -4,9 +4,46 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from vtfuse.attention import KVCache
 from vtfuse.registry import Registry
 
 FUSIONS: Registry[nn.Module] = Registry("fusion strategy")
+
+
+class Fusion(nn.Module):
+    """A dual-stream strategy: the step of a text block where the text takes in the image.
+
+    `forward(text (B, T, dim), image, *, cache, need_weights, image_index, token_mask, causal)`
+    returns `(text, image, weights)`:
+
+    * `image` comes in as the encoder's tokens (I, N, image_dim), one row per distinct image,
+      with `image_index` (B,) mapping each text row to its image (None: one image per row).
+      A strategy that updates the image stream (co-attention) returns its new image stream,
+      which the next block receives; the others return `image` as it came.
+    * `weights` (B, heads, T, N), only when `need_weights`, is the attention of each text
+      token over the image tokens, for the visualiser and the pointing score.
+    * `cache` is a KVCache the strategy may fill once per image and reuse at every generation
+      step; `token_mask` (B, T) marks real text tokens; `causal` says the text is a decoder
+      (no position may see a later one).
+
+    A single-stream strategy (`single_stream = True`, see `concat`) has no such step: it puts
+    the image tokens into the text sequence itself, and the blocks' self-attention fuses them.
+    """
+
+    single_stream = False
+
+    def forward(
+        self,
+        text: Tensor,
+        image: Tensor,
+        *,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+        image_index: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        causal: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        raise NotImplementedError
 
 
 def gather_images(image: Tensor, image_index: Tensor | None) -> Tensor:

@@ -8,11 +8,11 @@ from torch import Tensor, nn
 from vtfuse.attention import KVCache, MultiHeadAttention
 from vtfuse.config import FusionConfig
 from vtfuse.feedforward import MLP
-from vtfuse.fusion.base import FUSIONS
+from vtfuse.fusion.base import FUSIONS, Fusion
 
 
 @FUSIONS.register("cross_attention")
-class CrossAttentionFusion(nn.Module):
+class CrossAttentionFusion(Fusion):
     """text ← text + CrossAttn(LN(text), image)   (Vaswani et al. 2017, decoder sub-layer 2)."""
 
     def __init__(
@@ -47,9 +47,25 @@ class CrossAttentionFusion(nn.Module):
             context_index=image_index,
         )
 
-    def forward(self, text: Tensor, image: Tensor, **kwargs) -> tuple[Tensor, Tensor | None]:
-        attended, weights = self.attend(text, image, **kwargs)
-        return text + attended, weights
+    def forward(
+        self,
+        text: Tensor,
+        image: Tensor,
+        *,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+        image_index: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        causal: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        attended, weights = self.attend(
+            text, image, cache=cache, need_weights=need_weights, image_index=image_index
+        )
+        return self.combine(text, attended), image, weights
+
+    def combine(self, text: Tensor, attended: Tensor) -> Tensor:
+        """How the attended image joins the text: a plain residual."""
+        return text + attended
 
 
 @FUSIONS.register("gated_cross_attention")
@@ -72,7 +88,6 @@ class GatedCrossAttentionFusion(CrossAttentionFusion):
         self.ff = MLP(dim, dropout=dropout)
         self.ff_gate = nn.Parameter(torch.zeros(()))
 
-    def forward(self, text: Tensor, image: Tensor, **kwargs) -> tuple[Tensor, Tensor | None]:
-        attended, weights = self.attend(text, image, **kwargs)
+    def combine(self, text: Tensor, attended: Tensor) -> Tensor:
         text = text + self.attn_gate.tanh() * attended
-        return text + self.ff_gate.tanh() * self.ff(self.norm_ff(text)), weights
+        return text + self.ff_gate.tanh() * self.ff(self.norm_ff(text))

@@ -8,12 +8,12 @@ from torch import Tensor, nn
 from vtfuse.attention import KVCache
 from vtfuse.config import FusionConfig
 from vtfuse.feedforward import MLP
-from vtfuse.fusion.base import FUSIONS, gather_images
+from vtfuse.fusion.base import FUSIONS, Fusion, gather_images
 from vtfuse.fusion.cross_attention import CrossAttentionFusion
 
 
 @FUSIONS.register("resampler")
-class ResamplerFusion(nn.Module):
+class ResamplerFusion(Fusion):
     """Perceiver Resampler (Alayrac et al. 2022, §2.1) / Q-Former-style queries (Li et al. 2023):
 
         z ← z + CrossAttn(LN(z), image);   z ← z + FF(LN(z))      z: M learned latents
@@ -39,7 +39,7 @@ class ResamplerFusion(nn.Module):
     def resample(self, image: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """image (I, N, image_dim) → latents (I, M, dim) and, if asked, weights (I, H, M, N)."""
         z = self.latents.expand(image.shape[0], -1, -1)
-        z, weights = self.read_image(z, image, need_weights=need_weights)
+        z, _, weights = self.read_image(z, image, need_weights=need_weights)
         return z + self.ff(self.norm_ff(z)), weights
 
     def forward(
@@ -50,14 +50,16 @@ class ResamplerFusion(nn.Module):
         cache: KVCache | None = None,
         need_weights: bool = False,
         image_index: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+        token_mask: Tensor | None = None,
+        causal: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         latents = image_weights = None  # a static cache already holds the latents' K/V
         if need_weights or cache is None or not cache.static:
             latents, image_weights = self.resample(image, need_weights)
-        text, weights = self.read_latents(
+        text, _, weights = self.read_latents(
             text, latents, cache=cache, need_weights=need_weights, image_index=image_index
         )
         if need_weights:
             per_latent = gather_images(image_weights.mean(dim=1), image_index)  # (B, M, N)
             weights = weights @ per_latent[:, None]  # (B, H, T, M) @ (B, 1, M, N)
-        return text, weights
+        return text, image, weights

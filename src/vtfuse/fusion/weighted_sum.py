@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from vtfuse.attention import KVCache
 from vtfuse.config import FusionConfig
-from vtfuse.fusion.base import FUSIONS, gather_images
+from vtfuse.fusion.base import FUSIONS, Fusion, gather_images
 
 
 @FUSIONS.register("weighted_sum")
-class WeightedSumFusion(nn.Module):
+class WeightedSumFusion(Fusion):
     """Each modality projected to one space, combined by softmax-normalised weights w = softmax(β):
 
         text_t ← text_t + w_text · W_t LN(text_t) + w_image · W_i mean_n(image_n)
@@ -35,10 +36,12 @@ class WeightedSumFusion(nn.Module):
         text: Tensor,
         image: Tensor,
         *,
-        cache=None,
+        cache: KVCache | None = None,
         need_weights: bool = False,
         image_index: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+        token_mask: Tensor | None = None,
+        causal: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         pooled = gather_images(self.image_proj(image.mean(dim=1)), image_index)  # (B, dim)
         w_text, w_image = self.modality_logits.softmax(dim=0)
         fused = w_text * self.text_proj(self.norm(text)) + w_image * pooled[:, None, :]
@@ -46,4 +49,4 @@ class WeightedSumFusion(nn.Module):
         if need_weights:
             batch, length, count = text.shape[0], text.shape[1], image.shape[1]
             weights = text.new_full((batch, 1, length, count), 1.0 / count)
-        return text + self.dropout(fused), weights
+        return text + self.dropout(fused), image, weights

@@ -1,0 +1,112 @@
+"""Bidirectional co-attention: the text reads the image and the image reads the text."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vtfuse.attention import KVCache, MultiHeadAttention
+from vtfuse.config import FusionConfig
+from vtfuse.feedforward import MLP
+from vtfuse.fusion.base import FUSIONS, Fusion, gather_images
+
+
+@FUSIONS.register("co_attention")
+class CoAttentionFusion(Fusion):
+    """A co-attentional layer in the manner of ViLBERT (Lu et al. 2019, Fig. 2b): the image
+    stream reads the words, then the words read the updated image,
+
+        image ← image + CrossAttn(LN(image), text);   image ← image + FF(LN(image))
+        text  ← text  + CrossAttn(LN(text), image)
+
+    and the updated image stream goes on to the next block, in its own width (`image_dim`).
+    ViLBERT updates both streams in parallel; here the image goes first so that every weight of
+    every layer, the last one's included, reaches the text that the task heads read.
+
+    In a decoder the image must not read words that come later, so the image stream is kept
+    per text position: the image seen at word t has only read words ≤ t. Its shape is
+    (B, P, N, image_dim) with P = 1 (one stream, every word sees it) in an encoder or before
+    the first layer, and P = T in a decoder after it. During generation the text's keys and
+    values are cached and grow by one word a step, as self-attention's do.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, image_dim: int, config: FusionConfig, dropout: float = 0.0
+    ):
+        super().__init__()
+        score = config.score or "dot"
+        self.norm_text = nn.LayerNorm(dim)
+        self.text_reads_image = MultiHeadAttention(
+            dim, heads, context_dim=image_dim, score=score, dropout=dropout
+        )
+        self.norm_image = nn.LayerNorm(image_dim)
+        self.image_reads_text = MultiHeadAttention(
+            image_dim, heads, context_dim=dim, score=score, dropout=dropout
+        )
+        self.norm_ff = nn.LayerNorm(image_dim)
+        self.ff = MLP(image_dim, dropout=dropout)
+
+    def forward(
+        self,
+        text: Tensor,
+        image: Tensor,
+        *,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+        image_index: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        causal: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        if image.dim() == 3:  # the encoder's tokens: one stream shared by every position
+            image = gather_images(image, image_index)[:, None]
+        image = self.read_text(image, text, cache, token_mask, causal)
+        image = image + self.ff(self.norm_ff(image))
+        attended, weights = self.read_image(text, image, need_weights)
+        return text + attended, image, weights
+
+    def read_image(
+        self, text: Tensor, image: Tensor, need_weights: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Each word attends to the image stream at its own position (or the shared one)."""
+        batch, length, dim = text.shape
+        positions, count, width = image.shape[1:]
+        attended, weights = self.text_reads_image(
+            self.norm_text(text).reshape(batch * positions, length // positions, dim),
+            image.reshape(batch * positions, count, width),
+            need_weights=need_weights,
+        )
+        attended = attended.reshape(batch, length, dim)
+        if weights is not None:  # (B·P, H, T/P, N) → (B, H, T, N)
+            heads = weights.shape[1]
+            weights = weights.view(batch, positions, heads, length // positions, count)
+            weights = weights.transpose(1, 2).reshape(batch, heads, length, count)
+        return attended, weights
+
+    def read_text(
+        self,
+        image: Tensor,
+        text: Tensor,
+        cache: KVCache | None,
+        token_mask: Tensor | None,
+        causal: bool,
+    ) -> Tensor:
+        """image (B, P, N, d) attends to the words; in a decoder, position t to words ≤ t."""
+        batch, length = text.shape[:2]
+        if causal:
+            image = image.expand(batch, length, *image.shape[2:])
+        positions, count, width = image.shape[1:]
+        mask = None
+        if causal:
+            past = cache.length if cache is not None else 0
+            rows = torch.arange(positions, device=text.device).repeat_interleave(count) + past
+            keys = torch.arange(past + length, device=text.device)
+            mask = (keys[None, :] <= rows[:, None])[None, None]  # (1, 1, P·N, S)
+        read, _ = self.image_reads_text(
+            self.norm_image(image).reshape(batch, positions * count, width),
+            text,
+            key_mask=None if causal else token_mask,
+            cache=cache,
+            mask=mask,
+            context_grows=True,
+        )
+        return image + read.view(batch, positions, count, width)
