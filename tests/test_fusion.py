@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from vtfuse.attention import SCORES
 from vtfuse.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 from vtfuse.fusion import FUSIONS
 from vtfuse.generation import greedy
@@ -118,13 +119,13 @@ def test_attention_strategies_take_every_score(name, score):
     assert weights.shape[-1] == image.shape[1]
 
 
-def tiny_model(task: str, fusion: str) -> torch.nn.Module:
+def tiny_model(task: str, fusion: str, score: str = "") -> torch.nn.Module:
     torch.manual_seed(0)
     config = ModelConfig(
         task=task,
         vision=VisionConfig(image_size=24, channels=(8, 8, 16), dim=IMAGE_DIM, depth=0, heads=2),
         text=TextConfig(vocab_size=12, dim=DIM, depth=2, heads=HEADS, max_length=16),
-        fusion=FusionConfig(name=fusion, latents=4),
+        fusion=FusionConfig(name=fusion, score=score, latents=4),
         num_answers=3 if task == "vqa" else 0,
     )
     model = create_model(config)
@@ -176,6 +177,20 @@ def test_models_return_one_map_over_the_image_per_layer(name, task):
     for layer in weights:
         assert layer.shape[0] == 2 and layer.shape[2:] == (7, grid)
         torch.testing.assert_close(layer.sum(-1), torch.ones(layer.shape[:3]))
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+@pytest.mark.parametrize("score", ["dot", "cosine", "neg_distance"])
+def test_concat_merges_with_every_score(score, task):
+    """concat has no fusion module: the score goes to the blocks' merged self-attention."""
+    model = tiny_model(task, "concat", score).eval()
+    assert all(isinstance(block.attn.score, SCORES.get(score)) for block in model.text.blocks)
+    images, tokens = caption_batch()
+    with torch.no_grad():
+        fast, _ = model(images, tokens)
+        reference, weights = model(images, tokens, need_weights=True)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    assert weights[0].shape[-1] == model.grid_size[0] * model.grid_size[1]
 
 
 @pytest.mark.parametrize("task", ["caption", "vqa"])
