@@ -277,3 +277,21 @@ def test_train_vqa_warm_started_from_the_captioner(workspace, tmp_path, capsys):
     assert f"warm start from {workspace / 'caption' / 'best'}" in out
     run = json.loads((tmp_path / "vqa" / "run.json").read_text())
     assert run["train_config"]["init_from"] == str(workspace / "caption")
+
+
+def test_train_with_the_pretrained_efficientnet_tokeniser(workspace, tmp_path, capsys):
+    run = tmp_path / "effnet"
+    data = workspace / "data"
+    args = ["train", "--task", "caption", "--train", str(data / "caption_train.jsonl")]
+    args += ["--out", str(run), "--config", str(workspace / "tiny.json")]
+    args += ["--vision", "efficientnet-lite0", "--epochs", "1", "--no-progress"]
+    assert main(args) == 0
+    vision = json.loads((run / "run.json").read_text())["model"]["vision"]
+    assert (vision["name"], vision["image_size"], vision["patch_size"]) == (
+        "efficientnet-lite0",
+        224,
+        32,
+    )
+    assert "trainable" in capsys.readouterr().out
+    image = next((data / "images").glob("*.png"))
+    assert main(["caption", str(run), str(image)]) == 0

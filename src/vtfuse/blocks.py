@@ -39,6 +39,25 @@ class LayerCache:
         self.fusion.reorder(index)
 
 
+class DecoderCache(list[LayerCache]):
+    """One LayerCache per block, and what beam search does to them."""
+
+    def reorder(self, index: Tensor) -> None:
+        """Follow beam search: row i becomes old row `index[i]` (per-image K/V stay)."""
+        for cache in self:
+            cache.reorder(index)
+
+    def expand(self, index: Tensor) -> None:
+        """Give each row `index[i]`'s state, the per-image K/V included (beams from images)."""
+        for cache in self:
+            for kv in (cache.self_attn, cache.fusion):
+                if kv.key is not None:
+                    kv.key, kv.value = (
+                        kv.key.index_select(0, index),
+                        kv.value.index_select(0, index),
+                    )
+
+
 class FusionBlock(nn.Module):
     """Self-attention → fusion with the image (cross-attention by default) → MLP, all pre-norm.
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vtfuse.attention import SCORES
 from vtfuse.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_run_config
+from vtfuse.encoders import VISION_ENCODERS
 from vtfuse.fusion import FUSIONS
 
 Command = Callable[[argparse.Namespace], int]
@@ -76,7 +77,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", help="validation JSONL file (picks the best checkpoint)")
     p.add_argument("--out", required=True, help="run folder for checkpoints and logs")
     p.add_argument("--config", help='JSON file {"model": {...}, "train": {...}}; flags override it')
-    p.add_argument("--vision", help="vision encoder: cnn or vit")
+    p.add_argument(
+        "--vision",
+        choices=VISION_ENCODERS.names(),
+        help="vision encoder (a pretrained one also sets its input size: efficientnet-lite0 → "
+        "224 px, 32 px per token, 7×7 tokens)",
+    )
     p.add_argument(
         "--fusion", choices=FUSIONS.names(), help="fusion strategy (default cross_attention)"
     )
@@ -137,9 +143,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     train_config = dataclasses.replace(base.train, **overrides)
     model = base.model
     if args.vision:
-        model = dataclasses.replace(
-            model, vision=dataclasses.replace(model.vision, name=args.vision)
-        )
+        preset = VISION_ENCODERS.get(args.vision).preset
+        vision = dataclasses.replace(model.vision, name=args.vision, **preset)
+        model = dataclasses.replace(model, vision=vision)
     fusion = {k: v for k, v in (("name", args.fusion), ("score", args.score)) if v}
     if fusion:
         model = dataclasses.replace(model, fusion=dataclasses.replace(model.fusion, **fusion))

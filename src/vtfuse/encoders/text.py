@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vtfuse.blocks import FusionBlock, LayerCache
+from vtfuse.blocks import DecoderCache, FusionBlock, LayerCache
 from vtfuse.config import FusionConfig, TextConfig
 from vtfuse.fusion import FUSIONS
 
@@ -44,8 +44,8 @@ class FusedTextTransformer(nn.Module):
         self.embedding_scale = config.dim**0.5  # see TaskModel.init_weights
         self.dropout = nn.Dropout(config.dropout)
 
-    def new_cache(self) -> list[LayerCache]:
-        return [LayerCache() for _ in self.blocks]
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache(LayerCache() for _ in self.blocks)
 
     def forward(
         self,

@@ -7,6 +7,7 @@ position embedding and `depth` Transformer layers over the tokens.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,10 @@ class PositionEmbedding2D(nn.Module):
 
 class VisionEncoder(nn.Module):
     """Base class: subclasses implement `tokenise`; this adds positions and the Transformer."""
+
+    # VisionConfig fields an encoder needs (e.g. a pretrained tower's input size), set by the
+    # command line's `--vision NAME`
+    preset: ClassVar[dict[str, int]] = {}
 
     def __init__(self, config: VisionConfig):
         super().__init__()

@@ -37,14 +37,18 @@ class CrossAttentionFusion(Fusion):
         cache: KVCache | None = None,
         need_weights: bool = False,
         image_index: Tensor | None = None,
+        image_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """CrossAttn(LN(text), image) without the residual: (B, T, dim), weights (B, H, T, N)."""
+        """CrossAttn(LN(text), image) without the residual: (B, T, dim), weights (B, H, T, N).
+        `image_mask` (B, T, N), True where word t may attend image token n (interleaved
+        images: the tokens of its latest image)."""
         return self.attn(
             self.norm(text),
             image,
             cache=cache,
             need_weights=need_weights,
             context_index=image_index,
+            mask=None if image_mask is None else image_mask[:, None],
         )
 
     def forward(
@@ -57,9 +61,15 @@ class CrossAttentionFusion(Fusion):
         image_index: Tensor | None = None,
         token_mask: Tensor | None = None,
         causal: bool = False,
+        image_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         attended, weights = self.attend(
-            text, image, cache=cache, need_weights=need_weights, image_index=image_index
+            text,
+            image,
+            cache=cache,
+            need_weights=need_weights,
+            image_index=image_index,
+            image_mask=image_mask,
         )
         return self.combine(text, attended), image, weights
 

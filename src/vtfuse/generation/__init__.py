@@ -7,12 +7,25 @@ and reused at every later step; self-attention keys and values grow by one token
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from vtfuse.blocks import LayerCache
-from vtfuse.models.captioner import Captioner
+
+class DecodingCache(Protocol):
+    def reorder(self, index: Tensor) -> None: ...  # beam i continues old row index[i]
+    def expand(self, index: Tensor) -> None: ...  # row i starts from row index[i], image too
+
+
+class IncrementalDecoder(Protocol):
+    """What decoding needs of a captioner (vtfuse's own, or a pretrained LM with eyes)."""
+
+    def start(self, images: Tensor) -> tuple[Tensor, DecodingCache]: ...
+
+    def step(
+        self, tokens: Tensor, image: Tensor, caches: Any, need_weights: bool = False
+    ) -> tuple[Tensor, list[Tensor]]: ...
 
 
 @dataclass
@@ -23,32 +36,23 @@ class Generated:
     attention: list[Tensor] | None = None
 
 
-def _select(caches: list[LayerCache], index: Tensor, static_too: bool = False) -> None:
-    for cache in caches:
-        if static_too:
-            for kv in (cache.self_attn, cache.fusion):
-                if kv.key is not None:
-                    kv.key, kv.value = (
-                        kv.key.index_select(0, index),
-                        kv.value.index_select(0, index),
-                    )
-        else:
-            cache.reorder(index)
-
-
 @torch.no_grad()
 def greedy(
-    model: Captioner,
+    model: IncrementalDecoder,
     images: Tensor,
     max_length: int = 48,
     bos_id: int = 1,
     eos_id: int = 2,
     need_weights: bool = False,
+    prompt: Tensor | None = None,
 ) -> Generated:
-    """Pick the most likely token at each step until every caption has <eos> or `max_length`."""
+    """Pick the most likely token at each step until every caption has <eos> or `max_length`.
+    The first step reads `prompt` (B, P) — e.g. in-context examples — instead of <bos>."""
     image, caches = model.start(images)
     batch = images.shape[0]
     current = torch.full((batch, 1), bos_id, dtype=torch.long, device=images.device)
+    if prompt is not None:
+        current = prompt.to(images.device)
     done = torch.zeros(batch, dtype=torch.bool, device=images.device)
     steps, maps = [], []
     for _ in range(max_length):
@@ -76,7 +80,7 @@ def _until_eos(sequence: list[int], eos_id: int) -> list[int]:
 
 @torch.no_grad()
 def beam_search(
-    model: Captioner,
+    model: IncrementalDecoder,
     images: Tensor,
     beam_size: int = 4,
     max_length: int = 48,
@@ -92,7 +96,7 @@ def beam_search(
     logits, _ = model.step(torch.full((batch, 1), bos_id, device=device), image, caches)
     # Expand to B·K rows only after the first step: the image K/V were computed once per image.
     expand = torch.arange(batch, device=device).repeat_interleave(k)
-    _select(caches, expand, static_too=True)
+    caches.expand(expand)
     image = image.index_select(0, expand)
 
     log_probs = logits.log_softmax(-1)  # (B, V)
@@ -117,7 +121,7 @@ def beam_search(
         scores, flat = candidates.topk(k, dim=-1)  # (B, K)
         parent = (flat // vocab).view(-1) + offsets  # row in the B·K batch each beam extends
         token = (flat % vocab).view(-1, 1)
-        _select(caches, parent)
+        caches.reorder(parent)
         sequences = torch.cat([sequences.index_select(0, parent), token], dim=1)
         was_done = done.index_select(0, parent)
         lengths = lengths.index_select(0, parent) + (~was_done).float()

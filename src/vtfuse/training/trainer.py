@@ -259,9 +259,10 @@ def train(
             out, task, str(train_path), str(val_path) if val_path else None, model_config, config
         )
         (out / LOG_FILE).write_text("")
+    total, trainable = model.num_parameters(), model.num_parameters(trainable_only=True)
     log(
-        f"{task} model: {model.num_parameters() / 1e6:.2f}M parameters, {len(train_set)} training "
-        f"examples, {total_steps} steps on {device}"
+        f"{task} model: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
+        f"{len(train_set)} training examples, {total_steps} steps on {device}"
     )
 
     def save(name: str) -> None:

