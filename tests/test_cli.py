@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -248,14 +249,21 @@ def test_resume_continues_through_the_cli(workspace, tmp_path, capsys):
 
 
 def test_quickstart_tiny_writes_report_and_metrics(tmp_path):
-    assert main(["quickstart", "--tiny", "--out", str(tmp_path / "qs"), "--no-progress"]) == 0
-    metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())
-    assert {"caption", "vqa", "blind", "wall_seconds"} <= set(metrics)
-    assert {"caption", "vqa"} == set(metrics["blind"])
-    assert "cider" in metrics["caption"] and "accuracy_by_type" in metrics["vqa"]
-    report = (tmp_path / "qs" / "report.md").read_text()
-    assert "| vqa | accuracy |" in report and "pictures/vqa_0.png" in report
-    assert len(list((tmp_path / "qs" / "pictures").glob("*.png"))) == 4
+    """--pretrained runs the default quickstart and the pretrained one side by side."""
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--tiny", "--pretrained", "--out", str(out), "--no-progress"]) == 0
+    for name in ("default", "pretrained"):
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert {"caption", "vqa", "blind", "parameters", "wall_seconds"} <= set(metrics)
+        assert {"caption", "vqa"} == set(metrics["blind"])
+        assert "cider" in metrics["caption"] and "accuracy_by_type" in metrics["vqa"]
+        report = (out / name / "report.md").read_text()
+        assert "| vqa | accuracy |" in report and "pictures/vqa_0.png" in report
+        assert len(list((out / name / "pictures").glob("*.png"))) == 4
+    counts = json.loads((out / "pretrained" / "metrics.json").read_text())["parameters"]
+    assert 0 < counts["caption"]["trainable"] < counts["caption"]["total"] / 3  # frozen parts
+    side_by_side = (out / "report.md").read_text()
+    assert "| vqa | accuracy |" in side_by_side and "efficientnet-lite0" in side_by_side
 
 
 def test_question_attention_has_one_map_per_word(workspace):
@@ -295,3 +303,86 @@ def test_train_with_the_pretrained_efficientnet_tokeniser(workspace, tmp_path, c
     assert "trainable" in capsys.readouterr().out
     image = next((data / "images").glob("*.png"))
     assert main(["caption", str(run), str(image)]) == 0
+
+
+def test_train_a_pretrained_lm_with_eyes(workspace, gpt2_folder, tmp_path, capsys):
+    """`--lm` end to end on a tiny GPT-2 saved like a hub model: only the fusion blocks and the
+    vision encoder train and are saved; the loss falls; eval and caption read the run."""
+    run, data = tmp_path / "lm", workspace / "data"
+    args = ["train", "--task", "caption", "--train", str(data / "caption_train.jsonl")]
+    args += ["--val", str(data / "caption_val.jsonl"), "--out", str(run)]
+    args += ["--config", str(workspace / "tiny.json"), "--lm", str(gpt2_folder)]
+    flags = ["--xattn-every", "2", "--epochs", "15", "--lr", "0.01", "--no-progress"]
+    assert main([*args, *flags]) == 0
+    out = capsys.readouterr().out
+    model = json.loads((run / "run.json").read_text())["model"]
+    assert model["lm"]["name"] == str(gpt2_folder) and model["lm"]["xattn_every"] == 2
+    assert model["fusion"]["name"] == "gated_cross_attention"
+    history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [entry["val_loss"] for entry in history if "val_loss" in entry]
+    assert losses[-1] < losses[0] - 0.3, losses
+    from safetensors.torch import load_file
+
+    saved = load_file(run / "best" / "model.safetensors")
+    assert saved and all(n.startswith("vision.") or ".fusion." in n for n in saved)
+    total, trainable = (float(x) for x in re.findall(r"([\d.]+)M", out.split("\n")[0])[:2])
+    assert 0 < trainable < total
+
+    image = next((data / "images").glob("*.png"))
+    assert main(["caption", str(run), str(image), "--beam-size", "2"]) == 0
+    assert capsys.readouterr().out.startswith(str(image))
+    sample = ["caption", str(run), str(image), str(image), "--temperature", "1.5", "--top-p", "0.9"]
+    drawn = []
+    for _ in range(2):
+        assert main([*sample, "--seed", "3"]) == 0
+        drawn.append(capsys.readouterr().out)
+    assert drawn[0] == drawn[1]  # seeded: repeatable
+    shots = [f"{image}:a red circle in the top left.", f"{image}:a blue square."]
+    assert main(["caption", str(run), str(image), "--shots", *shots]) == 0
+    assert capsys.readouterr().out.startswith(str(image))
+    metrics = tmp_path / "metrics.json"
+    test = str(data / "caption_test.jsonl")
+    assert main(["eval", str(run), "--data", test, "--metrics", str(metrics), "--no-progress"]) == 0
+    assert json.loads(metrics.read_text())["cider"] > 0
+
+    unfrozen = tmp_path / "unfrozen"
+    flags = ["--epochs", "1", "--freeze", "none", "--max-minutes", "0.01", "--no-progress"]
+    assert main([*args[:-4], "--out", str(unfrozen), *args[-2:], *flags]) == 0
+    assert "lm.transformer.wte.weight" in load_file(unfrozen / "best" / "model.safetensors")
+
+
+def test_lm_options_are_checked(workspace, capsys):
+    data = workspace / "data" / "vqa_train.jsonl"
+    base = ["train", "--train", str(data), "--out", "unused"]
+    assert main([*base, "--task", "caption", "--xattn-every", "2"]) == 2
+    assert "give --lm too" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--task", "caption", "--freeze", "lm,text"])
+    assert "unknown part(s) text" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["caption", "run", "image.png", "--shots", "no-caption.png"])
+    assert "expected IMAGE:CAPTION" in capsys.readouterr().err
+    image = str(next((workspace / "data" / "images").glob("*.png")))
+    assert main(["caption", str(workspace / "caption"), image, "--shots", f"{image}:a cat"]) == 2
+    assert "--shots needs a captioner built on a pretrained LM" in capsys.readouterr().err
+
+
+def test_vqa_with_a_pretrained_question_encoder(workspace, gpt2_folder, tmp_path, capsys):
+    run, data = tmp_path / "vqa_lm", workspace / "data"
+    args = ["train", "--task", "vqa", "--train", str(data / "vqa_train.jsonl")]
+    args += ["--out", str(run), "--config", str(workspace / "tiny.json")]
+    args += ["--text-encoder", str(gpt2_folder), "--epochs", "1", "--no-progress"]
+    assert main(args) == 0
+    assert json.loads((run / "run.json").read_text())["model"]["lm"]["name"] == str(gpt2_folder)
+    capsys.readouterr()
+    image = str(next((data / "images").glob("*.png")))
+    assert main(["ask", str(run), image, "what colour is the circle?", "--top-k", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    metrics = tmp_path / "metrics.json"
+    test = str(data / "vqa_test.jsonl")
+    assert main(["eval", str(run), "--data", test, "--metrics", str(metrics), "--no-progress"]) == 0
+    assert 0 <= json.loads(metrics.read_text())["accuracy"] <= 1
+    picture = tmp_path / "attention.png"
+    question = ["--question", "is the red object on the left?"]
+    assert main(["attention", str(run), image, "--out", str(picture), *question]) == 0
+    assert picture.read_bytes()[:4] == b"\x89PNG"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vtfuse.config import ModelConfig, TextConfig, VisionConfig
-from vtfuse.generation import beam_search, greedy
+from vtfuse.generation import beam_search, greedy, nucleus
 from vtfuse.models import Captioner, create_model
 
 VOCAB, BOS, EOS, PAD = 30, 1, 2, 0
@@ -208,3 +208,34 @@ def test_batched_beam_search_equals_one_image_at_a_time(model, images):
             together[b]
             == beam_search(model, images[b : b + 1], beam_size=3, max_length=MAX_LENGTH).tokens[0]
         )
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1).repeat(4000, 1)
+    probs = logits[0].exp()  # 0.64, 0.24, 0.09, 0.03
+    drawn = nucleus(top_p=0.8, generator=torch.Generator().manual_seed(0))(logits)[:, 0]
+    counts = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert counts[2:].sum() == 0  # 0.64 < 0.8 ≤ 0.64 + 0.24: the first two only
+    expected = probs[:2] / probs[:2].sum()
+    torch.testing.assert_close(counts[:2], expected, atol=0.03, rtol=0)
+    tiny = nucleus(top_p=0.01)(logits[:5])
+    assert tiny.flatten().tolist() == [0] * 5  # the most likely token always stays
+    cold = nucleus(temperature=1e-4, generator=torch.Generator().manual_seed(1))
+    assert cold(logits[:5]).flatten().tolist() == [0] * 5
+    with pytest.raises(ValueError, match="temperature > 0"):
+        nucleus(temperature=0)
+
+
+def test_sampling_decodes_through_the_caches(model, images):
+    greedy_tokens = greedy(model, images, max_length=8).tokens
+    cold = nucleus(temperature=1e-6, generator=torch.Generator().manual_seed(0))
+    assert greedy(model, images, max_length=8, pick=cold).tokens == greedy_tokens
+    draws = {
+        str(
+            greedy(
+                model, images, 8, pick=nucleus(2.0, generator=torch.Generator().manual_seed(s))
+            ).tokens
+        )
+        for s in range(4)
+    }
+    assert len(draws) > 1  # a hot sampler varies with the seed

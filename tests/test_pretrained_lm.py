@@ -4,50 +4,38 @@ are saved with `save_pretrained` and loaded back through the path a hub name tak
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
-from transformers import GPT2Config, LlamaConfig, Qwen2Config
+from safetensors.torch import load_file
+from transformers import GPT2Config
 
-from vtfuse.config import VisionConfig
+from vtfuse.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
+from vtfuse.data.tokenizer import LMTokenizer
 from vtfuse.generation import beam_search, greedy
-from vtfuse.models.base import CheckpointError
-from vtfuse.models.pretrained_lm import LMCaptioner, decoder_layers, load_causal_lm
+from vtfuse.models.base import CheckpointError, create_model, load_pretrained, warm_start
+from vtfuse.models.pretrained_lm import (
+    LMCaptioner,
+    LMQuestionAnswerer,
+    decoder_layers,
+    load_causal_lm,
+    load_lm_tokenizer,
+)
 
 VOCAB, BOS, EOS = 64, 1, 2
-FAMILIES = {
-    "gpt2": lambda: GPT2Config(
-        n_embd=32, n_layer=3, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=BOS,
-        eos_token_id=EOS,
-    ),
-    "llama": lambda: LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=BOS,
-        eos_token_id=EOS,
-    ),
-    "qwen2": lambda: Qwen2Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=BOS,
-        eos_token_id=EOS,
-    ),
-}  # fmt: skip
 VISION = VisionConfig(image_size=24, channels=(8, 8, 16), dim=16, depth=0, heads=2)
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def lm_folder(request, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp(request.param)
-    AutoModelForCausalLM.from_config(FAMILIES[request.param]()).save_pretrained(folder)
-    return folder
+def config(folder, every: int = 1, **options) -> ModelConfig:
+    lm = LMConfig(name=str(folder), xattn_every=every, **options)
+    return ModelConfig(vision=VISION, fusion=FusionConfig("gated_cross_attention"), lm=lm)
 
 
 def fused(folder, every: int = 1, gates: float | None = None, **options) -> LMCaptioner:
     torch.manual_seed(1)
-    model = LMCaptioner(load_causal_lm(str(folder)), VISION, xattn_every=every, **options)
-    model.eval()
+    model = create_model(config(folder, every, **options)).eval()
+    assert isinstance(model, LMCaptioner)
     if gates is not None:
         with torch.no_grad():
             for name, parameter in model.named_parameters():
@@ -134,18 +122,23 @@ def test_save_and_load_round_trip_exactly(lm_folder, tmp_path):
         for name, parameter in model.named_parameters():
             if ".fusion." in name:
                 parameter.add_(0.01 * torch.randn_like(parameter))
-    model.save_pretrained(tmp_path / "saved")
-    files = sorted(p.name for p in (tmp_path / "saved").iterdir())
-    assert files == ["adapter.safetensors", "config.json"]  # the frozen LM is not copied
-    loaded = LMCaptioner.from_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved, load_lm_tokenizer(str(lm_folder)))
+    files = sorted(p.name for p in saved.iterdir())
+    assert files == ["config.json", "lm_tokenizer", "model.safetensors"]  # not the frozen LM
+    assert set(load_file(saved / "model.safetensors")) == set(model.trainable_state_dict())
+    loaded, tokenizer = load_pretrained(saved)
+    assert isinstance(loaded, LMCaptioner) and isinstance(tokenizer, LMTokenizer)
     images, tokens = batch()
     with torch.no_grad():
         assert torch.equal(model(images, tokens)[0], loaded(images, tokens)[0])
-    config = json.loads((tmp_path / "saved" / "config.json").read_text())
-    config["format_version"] = 1
-    (tmp_path / "saved" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="not a format-2 lm_captioner"):
-        LMCaptioner.from_pretrained(tmp_path / "saved")
+    other = fused(lm_folder, every=1)  # a config that does not match the saved weights
+    assert other.load_weights(saved / "model.safetensors")[0]
+    written = json.loads((saved / "config.json").read_text())
+    written["format_version"] = 1
+    (saved / "config.json").write_text(json.dumps(written))
+    with pytest.raises(CheckpointError, match="'format_version' is 1"):
+        load_pretrained(saved)
 
 
 def test_packaged_minilm_becomes_a_decoder_with_a_new_head():
@@ -157,7 +150,7 @@ def test_packaged_minilm_becomes_a_decoder_with_a_new_head():
     assert lm.new_weights and all(n.startswith("cls.") for n in lm.new_weights)
     torch.manual_seed(0)
     base = load_causal_lm("minilm").eval()
-    model = LMCaptioner(lm, VISION, xattn_every=3).eval()
+    model = LMCaptioner(config("minilm", every=3), lm=lm).eval()
     assert len(model.inserted) == 2
     images, tokens = batch()
     tokens = tokens + 1000  # ordinary word pieces
@@ -228,3 +221,59 @@ def test_few_shot_prompt_decodes_with_caches(lm_folder):
             sequence = torch.cat([prompt[row], torch.tensor(generated.tokens[row][:-1])])
             logits, _ = model(images[row : row + 1], sequence[None])
             assert logits[0, 5:].argmax(-1).tolist() == generated.tokens[row]
+
+
+def test_a_frozen_text_encoder_learns_to_answer_from_the_image(lm_folder):
+    """VQA with the LM's body as the question encoder: zero gates leave its states as they
+    were; training only the blocks, the vision encoder and the head, it learns to name the
+    colour of the image, which the question alone cannot tell."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    settings = replace(config(lm_folder), task="vqa", num_answers=4)
+    model = create_model(settings)
+    assert isinstance(model, LMQuestionAnswerer)
+    colours = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]])
+    question = torch.tensor([[5, 6, 7, 8]]).repeat(8, 1)
+    with torch.no_grad():
+        base = AutoModel.from_pretrained(lm_folder).eval()
+        model.eval()
+        hidden = {}
+        model.lm.register_forward_hook(lambda m, i, out: hidden.update(out=out.last_hidden_state))
+        images = colours[torch.arange(8) % 4][:, :, None, None].expand(8, 3, 24, 24)
+        model(images.to(torch.uint8), question)
+        torch.testing.assert_close(hidden["out"], base(input_ids=question).last_hidden_state)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        answers = torch.randint(0, 4, (8,), generator=g)
+        images = colours[answers][:, :, None, None].expand(8, 3, 24, 24).to(torch.uint8)
+        batch = {"images": images, "tokens": question, "token_mask": question > 0}
+        loss = model.training_loss({**batch, "answers": answers, "image_index": None})
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    with torch.no_grad():
+        images = colours[:, :, None, None].expand(4, 3, 24, 24).to(torch.uint8)
+        logits, _ = model(images, question[:4])
+    assert logits.argmax(-1).tolist() == [0, 1, 2, 3]
+    for name, parameter in model.named_parameters():
+        frozen = name.startswith("lm.") and ".fusion." not in name
+        assert torch.equal(parameter, before[name]) == frozen, name
+
+
+def test_vqa_warm_starts_its_blocks_from_a_captioner(lm_folder, tmp_path):
+    """The blocks keep their layer across the LM's two wrappers (a decoder with a head, the
+    bare encoder), so a captioner's fusion blocks start the question encoder's."""
+    captioner = fused(lm_folder, gates=0.5)
+    captioner.save_pretrained(tmp_path / "captioner", load_lm_tokenizer(str(lm_folder)))
+    answerer = create_model(replace(config(lm_folder), task="vqa", num_answers=3))
+    copied = warm_start(answerer, load_lm_tokenizer(str(lm_folder)), tmp_path / "captioner")
+    blocks = [n for n in answerer.state_dict() if ".fusion." in n]
+    assert copied.tensors >= len(blocks) > 0
+    source = [t for n, t in captioner.state_dict().items() if ".fusion." in n]
+    target = [answerer.state_dict()[n] for n in blocks]
+    assert all(torch.equal(a, b) for a, b in zip(source, target, strict=True))

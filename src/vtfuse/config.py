@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class VisionConfig:
-    name: str = "cnn"  # registered vision encoder: "cnn" or "vit"
+    name: str = "cnn"  # registered vision encoder: "cnn", "vit" or "efficientnet-lite0"
     image_size: int = 72  # images are resized to image_size × image_size
     patch_size: int = 8  # ViT patch side; the CNN downsamples by the same factor
     channels: tuple[int, ...] = (32, 64, 128)  # CNN stage widths (each stage halves the size)
@@ -34,6 +34,7 @@ class VisionConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    freeze_backbone: bool = True  # a pretrained encoder (efficientnet-lite0) keeps its weights
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,23 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class LMConfig:
+    """A pretrained language model as the text side (empty `name`: vtfuse's own Transformer)."""
+
+    name: str = ""  # transformers causal LM: hub name, local folder, or "minilm" (packaged)
+    xattn_every: int = 1  # a fusion block before every k-th decoder layer
+    freeze: bool = True  # keep the LM's own weights; train only what is new
+    image_token_id: int = -1  # interleaved images: the token opening each (-1: one image)
+    attend_to_all_images: bool = False  # interleaved: every image so far, not just the latest
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     task: str = "caption"  # registered task model: "caption" or "vqa"
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
     num_answers: int = 0  # VQA: size of the answer vocabulary (filled from the training data)
 
 

@@ -16,14 +16,29 @@ from torch import Tensor
 
 from vtfuse.data.dataset import pad_tokens
 from vtfuse.data.images import blank_like, image_to_uint8, load_image
-from vtfuse.data.tokenizer import Tokenizer
-from vtfuse.generation import Generated, beam_search, greedy
+from vtfuse.data.tokenizer import AnyTokenizer
+from vtfuse.generation import Generated, beam_search, greedy, most_likely, nucleus
 from vtfuse.models.base import TaskModel, load_pretrained
 from vtfuse.training.checkpoint import resolve_model_folder
 from vtfuse.training.trainer import resolve_device
 from vtfuse.visualisation import save_attention_figure, select_layer, to_grid
 
 ImageLike = str | Path | Image.Image
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sample captions instead of taking the most likely word: nucleus sampling."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None  # the same seed, the same captions
+
+    def pick(self, device: torch.device):
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device).manual_seed(self.seed)
+        return nucleus(self.temperature, self.top_p, generator)
 
 
 @dataclass
@@ -33,10 +48,11 @@ class Attention:
     words: list[str]
     maps: Tensor
     grid: tuple[int, int]
+    text: str = ""  # the words as text
 
 
 class Pipeline:
-    def __init__(self, model: TaskModel, tokenizer: Tokenizer, device: torch.device):
+    def __init__(self, model: TaskModel, tokenizer: AnyTokenizer, device: torch.device):
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
 
     @classmethod
@@ -67,17 +83,20 @@ class Pipeline:
         length_penalty: float = 1.0,
         need_weights: bool = False,
         blind: bool = False,
+        sampling: Sampling | None = None,
     ) -> Generated:
-        """uint8 images (B, 3, H, W) → generated ids (and attention, greedy only)."""
+        """uint8 images (B, 3, H, W) → generated ids (and attention, greedy or sampled)."""
         self._require("caption")
         max_length = max_length or self.model.config.text.max_length - 1
         if blind:
             images = blank_like(images)
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
         if beam_size > 1:
-            if need_weights:
-                raise ValueError("attention maps come from greedy decoding: use beam_size 1")
-            return beam_search(self.model, images, beam_size, max_length, length_penalty)
-        return greedy(self.model, images, max_length, need_weights=need_weights)
+            if need_weights or sampling:
+                raise ValueError("attention maps and sampling decode one path: use beam_size 1")
+            return beam_search(self.model, images, beam_size, max_length, length_penalty, bos, eos)
+        pick = sampling.pick(images.device) if sampling else most_likely
+        return greedy(self.model, images, max_length, bos, eos, need_weights, pick=pick)
 
     def caption(
         self,
@@ -85,19 +104,47 @@ class Pipeline:
         beam_size: int = 1,
         max_length: int | None = None,
         length_penalty: float = 1.0,
+        sampling: Sampling | None = None,
     ) -> list[str]:
         generated = self.generate(
-            self.images_to_tensor(images), beam_size, max_length, length_penalty
+            self.images_to_tensor(images), beam_size, max_length, length_penalty, sampling=sampling
         )
         return [self.tokenizer.decode(ids) for ids in generated.tokens]
+
+    def caption_with_shots(
+        self,
+        image: ImageLike,
+        shots: list[tuple[ImageLike, str]],
+        max_length: int | None = None,
+        sampling: Sampling | None = None,
+    ) -> str:
+        """Caption `image` after in-context examples (Flamingo's few-shot prompting): the
+        prompt is <s> caption₁ </s> <s> caption₂ </s> ... <s>, each <s> opening its image, and
+        each word sees only its latest image."""
+        self._require("caption")
+        if getattr(self.model, "image_token_id", None) is None:
+            raise ValueError("--shots needs a captioner built on a pretrained LM (train with --lm)")
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        prompt: list[int] = []
+        for _, caption in shots:  # with <s> = </s> (GPT-2), one token ends and opens
+            prompt += self.tokenizer.encode(caption, bos=True, eos=eos != bos)
+        prompt.append(bos)
+        images = self.images_to_tensor([*(shot for shot, _ in shots), image])[None]
+        pick = sampling.pick(self.device) if sampling else most_likely
+        max_length = max_length or self.model.config.text.max_length - 1
+        generated = greedy(
+            self.model, images, max_length, bos, eos, prompt=torch.tensor([prompt]), pick=pick
+        )
+        return self.tokenizer.decode(generated.tokens[0])
 
     def caption_attention(self, image: ImageLike, max_length: int | None = None) -> Attention:
         generated = self.generate(
             self.images_to_tensor([image]), max_length=max_length, need_weights=True
         )
         ids = generated.tokens[0]
-        words = [self.tokenizer.words[i] for i in ids]
-        return Attention(words, generated.attention[0], self.model.grid_size)
+        words = self.tokenizer.pieces(ids)
+        text = self.tokenizer.decode(ids)
+        return Attention(words, generated.attention[0], self.model.grid_size, text)
 
     # -- question answering -------------------------------------------------------------------
     def encode_questions(self, questions: list[str]) -> tuple[Tensor, Tensor]:
@@ -137,8 +184,8 @@ class Pipeline:
             self.images_to_tensor([image]), tokens, mask, need_weights=True
         )
         maps = torch.stack([w[0] for w in weights]).permute(2, 0, 1, 3).cpu()  # (T, layers, H, N)
-        words = [self.tokenizer.words[i] for i in tokens[0].tolist()]
-        return Attention(words, maps, self.model.grid_size)
+        words = self.tokenizer.pieces(tokens[0].tolist())
+        return Attention(words, maps, self.model.grid_size, question)
 
     # -- pictures ------------------------------------------------------------------------------
     def draw_attention(
@@ -158,7 +205,7 @@ class Pipeline:
             text = f"Q: {question}  A: {answer} ({probability:.0%})"
         else:
             attention = self.caption_attention(pil)
-            text = self.tokenizer.decode(self.tokenizer.word_ids[w] for w in attention.words)
+            text = attention.text
         grids = to_grid(select_layer(attention.maps, layer), attention.grid)
         path = save_attention_figure(
             pil,

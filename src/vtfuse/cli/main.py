@@ -87,6 +87,21 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--fusion", choices=FUSIONS.names(), help="fusion strategy (default cross_attention)"
     )
     p.add_argument("--score", choices=SCORES.names(), help="attention score")
+    p.add_argument(
+        "--lm",
+        "--text-encoder",
+        dest="lm",
+        help="a pretrained transformers text model (hub name, local folder, or minilm) as the "
+        "caption decoder (causal) or the VQA question encoder: fusion blocks are inserted "
+        "between its layers (default fusion: gated_cross_attention, which starts as the LM)",
+    )
+    p.add_argument("--xattn-every", type=int, help="with --lm: a fusion block every k layers")
+    p.add_argument(
+        "--freeze",
+        type=_freeze_parts,
+        help="pretrained parts whose weights stay fixed: lm, vision, lm,vision (the default) "
+        "or none",
+    )
     p.add_argument("--epochs", type=int, help="passes over the training data")
     p.add_argument("--max-minutes", type=float, help="stop and save after this long (resume later)")
     p.add_argument("--batch-size", type=int, help="examples per step")
@@ -128,6 +143,19 @@ TRAIN_FLAGS = (
 )
 
 
+FREEZABLE = ("lm", "vision")
+
+
+def _freeze_parts(text: str) -> set[str]:
+    parts = set() if text == "none" else {p.strip() for p in text.split(",")}
+    unknown = parts - set(FREEZABLE)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {', '.join(sorted(unknown))}; choose from lm, vision or none"
+        )
+    return parts
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """The config file (or, on --resume, the run's own), then the flags given on top."""
     base = RunConfig()
@@ -147,8 +175,20 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         vision = dataclasses.replace(model.vision, name=args.vision, **preset)
         model = dataclasses.replace(model, vision=vision)
     fusion = {k: v for k, v in (("name", args.fusion), ("score", args.score)) if v}
+    if args.lm:
+        lm = {"name": args.lm}
+        if args.xattn_every is not None:
+            lm["xattn_every"] = args.xattn_every
+        model = dataclasses.replace(model, lm=dataclasses.replace(model.lm, **lm))
+        fusion.setdefault("name", "gated_cross_attention")  # the fused LM starts as the LM
+    elif args.xattn_every is not None:
+        raise ValueError("--xattn-every places fusion blocks in a pretrained LM: give --lm too")
     if fusion:
         model = dataclasses.replace(model, fusion=dataclasses.replace(model.fusion, **fusion))
+    if args.freeze is not None:
+        lm = dataclasses.replace(model.lm, freeze="lm" in args.freeze)
+        vision = dataclasses.replace(model.vision, freeze_backbone="vision" in args.freeze)
+        model = dataclasses.replace(model, lm=lm, vision=vision)
     return model, train_config
 
 
@@ -213,19 +253,46 @@ def _caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-size", type=int, default=1, help="beam width (1 = greedy)")
     p.add_argument("--max-length", type=int, help="longest caption in tokens")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length^penalty")
+    p.add_argument(
+        "--temperature", type=float, help="sample words at this temperature (default: greedy)"
+    )
+    p.add_argument("--top-p", type=float, help="sample from the top-p nucleus (Holtzman et al.)")
+    p.add_argument("--seed", type=int, help="sampling seed: the same seed, the same captions")
+    p.add_argument(
+        "--shots",
+        nargs="+",
+        type=_shot,
+        metavar="IMAGE:CAPTION",
+        help="in-context examples before each image (a captioner trained with --lm)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _shot(text: str) -> tuple[str, str]:
+    image, separator, caption = text.partition(":")
+    if not separator or not caption.strip():
+        raise argparse.ArgumentTypeError(f"expected IMAGE:CAPTION, got {text!r}")
+    return image, caption
 
 
 @command("caption", "caption images with a trained model")(_caption_args)
 def run_caption(args: argparse.Namespace) -> int:
-    from vtfuse.pipeline import Pipeline
+    from vtfuse.pipeline import Pipeline, Sampling
 
     pipe = Pipeline.load(args.run, args.device)
-    for image, caption in zip(
-        args.images,
-        pipe.caption(args.images, args.beam_size, args.max_length, args.length_penalty),
-        strict=True,
-    ):
+    sampling = None
+    if args.temperature is not None or args.top_p is not None:
+        sampling = Sampling(args.temperature or 1.0, args.top_p or 1.0, args.seed)
+    if args.shots:
+        captions = [
+            pipe.caption_with_shots(image, args.shots, args.max_length, sampling)
+            for image in args.images
+        ]
+    else:
+        captions = pipe.caption(
+            args.images, args.beam_size, args.max_length, args.length_penalty, sampling
+        )
+    for image, caption in zip(args.images, captions, strict=True):
         print(f"{image}\t{caption}")
     return 0
 
@@ -289,6 +356,12 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
         "--tiny", action="store_true", help="a seconds-long smoke run (numbers meaningless)"
     )
     p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="also train EfficientNet-Lite0 + MiniLM (frozen, ImageNet and sentence weights from "
+        "their packages) with gated cross-attention, and report it beside the default",
+    )
+    p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
     )
 
@@ -297,13 +370,16 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
     _quickstart_args
 )
 def run_quickstart(args: argparse.Namespace) -> int:
-    from vtfuse.quickstart import QuickstartPlan, run
+    from vtfuse.quickstart import QuickstartPlan, pretrained_parts, run, run_pretrained
 
     plan = QuickstartPlan.tiny() if args.tiny else QuickstartPlan()
     overrides = {
         k: v for k, v in (("images", args.images), ("minutes", args.minutes)) if v is not None
     }
     plan = dataclasses.replace(plan, seed=args.seed, progress=args.progress, **overrides)
+    if args.pretrained:
+        run_pretrained(Path(args.out), plan, pretrained_parts(plan))
+        return 0
     metrics = run(Path(args.out), plan)
     print(json.dumps({"wall_seconds": metrics["wall_seconds"]}))
     return 0

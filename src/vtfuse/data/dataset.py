@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image
-from vtfuse.data.tokenizer import Tokenizer
+from vtfuse.data.tokenizer import AnyTokenizer
 
 
 class DataError(ValueError):
@@ -225,7 +225,7 @@ class ImageTextDataset(Dataset):
 class CaptionDataset(ImageTextDataset):
     """One item per (image, reference caption) pair: images with 5 captions give 5 items."""
 
-    def __init__(self, data: LoadedData, tokenizer: Tokenizer, max_length: int):
+    def __init__(self, data: LoadedData, tokenizer: AnyTokenizer, max_length: int):
         items = [
             (image_id, tokenizer.encode(caption, bos=True, eos=True)[:max_length], None)
             for record, image_id in zip(data.records, data.image_ids, strict=True)
@@ -238,7 +238,7 @@ class VQADataset(ImageTextDataset):
     """One item per question; answers outside the training answer set get label -1 (ignored
     by the loss, always wrong in accuracy)."""
 
-    def __init__(self, data: LoadedData, tokenizer: Tokenizer, max_length: int):
+    def __init__(self, data: LoadedData, tokenizer: AnyTokenizer, max_length: int):
         items = [
             (
                 image_id,
@@ -265,11 +265,14 @@ def grouped_order(image_ids: list[int], generator: torch.Generator) -> list[int]
 
 
 def pad_tokens(sequences: list[Tensor] | list[list[int]]) -> tuple[Tensor, Tensor]:
-    """Right-pad token sequences with 0 (<pad>) → tokens (B, T) and token_mask (B, T)."""
+    """Right-pad token sequences with 0 → tokens (B, T) and token_mask (B, T), True on the
+    sequences' own tokens (0 is <pad> in vtfuse's vocabulary, a real token in an LM's)."""
     tokens = torch.zeros(len(sequences), max(len(s) for s in sequences), dtype=torch.long)
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
     for row, sequence in enumerate(sequences):
         tokens[row, : len(sequence)] = torch.as_tensor(sequence)
-    return tokens, tokens != 0
+        mask[row, : len(sequence)] = True
+    return tokens, mask
 
 
 def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:

@@ -175,10 +175,11 @@ def load_efficientnet_lite0(
 
 @VISION_ENCODERS.register("efficientnet-lite0")
 class EfficientNetEncoder(VisionEncoder):
-    """ImageNet EfficientNet-Lite0 as a frozen tokeniser: its 1280-wide head features, one per
+    """ImageNet EfficientNet-Lite0 as a tokeniser: its 1280-wide head features, one per
     32 × 32 pixels (7 × 7 at 224), projected to `vision.dim`; then positions and `depth` layers
-    as for the built-ins. The backbone's batch norms stay in eval mode: their ImageNet
-    statistics are part of the pretrained model, and a few small batches would spoil them."""
+    as for the built-ins. Frozen (`freeze_backbone`, the default), its batch norms stay in eval
+    mode too: their ImageNet statistics are part of the pretrained model, and a few small
+    batches would spoil them."""
 
     preset: ClassVar[dict[str, int]] = {"image_size": 224, "patch_size": 32}
 
@@ -189,7 +190,9 @@ class EfficientNetEncoder(VisionEncoder):
                 f"image_size 224 gives its 7×7 grid), got {config.patch_size}"
             )
         super().__init__(config)
-        self.backbone = load_efficientnet_lite0(classifier=False).requires_grad_(False)
+        self.frozen = config.freeze_backbone
+        self.backbone = load_efficientnet_lite0(classifier=False)
+        self.backbone.requires_grad_(not self.frozen)
         self.project = nn.Linear(HEAD_WIDTH, config.dim)
 
     def tokenise(self, images: Tensor) -> Tensor:
@@ -198,5 +201,6 @@ class EfficientNetEncoder(VisionEncoder):
 
     def train(self, mode: bool = True) -> EfficientNetEncoder:
         super().train(mode)
-        self.backbone.eval()
+        if self.frozen:
+            self.backbone.eval()
         return self

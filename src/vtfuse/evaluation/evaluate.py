@@ -72,7 +72,7 @@ def evaluate_captions(pipe: Pipeline, data: LoadedData, options: EvalOptions):
             predictions.append(pipe.tokenizer.decode(tokens))
             record = records[start + row]
             if need_weights and "boxes" in record.fields:
-                words = [pipe.tokenizer.words[t] for t in tokens]
+                words = pipe.tokenizer.pieces(tokens)
                 maps = select_layer(generated.attention[row], options.layer)
                 h, n = _point(pipe, words, maps, record, bank.original_sizes[ids[row]])
                 hits, total = hits + h, total + n
@@ -106,7 +106,7 @@ def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
         for row, record in enumerate(chunk):
             if need_weights and "boxes" in record.fields:
                 length = int(mask[row].sum())
-                words = [pipe.tokenizer.words[t] for t in tokens[row, :length].tolist()]
+                words = pipe.tokenizer.pieces(tokens[row, :length].tolist())
                 per_layer = torch.stack([w[row, :, :length] for w in weights]).permute(2, 0, 1, 3)
                 maps = select_layer(per_layer.cpu(), options.layer)  # (T, N)
                 h, n = _point(pipe, words, maps, record, bank.original_sizes[ids[row]])

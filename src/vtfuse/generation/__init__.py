@@ -1,4 +1,4 @@
-"""Caption generation: batched greedy decoding and beam search over the K/V caches.
+"""Caption generation: batched greedy decoding, sampling and beam search over the K/V caches.
 
 The image is encoded once, its cross-attention keys and values are computed at the first step
 and reused at every later step; self-attention keys and values grow by one token a step.
@@ -6,6 +6,7 @@ and reused at every later step; self-attention keys and values grow by one token
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +37,30 @@ class Generated:
     attention: list[Tensor] | None = None
 
 
+Pick = Callable[[Tensor], Tensor]  # next-token logits (B, V) → chosen ids (B, 1)
+
+
+def most_likely(logits: Tensor) -> Tensor:
+    return logits.argmax(-1, keepdim=True)
+
+
+def nucleus(temperature: float = 1.0, top_p: float = 1.0, generator=None) -> Pick:
+    """Sample from softmax(logits / temperature), restricted to the smallest set of tokens whose
+    probability reaches `top_p` (nucleus sampling, Holtzman et al. 2020)."""
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+
+    def pick(logits: Tensor) -> Tensor:
+        probs = (logits.float() / temperature).softmax(-1)
+        sorted_probs, order = probs.sort(-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the top one stays
+        chosen = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(-1, chosen)
+
+    return pick
+
+
 @torch.no_grad()
 def greedy(
     model: IncrementalDecoder,
@@ -45,9 +70,11 @@ def greedy(
     eos_id: int = 2,
     need_weights: bool = False,
     prompt: Tensor | None = None,
+    pick: Pick = most_likely,
 ) -> Generated:
-    """Pick the most likely token at each step until every caption has <eos> or `max_length`.
-    The first step reads `prompt` (B, P) — e.g. in-context examples — instead of <bos>."""
+    """Pick the most likely token (or, with `pick=nucleus(...)`, a sampled one) at each step
+    until every caption has <eos> or `max_length`. The first step reads `prompt` (B, P) —
+    e.g. in-context examples — instead of <bos>."""
     image, caches = model.start(images)
     batch = images.shape[0]
     current = torch.full((batch, 1), bos_id, dtype=torch.long, device=images.device)
@@ -57,8 +84,8 @@ def greedy(
     steps, maps = [], []
     for _ in range(max_length):
         logits, weights = model.step(current, image, caches, need_weights=need_weights)
-        current = logits.argmax(-1, keepdim=True)  # (B, 1)
-        current = current.masked_fill(done[:, None], 0)
+        current = pick(logits)  # (B, 1)
+        current = current.masked_fill(done[:, None], eos_id)  # finished: <eos> again
         steps.append(current)
         if need_weights:
             maps.append(torch.stack([w[:, :, -1] for w in weights], dim=1))  # (B, layers, H, N)
@@ -113,9 +140,9 @@ def beam_search(
             break
         logits, _ = model.step(sequences[:, -1:], image, caches)
         log_probs = logits.log_softmax(-1)  # (B·K, V)
-        # A finished beam may only "extend" with <pad> at no cost, so its score is frozen.
+        # A finished beam may only "extend" with <eos> at no cost, so its score is frozen.
         frozen = torch.full_like(log_probs, float("-inf"))
-        frozen[:, 0] = 0.0
+        frozen[:, eos_id] = 0.0
         log_probs = torch.where(done[:, None], frozen, log_probs)
         candidates = (scores[:, None] + log_probs).view(batch, k * vocab)
         scores, flat = candidates.topk(k, dim=-1)  # (B, K)

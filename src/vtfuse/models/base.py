@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vtfuse.config import FORMAT_VERSION, ModelConfig, from_dict, to_dict
 from vtfuse.data.images import normalise
-from vtfuse.data.tokenizer import Tokenizer
+from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
 from vtfuse.encoders.vision import create_vision_encoder
 from vtfuse.registry import Registry
 
@@ -70,7 +70,7 @@ class TaskModel(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def save_pretrained(self, folder: str | Path, tokenizer: Tokenizer) -> None:
+    def save_pretrained(self, folder: str | Path, tokenizer: AnyTokenizer) -> None:
         from vtfuse import __version__
 
         folder = Path(folder)
@@ -79,8 +79,50 @@ class TaskModel(nn.Module):
         (folder / CONFIG_FILE).write_text(
             json.dumps({**header, "model": to_dict(self.config)}, indent=2)
         )
-        save_model(self, str(folder / WEIGHTS_FILE))  # handles the tied embedding / LM head
+        self.save_weights(folder / WEIGHTS_FILE)
         tokenizer.save(folder)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint holds: every trainable parameter, once (a tied LM head is its
+        embedding's alias), and the buffers of modules that train (batch-norm statistics).
+        Frozen pretrained weights are left out: they load from where they came from, the
+        LM's hub name or folder, the packaged EfficientNet weights."""
+        trains = {
+            name
+            for name, module in self.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False))
+        }
+        buffers = {id(b) for b in self.buffers()}
+        kept, seen = {}, set()
+        for name, tensor in self.state_dict(keep_vars=True).items():
+            owner = name.rpartition(".")[0]
+            keep = tensor.requires_grad or (id(tensor) in buffers and owner in trains)
+            if keep and id(tensor) not in seen:
+                kept[name] = tensor.detach()
+                seen.add(id(tensor))
+        return kept
+
+    def save_weights(self, path: Path) -> None:
+        save_file({n: t.contiguous() for n, t in self.trainable_state_dict().items()}, str(path))
+
+    def load_weights(self, path: Path) -> tuple[list[str], list[str]]:
+        """Load saved weights; returns the (missing, unexpected) names."""
+        saved, expected = load_file(str(path)), set(self.trainable_state_dict())
+        aliases = _tied_names(self)  # a file written with the other name of a tied weight
+        saved = {
+            aliases.get(n, n) if aliases.get(n) in expected else n: t for n, t in saved.items()
+        }
+        self.load_state_dict(saved, strict=False)
+        return sorted(expected - set(saved)), sorted(set(saved) - expected)
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """Each name of a shared tensor → the name `state_dict` lists first for it."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        aliases[name] = first.setdefault(id(tensor), name)
+    return {n: f for n, f in aliases.items() if n != f}
 
 
 def read_model_config(folder: str | Path) -> ModelConfig:
@@ -103,12 +145,14 @@ def read_model_config(folder: str | Path) -> ModelConfig:
 
 
 def create_model(config: ModelConfig) -> TaskModel:
-    return TASKS.get(config.task)(config)
+    """The task's model; with `config.lm.name`, the task around that pretrained LM
+    (registered as "<task>_lm")."""
+    return TASKS.get(f"{config.task}_lm" if config.lm.name else config.task)(config)
 
 
 def load_pretrained(
     folder: str | Path, device: str | torch.device = "cpu"
-) -> tuple[TaskModel, Tokenizer]:
+) -> tuple[TaskModel, AnyTokenizer]:
     """Load a model folder written by `save_pretrained` (weights from safetensors only)."""
     folder = Path(folder)
     model = create_model(read_model_config(folder))
@@ -117,13 +161,13 @@ def load_pretrained(
         raise CheckpointError(
             f"{folder}: no {WEIGHTS_FILE} (vtfuse loads weights from safetensors only)"
         )
-    missing, unexpected = load_model(model, str(weights), strict=False)
+    missing, unexpected = model.load_weights(weights)
     if missing or unexpected:
         raise CheckpointError(
-            f"{weights} does not match its config: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
+            f"{weights} does not match its config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
         )
-    return model.to(device).eval(), Tokenizer.load(folder)
+    return model.to(device).eval(), load_tokenizer(folder)
 
 
 @dataclass
@@ -135,33 +179,51 @@ class WarmStart:
     left: list[str]  # the source's weights that found no same-named, same-shaped target
 
 
-def warm_start(model: TaskModel, tokenizer: Tokenizer, folder: str | Path) -> WarmStart:
+def _fusion_block_key(name: str) -> tuple[int, str] | None:
+    """A fusion block inserted in a pretrained LM, named by its layer and its own parameter:
+    "lm.bert.encoder.layer.2.fusion.attn.to_q.weight" (a BERT decoder) and
+    "lm.encoder.layer.2.fusion.attn.to_q.weight" (the same BERT as an encoder) → (2, ...)."""
+    if not name.startswith("lm.") or ".fusion." not in name:
+        return None
+    path, parameter = name.split(".fusion.", 1)
+    return int(path.rsplit(".", 1)[1]), parameter
+
+
+def _shared_words(tokenizer: AnyTokenizer, source: AnyTokenizer) -> list[tuple[int, int]]:
+    """(row, source row) of the words two word vocabularies share (an LM's tokenizer: none)."""
+    if not (isinstance(tokenizer, Tokenizer) and isinstance(source, Tokenizer)):
+        return []
+    return [
+        (row, source.word_ids[word])
+        for row, word in enumerate(tokenizer.words)
+        if word in source.word_ids
+    ]
+
+
+def warm_start(model: TaskModel, tokenizer: AnyTokenizer, folder: str | Path) -> WarmStart:
     """Initialise `model` from another vtfuse model, e.g. a VQA model from a captioner, as
     captioning pretraining does for VirTex (Desai & Johnson 2021) and BLIP: every weight with
     the same name and shape is copied, and the token embedding row by row for the words the
     two vocabularies share. The rest (a VQA answer head, say) keeps its initialisation."""
     source, source_tokenizer = load_pretrained(folder)
     target, weights = model.state_dict(), source.state_dict()
+    by_block = {_fusion_block_key(name): name for name in target if _fusion_block_key(name)}
     embedding, tied_head = "text.token_embedding.weight", "lm_head.weight"
     tensors, left = 0, []
     with torch.no_grad():
         for name, weight in weights.items():
             if name in (embedding, tied_head):
                 continue
-            if name in target and target[name].shape == weight.shape:
-                target[name].copy_(weight)
+            to = name if name in target else by_block.get(_fusion_block_key(name), name)
+            if to in target and target[to].shape == weight.shape:
+                target[to].copy_(weight)
                 tensors += 1
             else:
                 left.append(name)
-        shared = [
-            (row, source_tokenizer.word_ids[word])
-            for row, word in enumerate(tokenizer.words)
-            if word in source_tokenizer.word_ids
-        ]
-        source_rows = weights[embedding]
-        if shared and source_rows.shape[1] == target[embedding].shape[1]:
+        shared = _shared_words(tokenizer, source_tokenizer)  # both: vtfuse's own text side
+        if shared and weights[embedding].shape[1] == target[embedding].shape[1]:
             rows, from_rows = (list(column) for column in zip(*shared, strict=True))
-            target[embedding][rows] = source_rows[from_rows].to(target[embedding].dtype)
+            target[embedding][rows] = weights[embedding][from_rows].to(target[embedding].dtype)
         else:
             shared = []
     if tensors == 0:

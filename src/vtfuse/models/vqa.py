@@ -12,20 +12,49 @@ from vtfuse.encoders.text import FusedTextTransformer
 from vtfuse.models.base import TASKS, TaskModel
 
 
-@TASKS.register("vqa")
-class VQAModel(TaskModel):
+class AnswerClassifier(TaskModel):
+    """VQA as classification over the answers seen in training; `forward(images, tokens,
+    token_mask, image_index)` gives the answer logits."""
+
     task = "vqa"
 
+    def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+        logits, _ = self(
+            batch["images"], batch["tokens"], batch["token_mask"], batch["image_index"]
+        )
+        return F.cross_entropy(
+            logits, batch["answers"], ignore_index=-1, label_smoothing=label_smoothing
+        )
+
+    def validation_metrics(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        logits, _ = self(
+            batch["images"], batch["tokens"], batch["token_mask"], batch["image_index"]
+        )
+        loss = F.cross_entropy(logits, batch["answers"], ignore_index=-1)
+        accuracy = (logits.argmax(-1) == batch["answers"]).float().mean()
+        return {"loss": loss.item(), "accuracy": accuracy.item()}
+
+
+def answer_head(dim: int, num_answers: int) -> nn.Sequential:
+    if num_answers < 1:
+        raise ValueError("a VQA model needs num_answers >= 1")
+    return nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, num_answers))
+
+
+def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the positions where `mask` (B, T) is True: (B, T, D) → (B, D)."""
+    keep = mask[:, :, None].to(hidden.dtype)
+    return (hidden * keep).sum(1) / keep.sum(1)
+
+
+@TASKS.register("vqa")
+class VQAModel(AnswerClassifier):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        if config.num_answers < 1:
-            raise ValueError("a VQA model needs num_answers >= 1")
         dim = config.text.dim
         self.text = FusedTextTransformer(config.text, self.vision.dim, config.fusion, causal=False)
         self.cls = nn.Parameter(torch.randn(1, 1, dim))  # unit scale, as the scaled embeddings
-        self.head = nn.Sequential(
-            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, config.num_answers)
-        )
+        self.head = answer_head(dim, config.num_answers)
         self.init_weights()
 
     def forward(
@@ -53,22 +82,4 @@ class VQAModel(TaskModel):
         # Mean over [CLS] and the question tokens, not [CLS] alone: the loss then reaches each
         # word's own cross-attention directly ("red" learns to look at red) instead of only
         # through [CLS]'s self-attention, which at initialisation barely listens to any word.
-        keep = token_mask[:, :, None].to(hidden.dtype)
-        pooled = (hidden * keep).sum(1) / keep.sum(1)
-        return self.head(pooled), [w[:, :, 1:] for w in weights]
-
-    def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
-        logits, _ = self(
-            batch["images"], batch["tokens"], batch["token_mask"], batch["image_index"]
-        )
-        return F.cross_entropy(
-            logits, batch["answers"], ignore_index=-1, label_smoothing=label_smoothing
-        )
-
-    def validation_metrics(self, batch: dict[str, Tensor]) -> dict[str, float]:
-        logits, _ = self(
-            batch["images"], batch["tokens"], batch["token_mask"], batch["image_index"]
-        )
-        loss = F.cross_entropy(logits, batch["answers"], ignore_index=-1)
-        accuracy = (logits.argmax(-1) == batch["answers"]).float().mean()
-        return {"loss": loss.item(), "accuracy": accuracy.item()}
+        return self.head(masked_mean(hidden, token_mask)), [w[:, :, 1:] for w in weights]

@@ -34,7 +34,7 @@ from vtfuse.data.dataset import (
     load_records,
     read_jsonl,
 )
-from vtfuse.data.tokenizer import Tokenizer
+from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, normalise_answer
 from vtfuse.models.base import TaskModel, create_model, load_pretrained, warm_start
 from vtfuse.training.checkpoint import (
     atomic_folder,
@@ -69,12 +69,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_tokenizer(task: str, records) -> Tokenizer:
+def build_tokenizer(task: str, records, model_config: ModelConfig) -> AnyTokenizer:
+    """A pretrained LM's own tokenizer, or a word vocabulary built from the training text;
+    for VQA, with the answers seen in training."""
+    answers = sorted({normalise_answer(r.fields["answer"]) for r in records if task == "vqa"})
+    if model_config.lm.name:
+        from vtfuse.models.pretrained_lm import load_lm_tokenizer
+
+        return load_lm_tokenizer(model_config.lm.name, answers)
     if task == "caption":
         return Tokenizer.build(c for r in records for c in r.captions)
-    return Tokenizer.build(
-        (r.fields["question"] for r in records), answers=(r.fields["answer"] for r in records)
-    )
+    return Tokenizer.build((r.fields["question"] for r in records), answers=answers)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -212,11 +217,15 @@ def train(
         model, tokenizer = load_pretrained(last_dir, device)
         model_config = model.config
     else:
-        tokenizer = build_tokenizer(task, train_records)
+        tokenizer = build_tokenizer(task, train_records, model_config)
         text = dataclasses.replace(model_config.text, vocab_size=len(tokenizer))
         model_config = dataclasses.replace(
             model_config, text=text, num_answers=len(tokenizer.answers)
         )
+        if model_config.lm.name and model_config.lm.image_token_id < 0:
+            # each caption's start token opens its image: few-shot prompts interleave them
+            lm = dataclasses.replace(model_config.lm, image_token_id=tokenizer.bos_id)
+            model_config = dataclasses.replace(model_config, lm=lm)
         model = create_model(model_config)
         if config.init_from:
             source = resolve_model_folder(config.init_from)
