@@ -313,10 +313,12 @@ def test_train_a_pretrained_lm_with_eyes(workspace, gpt2_folder, tmp_path, capsy
     args += ["--val", str(data / "caption_val.jsonl"), "--out", str(run)]
     args += ["--config", str(workspace / "tiny.json"), "--lm", str(gpt2_folder)]
     flags = ["--xattn-every", "2", "--epochs", "15", "--lr", "0.01", "--no-progress"]
+    flags += ["--resampler", "4"]
     assert main([*args, *flags]) == 0
     out = capsys.readouterr().out
     model = json.loads((run / "run.json").read_text())["model"]
     assert model["lm"]["name"] == str(gpt2_folder) and model["lm"]["xattn_every"] == 2
+    assert model["lm"]["resampler_latents"] == 4
     assert model["fusion"]["name"] == "gated_cross_attention"
     history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     losses = [entry["val_loss"] for entry in history if "val_loss" in entry]
@@ -324,7 +326,8 @@ def test_train_a_pretrained_lm_with_eyes(workspace, gpt2_folder, tmp_path, capsy
     from safetensors.torch import load_file
 
     saved = load_file(run / "best" / "model.safetensors")
-    assert saved and all(n.startswith("vision.") or ".fusion." in n for n in saved)
+    new = ("vision.", "resampler.")
+    assert saved and all(n.startswith(new) or ".fusion." in n for n in saved)
     total, trainable = (float(x) for x in re.findall(r"([\d.]+)M", out.split("\n")[0])[:2])
     assert 0 < trainable < total
 
@@ -356,6 +359,7 @@ def test_lm_options_are_checked(workspace, capsys):
     base = ["train", "--train", str(data), "--out", "unused"]
     assert main([*base, "--task", "caption", "--xattn-every", "2"]) == 2
     assert "give --lm too" in capsys.readouterr().err
+    assert main([*base, "--task", "caption", "--resampler", "8"]) == 2
     with pytest.raises(SystemExit):
         main([*base, "--task", "caption", "--freeze", "lm,text"])
     assert "unknown part(s) text" in capsys.readouterr().err
@@ -386,3 +390,21 @@ def test_vqa_with_a_pretrained_question_encoder(workspace, gpt2_folder, tmp_path
     question = ["--question", "is the red object on the left?"]
     assert main(["attention", str(run), image, "--out", str(picture), *question]) == 0
     assert picture.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_with_a_hugging_face_vision_tower(workspace, tmp_path):
+    import transformers
+
+    tower = tmp_path / "tiny-vit"
+    sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    transformers.ViTModel(
+        transformers.ViTConfig(image_size=32, patch_size=8, **sizes)
+    ).save_pretrained(tower)
+    run, data = tmp_path / "vit", workspace / "data"
+    args = ["train", "--task", "vqa", "--train", str(data / "vqa_train.jsonl"), "--out", str(run)]
+    args += ["--config", str(workspace / "tiny.json"), "--vision", str(tower), "--epochs", "1"]
+    assert main([*args, "--no-progress"]) == 0
+    vision = json.loads((run / "run.json").read_text())["model"]["vision"]
+    assert (vision["name"], vision["image_size"], vision["patch_size"]) == (str(tower), 32, 8)
+    image = str(next((data / "images").glob("*.png")))
+    assert main(["ask", str(run), image, "what colour is the circle?"]) == 0

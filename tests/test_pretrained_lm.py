@@ -277,3 +277,26 @@ def test_vqa_warm_starts_its_blocks_from_a_captioner(lm_folder, tmp_path):
     source = [t for n, t in captioner.state_dict().items() if ".fusion." in n]
     target = [answerer.state_dict()[n] for n in blocks]
     assert all(torch.equal(a, b) for a, b in zip(source, target, strict=True))
+
+
+def test_a_resampler_before_the_blocks(lm_folder):
+    """Flamingo's order: M latents read the image once, every block reads the latents; the
+    zero-gate equality holds, maps still cover the image grid, and decoding is cached."""
+    model = fused(lm_folder, resampler_latents=4)
+    base = load_causal_lm(str(lm_folder)).eval()
+    images, tokens = batch()
+    with torch.no_grad():
+        logits, _ = model(images, tokens)
+        assert (logits - base(input_ids=tokens).logits).abs().max() <= 1e-6
+    model = fused(lm_folder, gates=0.5, resampler_latents=4)
+    assert model.encode_image(images).shape == (2, 4, VISION.dim)
+    with torch.no_grad():
+        _, weights = model(images, tokens, need_weights=True)
+    grid = model.grid_size[0] * model.grid_size[1]
+    assert weights[0].shape == (2, 2, tokens.shape[1], grid)
+    torch.testing.assert_close(weights[0].sum(-1), torch.ones(2, 2, tokens.shape[1]))
+    generated = greedy(model, images, max_length=5, bos_id=BOS, eos_id=EOS, need_weights=True)
+    assert generated.attention[0].shape[-1] == grid
+    with torch.no_grad():
+        prefix = torch.tensor([[BOS, *generated.tokens[0][:-1]]])
+        assert model(images[:1], prefix)[0][0].argmax(-1).tolist() == generated.tokens[0]

@@ -61,6 +61,7 @@ class LMConfig:
 
     name: str = ""  # transformers causal LM: hub name, local folder, or "minilm" (packaged)
     xattn_every: int = 1  # a fusion block before every k-th decoder layer
+    resampler_latents: int = 0  # > 0: a Perceiver Resampler gives the blocks this many tokens
     freeze: bool = True  # keep the LM's own weights; train only what is new
     image_token_id: int = -1  # interleaved images: the token opening each (-1: one image)
     attend_to_all_images: bool = False  # interleaved: every image so far, not just the latest

@@ -13,6 +13,7 @@ from pathlib import Path
 from vtfuse.attention import SCORES
 from vtfuse.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_run_config
 from vtfuse.encoders import VISION_ENCODERS
+from vtfuse.encoders.vision import vision_preset
 from vtfuse.fusion import FUSIONS
 
 Command = Callable[[argparse.Namespace], int]
@@ -79,9 +80,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help='JSON file {"model": {...}, "train": {...}}; flags override it')
     p.add_argument(
         "--vision",
-        choices=VISION_ENCODERS.names(),
-        help="vision encoder (a pretrained one also sets its input size: efficientnet-lite0 → "
-        "224 px, 32 px per token, 7×7 tokens)",
+        help=f"vision encoder: {', '.join(VISION_ENCODERS.names())}, or a Hugging Face vision "
+        "model (hub name or folder: ViT, CLIP, SigLIP, DINOv2); a pretrained one sets its input "
+        "size (efficientnet-lite0: 224 px, 32 px per token, 7×7 tokens)",
     )
     p.add_argument(
         "--fusion", choices=FUSIONS.names(), help="fusion strategy (default cross_attention)"
@@ -96,6 +97,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "between its layers (default fusion: gated_cross_attention, which starts as the LM)",
     )
     p.add_argument("--xattn-every", type=int, help="with --lm: a fusion block every k layers")
+    p.add_argument(
+        "--resampler",
+        type=int,
+        metavar="M",
+        help="with --lm: a Perceiver Resampler turns each image into M tokens for the blocks",
+    )
     p.add_argument(
         "--freeze",
         type=_freeze_parts,
@@ -171,7 +178,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     train_config = dataclasses.replace(base.train, **overrides)
     model = base.model
     if args.vision:
-        preset = VISION_ENCODERS.get(args.vision).preset
+        preset = vision_preset(args.vision)
         vision = dataclasses.replace(model.vision, name=args.vision, **preset)
         model = dataclasses.replace(model, vision=vision)
     fusion = {k: v for k, v in (("name", args.fusion), ("score", args.score)) if v}
@@ -179,10 +186,12 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         lm = {"name": args.lm}
         if args.xattn_every is not None:
             lm["xattn_every"] = args.xattn_every
+        if args.resampler is not None:
+            lm["resampler_latents"] = args.resampler
         model = dataclasses.replace(model, lm=dataclasses.replace(model.lm, **lm))
         fusion.setdefault("name", "gated_cross_attention")  # the fused LM starts as the LM
-    elif args.xattn_every is not None:
-        raise ValueError("--xattn-every places fusion blocks in a pretrained LM: give --lm too")
+    elif args.xattn_every is not None or args.resampler is not None:
+        raise ValueError("--xattn-every and --resampler shape a pretrained LM: give --lm too")
     if fusion:
         model = dataclasses.replace(model, fusion=dataclasses.replace(model.fusion, **fusion))
     if args.freeze is not None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtfuse.config import VisionConfig
-from vtfuse.encoders.vision import VISION_ENCODERS, VisionEncoder
+from vtfuse.encoders.vision import VISION_ENCODERS, VisionEncoder, pretrained
 
 # (expansion, kernel, stride, output width, repeats) per stage, from the Lite0 definition
 STAGES = (
@@ -191,7 +191,7 @@ class EfficientNetEncoder(VisionEncoder):
             )
         super().__init__(config)
         self.frozen = config.freeze_backbone
-        self.backbone = load_efficientnet_lite0(classifier=False)
+        self.backbone = pretrained(load_efficientnet_lite0(classifier=False))
         self.backbone.requires_grad_(not self.frozen)
         self.project = nn.Linear(HEAD_WIDTH, config.dim)
 

@@ -38,8 +38,8 @@ class PositionEmbedding2D(nn.Module):
 class VisionEncoder(nn.Module):
     """Base class: subclasses implement `tokenise`; this adds positions and the Transformer."""
 
-    # VisionConfig fields an encoder needs (e.g. a pretrained tower's input size), set by the
-    # command line's `--vision NAME`
+    # VisionConfig fields an encoder needs (e.g. a pretrained model's input size), set by the
+    # command line's `--vision NAME` (see `vision_preset`)
     preset: ClassVar[dict[str, int]] = {}
 
     def __init__(self, config: VisionConfig):
@@ -140,4 +140,25 @@ class ViTEncoder(VisionEncoder):
 
 
 def create_vision_encoder(config: VisionConfig) -> VisionEncoder:
-    return VISION_ENCODERS.get(config.name)(config)
+    """A registered encoder by name; any other name is a Hugging Face vision model (hub name
+    or local folder)."""
+    if config.name in VISION_ENCODERS:
+        return VISION_ENCODERS.get(config.name)(config)
+    from vtfuse.encoders.hf_vision import HuggingFaceVisionEncoder
+
+    return HuggingFaceVisionEncoder(config)
+
+
+def vision_preset(name: str) -> dict[str, int]:
+    """The VisionConfig fields encoder `name` fixes (a pretrained model's input size)."""
+    if name in VISION_ENCODERS:
+        return dict(VISION_ENCODERS.get(name).preset)
+    from vtfuse.encoders.hf_vision import tower_preset
+
+    return tower_preset(name)
+
+
+def pretrained(module: nn.Module) -> nn.Module:
+    """Mark `module` as holding pretrained weights: vtfuse's initialisation leaves it alone."""
+    module.vtfuse_pretrained = True
+    return module

@@ -12,17 +12,12 @@ from vtfuse.fusion.base import FUSIONS, Fusion, gather_images
 from vtfuse.fusion.cross_attention import CrossAttentionFusion
 
 
-@FUSIONS.register("resampler")
-class ResamplerFusion(Fusion):
-    """Perceiver Resampler (Alayrac et al. 2022, §2.1) / Q-Former-style queries (Li et al. 2023):
+class PerceiverResampler(nn.Module):
+    """M learned latents read the image (Alayrac et al. 2022, §2.1):
 
         z ← z + CrossAttn(LN(z), image);   z ← z + FF(LN(z))      z: M learned latents
-        text ← text + CrossAttn(LN(text), z)
 
-    The text side attends to M tokens whatever the image's size (M = `fusion.latents`). The
-    attention map over the image is the text→latent weights times the latent→image weights.
-    During generation the resampled latents' K/V are cached like an image's.
-    """
+    so whatever reads them sees M tokens whatever the image's size (M = `config.latents`)."""
 
     def __init__(
         self, dim: int, heads: int, image_dim: int, config: FusionConfig, dropout: float = 0.0
@@ -34,13 +29,31 @@ class ResamplerFusion(Fusion):
         self.read_image = CrossAttentionFusion(dim, heads, image_dim, config, dropout)
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = MLP(dim, dropout=dropout)
-        self.read_latents = CrossAttentionFusion(dim, heads, dim, config, dropout)
 
     def resample(self, image: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """image (I, N, image_dim) → latents (I, M, dim) and, if asked, weights (I, H, M, N)."""
         z = self.latents.expand(image.shape[0], -1, -1)
         z, _, weights = self.read_image(z, image, need_weights=need_weights)
         return z + self.ff(self.norm_ff(z)), weights
+
+
+@FUSIONS.register("resampler")
+class ResamplerFusion(PerceiverResampler, Fusion):
+    """Perceiver Resampler (Alayrac et al. 2022, §2.1) / Q-Former-style queries (Li et al. 2023)
+    in every block: M latents read the image, then
+
+        text ← text + CrossAttn(LN(text), z)
+
+    The text side attends to M tokens whatever the image's size (M = `fusion.latents`). The
+    attention map over the image is the text→latent weights times the latent→image weights.
+    During generation the resampled latents' K/V are cached like an image's.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, image_dim: int, config: FusionConfig, dropout: float = 0.0
+    ):
+        super().__init__(dim, heads, image_dim, config, dropout)
+        self.read_latents = CrossAttentionFusion(dim, heads, dim, config, dropout)
 
     def forward(
         self,

@@ -44,7 +44,7 @@ class TaskModel(nn.Module):
         cross-attention stays uniform over the image and training sits at chance for thousands
         of steps; with small embeddings the first self-attention's output drowns each word's
         identity, and "red" cannot learn to look at red."""
-        for module in self.modules():
+        for module in _own_modules(self):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
                 if module.bias is not None:
@@ -114,6 +114,14 @@ class TaskModel(nn.Module):
         }
         self.load_state_dict(saved, strict=False)
         return sorted(expected - set(saved)), sorted(set(saved) - expected)
+
+
+def _own_modules(root: nn.Module):
+    """`root`'s modules, without descending into pretrained ones (`encoders.pretrained`)."""
+    yield root
+    for child in root.children():
+        if not getattr(child, "vtfuse_pretrained", False):
+            yield from _own_modules(child)
 
 
 def _tied_names(model: nn.Module) -> dict[str, str]:

@@ -18,7 +18,7 @@ import importlib
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ from vtfuse.attention import KVCache
 from vtfuse.config import FusionConfig, ModelConfig
 from vtfuse.data.tokenizer import LMTokenizer
 from vtfuse.fusion import FUSIONS
+from vtfuse.fusion.base import gather_images
+from vtfuse.fusion.resampler import PerceiverResampler
 from vtfuse.models.base import TASKS, TaskModel
 from vtfuse.models.vqa import AnswerClassifier, answer_head, masked_mean
 
@@ -54,6 +56,7 @@ class ImageContext:
     need_weights: bool = False
     weights: list[Tensor] = field(default_factory=list)  # filled: (B, H, T, N) per block
     interleaved: Interleaving | None = None  # which image each word may see
+    latent_map: Tensor | None = None  # resampler: each latent's attention over the grid
 
 
 @dataclass
@@ -124,6 +127,9 @@ class CrossAttendingLayer(nn.Module):
             **options,
         )
         if weights is not None:
+            if context.latent_map is not None:  # over latents → over the image grid
+                latent_map = gather_images(context.latent_map, context.image_index)
+                weights = weights @ latent_map[:, None]  # (B, H, T, M) @ (B, 1, M, N)
             context.weights.append(weights)
         if interleaved is not None:
             fused = torch.where(interleaved.blind[..., None], text, fused)
@@ -238,6 +244,7 @@ class LMCache:
     fusion: list[KVCache]
     images_per_row: int = 0  # interleaved images: M per row (0: one image, every word sees it)
     images_seen: Tensor | None = None  # (B,) <image> tokens decoded so far
+    latent_map: Tensor | None = None  # resampler: (B, M, N) each latent's map over the grid
 
     def reorder(self, index: Tensor) -> None:
         """Follow beam search: row i becomes old row `index[i]`."""
@@ -245,13 +252,17 @@ class LMCache:
             self.lm.reorder_cache(index)
         for cache in self.fusion:
             cache.reorder(index)
+        self._select(index)
+
+    def _select(self, index: Tensor) -> None:
         if self.images_seen is not None:
             self.images_seen = self.images_seen.index_select(0, index)
+        if self.latent_map is not None:
+            self.latent_map = self.latent_map.index_select(0, index)
 
     def expand(self, index: Tensor) -> None:
         """Give each row `index[i]`'s state, the per-image K/V included (beams from images)."""
-        if self.images_seen is not None:
-            self.images_seen = self.images_seen.index_select(0, index)
+        self._select(index)
         if self.lm is not None:
             self.lm.batch_select_indices(index)
         for cache in self.fusion:
@@ -274,6 +285,30 @@ class PretrainedTextModel(TaskModel):
         self.context, self.inserted = inject_cross_attention(
             lm, self.vision.dim, config.fusion, config.lm.xattn_every
         )
+        self.resampler = None  # Flamingo: one resampler before all the blocks
+        if config.lm.resampler_latents:
+            latents = replace(config.fusion, latents=config.lm.resampler_latents)
+            dim = self.vision.dim
+            self.resampler = PerceiverResampler(dim, config.vision.heads, dim, latents)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """How many tokens of each image the blocks read: the grid's, or the latents."""
+        if self.resampler is not None:
+            return self.config.lm.resampler_latents
+        return self.grid_size[0] * self.grid_size[1]
+
+    def read_images(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """uint8 (I, 3, H, W) → what the blocks attend to (I, N or M, dim) and, with a
+        resampler, each latent's attention over the image grid (I, M, N) for the maps."""
+        tokens = super().encode_image(images)
+        if self.resampler is None:
+            return tokens, None
+        latents, weights = self.resampler.resample(tokens, need_weights=True)
+        return latents, weights.mean(dim=1)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return self.read_images(images)[0]
 
     def train(self, mode: bool = True) -> PretrainedTextModel:
         """A frozen LM stays in eval mode (no dropout): it computes what it was trained to."""
@@ -292,16 +327,18 @@ class PretrainedTextModel(TaskModel):
         caches: list[KVCache] | None = None,
         need_weights: bool = False,
         interleaved: Interleaving | None = None,
+        latent_map: Tensor | None = None,
     ) -> Iterator[ImageContext]:
         """Within the block, the inserted layers attend to `image`."""
         context = self.context
         context.image, context.image_index, context.caches = image, image_index, caches
         context.need_weights, context.weights = need_weights, []
-        context.interleaved = interleaved
+        context.interleaved, context.latent_map = interleaved, latent_map
         try:
             yield context
         finally:
-            context.image = context.image_index = context.caches = context.interleaved = None
+            context.image = context.image_index = context.caches = None
+            context.interleaved = context.latent_map = None
 
 
 @TASKS.register("vqa_lm")
@@ -324,7 +361,8 @@ class LMQuestionAnswerer(AnswerClassifier, PretrainedTextModel):
         """Answer logits (B, num_answers) and, if asked, each block's map (B, H, T, N)."""
         if token_mask is None:
             token_mask = torch.ones_like(tokens, dtype=torch.bool)
-        with self.seeing(self.encode_image(images), image_index, None, need_weights) as seen:
+        image, latent_map = self.read_images(images)
+        with self.seeing(image, image_index, None, need_weights, None, latent_map) as seen:
             hidden = self.lm(input_ids=tokens, attention_mask=token_mask.long()).last_hidden_state
         return self.head(masked_mean(hidden, token_mask)), seen.weights
 
@@ -353,26 +391,25 @@ class LMCaptioner(PretrainedTextModel):
             else "past_key_values"
         )
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        """(I, 3, H, W) → (I, N, dim); interleaved (B, M, 3, H, W) → (B, M·N, dim)."""
+    def read_images(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Also takes interleaved images (B, M, 3, H, W) → (B, M·N, dim), without maps."""
         if images.dim() == 4:
-            return super().encode_image(images)
+            return super().read_images(images)
         if self.image_token_id is None:
             raise ValueError("several images per sequence need the model's lm.image_token_id")
-        tokens = super().encode_image(images.flatten(0, 1))
-        return tokens.reshape(images.shape[0], -1, tokens.shape[-1])
+        tokens, _ = super().read_images(images.flatten(0, 1))
+        return tokens.reshape(images.shape[0], -1, tokens.shape[-1]), None
 
     def interleaving(
         self, tokens: Tensor, images_per_row: int, seen_before: Tensor | None = None
     ) -> tuple[Interleaving | None, Tensor | None]:
         if not images_per_row:
             return None, None
-        per_image = self.grid_size[0] * self.grid_size[1]
         return Interleaving.of(
             tokens,
             self.image_token_id,
             images_per_row,
-            per_image,
+            self.tokens_per_image,
             seen_before,
             self.attend_to_all_images,
         )
@@ -388,8 +425,8 @@ class LMCaptioner(PretrainedTextModel):
         """Teacher forcing: logits (B, T, vocab) and, if asked, each inserted block's map."""
         images_per_row = images.shape[1] if images.dim() == 5 else 0
         interleaved, _ = self.interleaving(tokens, images_per_row)
-        image = self.encode_image(images)
-        with self.seeing(image, image_index, None, need_weights, interleaved) as seen:
+        image, latent_map = self.read_images(images)
+        with self.seeing(image, image_index, None, need_weights, interleaved, latent_map) as seen:
             logits = self.lm(input_ids=tokens, attention_mask=attention_mask).logits
         return logits, seen.weights
 
@@ -416,7 +453,8 @@ class LMCaptioner(PretrainedTextModel):
         if images.dim() == 5:
             caches.images_per_row = images.shape[1]
             caches.images_seen = images.new_zeros(images.shape[0], dtype=torch.long)
-        return self.encode_image(images), caches
+        image, caches.latent_map = self.read_images(images)
+        return image, caches
 
     def step(
         self, tokens: Tensor, image: Tensor, caches: LMCache, need_weights: bool = False
@@ -425,7 +463,9 @@ class LMCaptioner(PretrainedTextModel):
         interleaved, seen_after = self.interleaving(
             tokens, caches.images_per_row, caches.images_seen
         )
-        with self.seeing(image, None, caches.fusion, need_weights, interleaved) as seen:
+        with self.seeing(
+            image, None, caches.fusion, need_weights, interleaved, caches.latent_map
+        ) as seen:
             out = self.lm(input_ids=tokens, use_cache=True, **{self._cache_argument: caches.lm})
         caches.lm, caches.images_seen = out[self._cache_argument], seen_after
         return out.logits[:, -1], seen.weights
