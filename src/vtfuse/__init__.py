@@ -12,7 +12,14 @@ The public API is small:
 __version__ = "0.1.0"
 
 from vtfuse.attention import MultiHeadAttention
-from vtfuse.config import FusionConfig, ModelConfig, TextConfig, TrainConfig, VisionConfig
+from vtfuse.config import (
+    FusionConfig,
+    LMConfig,
+    ModelConfig,
+    TextConfig,
+    TrainConfig,
+    VisionConfig,
+)
 from vtfuse.evaluation import evaluate
 from vtfuse.models import create_model, load_pretrained
 from vtfuse.pipeline import Pipeline, load
@@ -20,6 +27,7 @@ from vtfuse.training import train
 
 __all__ = [
     "FusionConfig",
+    "LMConfig",
     "ModelConfig",
     "MultiHeadAttention",
     "Pipeline",

@@ -320,10 +320,8 @@ def write_side_by_side(out: Path, results: dict, plans: dict[str, QuickstartPlan
             "| | |"
             for task in ("caption", "vqa")
         ],
-        *[
-            f"| both | training + evaluation (s) | {default['wall_seconds']:.0f} "
-            f"| {pretrained['wall_seconds']:.0f} | | |"
-        ],
+        f"| both | training + evaluation (s) | {default['wall_seconds']:.0f} "
+        f"| {pretrained['wall_seconds']:.0f} | | |",
         "",
         "Per-model reports: `default/report.md`, `pretrained/report.md`.",
         "",

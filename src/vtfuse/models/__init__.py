@@ -2,12 +2,15 @@
 
 from vtfuse.models.base import TASKS, CheckpointError, TaskModel, create_model, load_pretrained
 from vtfuse.models.captioner import Captioner
+from vtfuse.models.pretrained_lm import LMCaptioner, LMQuestionAnswerer
 from vtfuse.models.vqa import VQAModel
 
 __all__ = [
     "TASKS",
     "Captioner",
     "CheckpointError",
+    "LMCaptioner",
+    "LMQuestionAnswerer",
     "TaskModel",
     "VQAModel",
     "create_model",
