@@ -13,7 +13,7 @@ def _single_thread():
     torch.set_num_threads(previous)
 
 
-# Tiny random language models of four families, each saved with `save_pretrained` and a
+# Tiny random language models of seven families, each saved with `save_pretrained` and a
 # word-level tokenizer, so tests load them through the same path a hub name takes.
 TINY_VOCAB = 64
 TINY_LMS = {
@@ -25,6 +25,18 @@ TINY_LMS = {
     "qwen2": ("Qwen2Config", dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=64,
+    )),
+    "mistral": ("MistralConfig", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64,
+    )),
+    "phi": ("PhiConfig", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        max_position_embeddings=64,
+    )),
+    "gpt_neox": ("GPTNeoXConfig", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        max_position_embeddings=64,
     )),
     "bert": ("BertConfig", dict(  # a BERT decoder: causal mask, LM head (as BLIP's)
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
