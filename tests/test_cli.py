@@ -343,6 +343,7 @@ def test_train_a_pretrained_lm_with_eyes(workspace, gpt2_folder, tmp_path, capsy
     picture = tmp_path / "where.png"
     assert main(["attention", str(run), str(image), "--out", str(picture)]) == 0
     assert picture.read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
     shots = [f"{image}:a red circle in the top left.", f"{image}:a blue square."]
     assert main(["caption", str(run), str(image), "--shots", *shots]) == 0
     assert capsys.readouterr().out.startswith(str(image))
