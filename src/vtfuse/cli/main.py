@@ -394,6 +394,58 @@ def run_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- data -------------------------------------------------------------------------------------
+def _data_args(p: argparse.ArgumentParser) -> None:
+    from vtfuse.data.importers import IMPORTERS
+
+    actions = p.add_subparsers(dest="data_action", required=True, metavar="ACTION")
+    imp = actions.add_parser(
+        "import", help="a dataset in its official format → vtfuse JSONL, one file per split"
+    )
+    imp.add_argument("format", choices=IMPORTERS.names(), help="the source's format")
+    imp.add_argument("--out", required=True, help="folder for <split>.jsonl (or data.jsonl)")
+    imp.add_argument(
+        "--annotations",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="caption or answer annotations (Karpathy split file, captions_*.json, VQAv2 "
+        "annotations, the CSV/TSV file, or the hf dataset name or saved folder)",
+    )
+    imp.add_argument("--questions", type=Path, help="VQAv2 questions file")
+    imp.add_argument("--images", type=Path, help="image root (COCO: 2014 or 2017 file names)")
+    imp.add_argument("--image-column", default="image", help="csv/tsv/hf: the image column")
+    imp.add_argument("--text-column", default="caption", help="csv/tsv/hf: the text column")
+    imp.add_argument("--split", default="", help="hf: import only this split")
+    imp.add_argument("--copy-images", action="store_true", help="copy images into OUT/images")
+    imp.add_argument("--strict", action="store_true", help="stop at the first malformed record")
+
+
+@command("data", "import datasets in their official formats")(_data_args)
+def run_data(args: argparse.Namespace) -> int:
+    from vtfuse.data.importers import ImportOptions, import_dataset
+
+    options = ImportOptions(
+        annotations=args.annotations,
+        questions=args.questions,
+        images=args.images,
+        image_column=args.image_column,
+        text_column=args.text_column,
+        split=args.split,
+        strict=args.strict,
+        out=Path(args.out),
+    )
+    written, skipped = import_dataset(args.format, options, args.copy_images)
+    for path, count in written:
+        print(f"  {path}  {count} examples")
+    print(f"skipped {len(skipped)} record(s)" + (":" if skipped else ""))
+    for reason in skipped[:20]:
+        print(f"  {reason}")
+    if len(skipped) > 20:
+        print(f"  ... and {len(skipped) - 20} more")
+    return 0
+
+
 # -- compare ----------------------------------------------------------------------------------
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=("caption", "vqa"), required=True, help="what to compare on")
