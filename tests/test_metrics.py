@@ -10,6 +10,7 @@ import torch
 from vtfuse.data.synth import parse_caption
 from vtfuse.evaluation.grounding import inside, pointing_hits
 from vtfuse.evaluation.metrics import caption_metrics, object_f1, vqa_accuracy
+from vtfuse.evaluation.vqa_answers import normalise_vqa_answer, vqa_soft_score
 from vtfuse.visualisation.maps import peak_point, select_layer, to_grid
 
 KEYS = {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"}
@@ -206,3 +207,34 @@ def test_select_layer_and_grid():
     grids = to_grid(last, (2, 2))
     assert grids.shape == (2, 2, 2)
     assert grids[1, 1, 0] == last[1, 2]
+
+
+@pytest.mark.parametrize(
+    "answer, normalised",
+    [
+        ("Two dogs.", "2 dogs"),  # number word, final period, case
+        ("the dog", "dog"),  # article
+        ("an apple", "apple"),
+        ("dont", "don't"),  # contraction restored
+        ("wouldntve", "wouldn't've"),  # every way of dropping the apostrophes
+        ("were", "were"),  # a word that is not a dropped contraction stays
+        ("1,000", "1000"),  # a digit-comma deletes every mark
+        ("x-ray", "x ray"),  # a mark between letters becomes a space
+        ("yes !", "yes"),  # a mark next to a space is deleted
+        ("2.5", "2.5"),  # a period before a digit stays
+        ("none", "0"),
+    ],
+)
+def test_official_vqa_normalisation(answer, normalised):
+    assert normalise_vqa_answer(answer) == normalised
+
+
+def test_official_vqa_soft_score_by_hand():
+    humans = ["cat"] * 6 + ["kitten"] * 3 + ["dog"]
+    assert vqa_soft_score("Cat.", humans) == 1.0
+    # kitten: 3 of 10 humans; leaving one of them out leaves 2 (2/3), any other 3 (1)
+    assert vqa_soft_score("a kitten", humans) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
+    assert vqa_soft_score("dog", humans) == pytest.approx(9 * (1 / 3) / 10)
+    assert vqa_soft_score("bird", humans) == 0.0
+    scores = vqa_accuracy(["two", "bird"], ["2", "cat"], ["number", "other"], [["2"] * 10, humans])
+    assert scores["accuracy"] == 0.5 and scores["accuracy_by_type"] == {"number": 1.0, "other": 0.0}

@@ -112,7 +112,10 @@ def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
                 h, n = _point(pipe, words, maps, record, bank.original_sizes[ids[row]])
                 hits, total = hits + h, total + n
     metrics = vqa_accuracy(
-        predictions, [r.fields["answer"] for r in records], [r.fields.get("type") for r in records]
+        predictions,
+        [r.fields["answer"] for r in records],
+        [r.fields.get("type") for r in records],
+        [r.fields.get("answers") for r in records],
     )
     metrics.update(_pointing(hits, total))
     return metrics, predictions

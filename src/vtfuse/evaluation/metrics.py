@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
 from vtfuse.data.tokenizer import normalise_answer
+from vtfuse.evaluation.vqa_answers import vqa_soft_score
 
 
 def caption_metrics(
@@ -62,19 +63,30 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
 
 
 def vqa_accuracy(
-    predictions: Sequence[str], answers: Sequence[str], types: Sequence[str | None]
+    predictions: Sequence[str],
+    answers: Sequence[str],
+    types: Sequence[str | None],
+    human_answers: Sequence[Sequence[str] | None] | None = None,
 ) -> dict:
-    """Exact-match accuracy after answer normalisation, overall and per question `type`."""
-    hits: dict[str, list[bool]] = defaultdict(list)
+    """VQA accuracy, overall and per question `type`. Where an example has its annotators'
+    answers (VQAv2's ten, `"answers"` in the JSONL), the official soft score with the official
+    normalisation (`vqa_answers`); otherwise exact match after normalisation."""
+    humans = human_answers or [None] * len(predictions)
+    by_type: dict[str, list[float]] = defaultdict(list)
     overall = []
-    for prediction, answer, kind in zip(predictions, answers, types, strict=True):
-        hit = normalise_answer(prediction) == normalise_answer(answer)
-        overall.append(hit)
+    for prediction, answer, kind, annotators in zip(
+        predictions, answers, types, humans, strict=True
+    ):
+        if annotators:
+            score = vqa_soft_score(prediction, annotators)
+        else:
+            score = float(normalise_answer(prediction) == normalise_answer(answer))
+        overall.append(score)
         if kind is not None:
-            hits[kind].append(hit)
+            by_type[kind].append(score)
     return {
         "accuracy": sum(overall) / max(1, len(overall)),
-        "accuracy_by_type": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
+        "accuracy_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
     }
 
 
