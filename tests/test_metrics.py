@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from vtfuse.data.synth import parse_caption
 from vtfuse.evaluation.grounding import inside, pointing_hits
-from vtfuse.evaluation.metrics import caption_metrics, object_f1, vqa_accuracy
+from vtfuse.evaluation.metrics import (
+    caption_metrics,
+    object_f1,
+    retrieval_metrics,
+    vqa_accuracy,
+)
 from vtfuse.evaluation.vqa_answers import normalise_vqa_answer, vqa_soft_score
 from vtfuse.visualisation.maps import peak_point, select_layer, to_grid
 
@@ -238,3 +244,31 @@ def test_official_vqa_soft_score_by_hand():
     assert vqa_soft_score("bird", humans) == 0.0
     scores = vqa_accuracy(["two", "bird"], ["2", "cat"], ["number", "other"], [["2"] * 10, humans])
     assert scores["accuracy"] == 0.5 and scores["accuracy_by_type"] == {"number": 1.0, "other": 0.0}
+
+
+def brute_force_ranks(similarity, owner):
+    """Rank of each query's first correct candidate in a sorted list (ties: correct last)."""
+    images, texts = similarity.shape
+    i2t = []
+    for i in range(images):
+        order = sorted(range(texts), key=lambda t: (-similarity[i, t].item(), owner[t] == i))
+        i2t.append(1 + next(r for r, t in enumerate(order) if owner[t] == i))
+    t2i = []
+    for t in range(texts):
+        order = sorted(range(images), key=lambda i: (-similarity[i, t].item(), i == owner[t]))
+        t2i.append(1 + order.index(owner[t]))
+    return i2t, t2i
+
+
+def test_retrieval_recall_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    owner = [i for i in range(12) for _ in range(1 + i % 3)]  # 1 to 3 captions per image
+    similarity = torch.randn(12, len(owner), generator=g).round(decimals=1)  # with ties
+    metrics = retrieval_metrics(similarity, owner, ks=(1, 3, 5))
+    i2t, t2i = brute_force_ranks(similarity, owner)
+    for k in (1, 3, 5):
+        assert metrics[f"i2t_r{k}"] == pytest.approx(sum(r <= k for r in i2t) / len(i2t))
+        assert metrics[f"t2i_r{k}"] == pytest.approx(sum(r <= k for r in t2i) / len(t2i))
+    assert metrics["t2i_median_rank"] == np.floor(np.median(np.array(t2i) - 1)) + 1
+    perfect = retrieval_metrics(torch.eye(3)[:, [0, 0, 1, 2]], [0, 0, 1, 2])
+    assert perfect["i2t_r1"] == perfect["t2i_r1"] == 1.0 and perfect["i2t_median_rank"] == 1

@@ -10,6 +10,10 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
+import torch
+from torch import Tensor
+
 from vtfuse.data.tokenizer import normalise_answer
 from vtfuse.evaluation.vqa_answers import vqa_soft_score
 
@@ -88,6 +92,31 @@ def vqa_accuracy(
         "accuracy": sum(overall) / max(1, len(overall)),
         "accuracy_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
     }
+
+
+def retrieval_metrics(
+    similarity: Tensor, image_of_text: Sequence[int], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@K both ways and median ranks for an (images, texts) similarity matrix, counted
+    as the COCO / Flickr30k protocol does when an image has several captions: an image query
+    ranks at its best-placed caption; a text query, at its image. A rank is 1 + the wrong
+    candidates scoring at least as high (ties count against the query)."""
+    images = torch.arange(similarity.shape[0], device=similarity.device)
+    owner = torch.as_tensor(image_of_text, device=similarity.device)  # (T,)
+    mine = owner[None, :] == images[:, None]  # (I, T): text t describes image i
+    best_own = similarity.masked_fill(~mine, float("-inf")).max(dim=1).values  # (I,)
+    image_ranks = 1 + ((similarity >= best_own[:, None]) & ~mine).sum(dim=1)
+    own = similarity.gather(0, owner[None, :])  # (1, T): each text with its image
+    text_ranks = 1 + ((similarity >= own) & ~mine).sum(dim=0)
+    metrics = {}
+    for direction, ranks in (("i2t", image_ranks), ("t2i", text_ranks)):
+        for k in ks:
+            metrics[f"{direction}_r{k}"] = (ranks <= k).float().mean().item()
+        # VSE++'s convention (Faghri et al. 2018): floor of the median 0-based rank, plus 1
+        metrics[f"{direction}_median_rank"] = float(
+            np.floor(np.median(ranks.cpu().numpy() - 1)) + 1
+        )
+    return metrics
 
 
 Fact = tuple[str, ...]
