@@ -93,7 +93,7 @@ class FusionBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        image: Tensor,
+        image: Tensor | None,
         *,
         token_mask: Tensor | None = None,
         cache: LayerCache | None = None,
@@ -111,7 +111,7 @@ class FusionBlock(nn.Module):
             need_weights=need_weights and self.fusion is None,
         )
         x = x + attended
-        if self.fusion is not None:
+        if self.fusion is not None and image is not None:  # no image: a text-only encoder
             x, image, weights = self.fusion(
                 x,
                 image,

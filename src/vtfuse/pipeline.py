@@ -147,7 +147,7 @@ class Pipeline:
         return Attention(words, generated.attention[0], self.model.grid_size, text)
 
     # -- question answering -------------------------------------------------------------------
-    def encode_questions(self, questions: list[str]) -> tuple[Tensor, Tensor]:
+    def encode_texts(self, questions: list[str]) -> tuple[Tensor, Tensor]:
         limit = self.model.config.text.max_length - 1  # one position is the [CLS] token
         ids = [self.tokenizer.encode(q)[:limit] or [self.tokenizer.unk_id] for q in questions]
         tokens, mask = pad_tokens(ids)
@@ -173,19 +173,96 @@ class Pipeline:
         return logits.float().softmax(-1), weights
 
     def ask(self, image: ImageLike, question: str, top_k: int = 5) -> list[tuple[str, float]]:
-        tokens, mask = self.encode_questions([question])
+        tokens, mask = self.encode_texts([question])
         probs, _ = self.answer_probabilities(self.images_to_tensor([image]), tokens, mask)
         values, indices = probs[0].topk(min(top_k, probs.shape[-1]))
         return [(self.tokenizer.answers[i], float(p)) for p, i in zip(values, indices, strict=True)]
 
     def question_attention(self, image: ImageLike, question: str) -> Attention:
-        tokens, mask = self.encode_questions([question])
+        tokens, mask = self.encode_texts([question])
         _, weights = self.answer_probabilities(
             self.images_to_tensor([image]), tokens, mask, need_weights=True
         )
         maps = torch.stack([w[0] for w in weights]).permute(2, 0, 1, 3).cpu()  # (T, layers, H, N)
         words = self.tokenizer.pieces(tokens[0].tolist())
         return Attention(words, maps, self.model.grid_size, question)
+
+    # -- retrieval and matching --------------------------------------------------------------
+    @torch.no_grad()
+    def embed_images(self, images: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+        """uint8 images (I, 3, H, W) → unit embeddings (I, D) and image tokens (I, N, d)."""
+        self._require("retrieval")
+        parts = [
+            self.model.embed_images(images[i : i + batch_size])
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> Tensor:
+        self._require("retrieval")
+        parts = []
+        for i in range(0, len(texts), batch_size):
+            parts.append(self.model.embed_texts(*self.encode_texts(texts[i : i + batch_size])))
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def match_scores(
+        self, texts: list[str], image_tokens: Tensor, pairs: Tensor, batch_size: int = 256
+    ) -> Tensor:
+        """Matching-head scores (logit of match − no match) for (text, image) index pairs."""
+        scores = []
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            tokens, mask = self.encode_texts([texts[t] for t in chunk[:, 0].tolist()])
+            logits, _ = self.model.match_logits(
+                tokens, mask, image_tokens, chunk[:, 1].to(self.device)
+            )
+            scores.append(logits[:, 1] - logits[:, 0])
+        return torch.cat(scores)
+
+    def rerank(
+        self, similarity: Tensor, texts: list[str], image_tokens: Tensor, k: int = 16
+    ) -> tuple[Tensor, Tensor]:
+        """Re-score each image's top-k texts and each text's top-k images with the matching
+        head (ALBEF's and BLIP's inference): → (image→text, text→image) score matrices in
+        which the re-scored candidates rank first, in their new order."""
+        ranked = []
+        for by_image in (True, False):
+            view = similarity if by_image else similarity.T
+            top = view.topk(min(k, view.shape[1]), dim=1).indices  # (queries, k)
+            queries = torch.arange(view.shape[0], device=view.device)[:, None].expand_as(top)
+            text, image = (top, queries) if by_image else (queries, top)
+            pairs = torch.stack([text.flatten(), image.flatten()], dim=1)
+            scores = self.match_scores(texts, image_tokens, pairs).view_as(top)
+            rescored = (view - view.max() - 1).scatter(1, top, 1e4 + scores.to(view.dtype))
+            ranked.append(rescored if by_image else rescored.T)
+        return ranked[0], ranked[1]
+
+    def retrieve_images(self, query: str, images: list[ImageLike], top_k: int = 5):
+        """The images best described by `query`: [(index, score)], best first."""
+        embeddings, _ = self.embed_images(self.images_to_tensor(images))
+        scores = (embeddings @ self.embed_texts([query]).T)[:, 0]
+        values, indices = scores.topk(min(top_k, len(images)))
+        return list(zip(indices.tolist(), values.tolist(), strict=True))
+
+    def retrieve_texts(self, image: ImageLike, texts: list[str], top_k: int = 5):
+        """The texts that best describe `image`: [(index, score)], best first."""
+        embedding, _ = self.embed_images(self.images_to_tensor([image]))
+        scores = (self.embed_texts(texts) @ embedding.T)[:, 0]
+        values, indices = scores.topk(min(top_k, len(texts)))
+        return list(zip(indices.tolist(), values.tolist(), strict=True))
+
+    def classify(
+        self, image: ImageLike, labels: list[str], template: str = "{}"
+    ) -> list[tuple[str, float]]:
+        """Zero-shot classification (CLIP's recipe): each label as a text through `template`,
+        softmax over the image's similarities at the model's temperature."""
+        embedding, _ = self.embed_images(self.images_to_tensor([image]))
+        texts = self.embed_texts([template.format(label) for label in labels])
+        probabilities = (self.model.scale * texts @ embedding.T)[:, 0].float().softmax(0)
+        order = probabilities.argsort(descending=True).tolist()
+        return [(labels[i], probabilities[i].item()) for i in order]
 
     # -- pictures ------------------------------------------------------------------------------
     def draw_attention(

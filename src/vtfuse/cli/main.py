@@ -73,7 +73,9 @@ def run_synth(args: argparse.Namespace) -> int:
 
 # -- train ------------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=("caption", "vqa"), required=True, help="what to train")
+    p.add_argument(
+        "--task", choices=("caption", "vqa", "retrieval"), required=True, help="what to train"
+    )
     p.add_argument("--train", required=True, help="training JSONL file")
     p.add_argument("--val", help="validation JSONL file (picks the best checkpoint)")
     p.add_argument("--out", required=True, help="run folder for checkpoints and logs")
@@ -326,6 +328,67 @@ def run_ask(args: argparse.Namespace) -> int:
 
 
 # -- attention --------------------------------------------------------------------------------
+def _retrieve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder or model folder of a retrieval model")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--query", help="text → the images it best describes (with --images)")
+    query.add_argument("--image", help="image → the texts that best describe it (with --texts)")
+    p.add_argument("--images", help="folder of candidate images")
+    p.add_argument("--texts", help="file of candidate texts, one per line")
+    p.add_argument("--top-k", type=int, default=5, help="how many results to list")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@command("retrieve", "rank images for a text, or texts for an image")(_retrieve_args)
+def run_retrieve(args: argparse.Namespace) -> int:
+    from vtfuse.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.run, args.device)
+    if args.query:
+        if not args.images:
+            raise ValueError("--query needs --images DIR, the candidates")
+        paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise FileNotFoundError(f"no images in {args.images}")
+        for index, score in pipe.retrieve_images(args.query, paths, args.top_k):
+            print(f"{score:.4f}\t{paths[index]}")
+        return 0
+    if not args.texts:
+        raise ValueError("--image needs --texts FILE, the candidates (one per line)")
+    texts = [line.strip() for line in Path(args.texts).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"{args.texts}: no texts")
+    for index, score in pipe.retrieve_texts(args.image, texts, args.top_k):
+        print(f"{score:.4f}\t{texts[index]}")
+    return 0
+
+
+def _classify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder or model folder of a retrieval model")
+    p.add_argument("image", help="image file")
+    p.add_argument("--labels", required=True, help='comma-separated: "a red circle,a blue square"')
+    p.add_argument(
+        "--template", default="{}", help='prompt around each label, e.g. "a photo of {}"'
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+@command("classify", "zero-shot classification with a retrieval model")(_classify_args)
+def run_classify(args: argparse.Namespace) -> int:
+    from vtfuse.pipeline import Pipeline
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if "{}" not in args.template:
+        raise ValueError(f"--template needs a {{}} where the label goes, got {args.template!r}")
+    pipe = Pipeline.load(args.run, args.device)
+    for label, probability in pipe.classify(args.image, labels, args.template):
+        print(f"{probability:6.1%}  {label}")
+    return 0
+
+
 def _attention_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder or model folder")
     p.add_argument("image", help="image file")

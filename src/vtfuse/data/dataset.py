@@ -98,6 +98,7 @@ def _check_vqa(fields: dict[str, Any], labelled: bool) -> str | None:
 TASK_CHECKS: dict[str, Callable[[dict[str, Any], bool], str | None]] = {
     "caption": _check_caption,
     "vqa": _check_vqa,
+    "retrieval": _check_caption,  # images with their captions
 }
 
 
@@ -246,6 +247,19 @@ class VQADataset(ImageTextDataset):
                 tokenizer.answer_id(record.fields.get("answer", "")),
             )
             for record, image_id in zip(data.records, data.image_ids, strict=True)
+        ]
+        super().__init__(data.bank, items)
+
+
+class RetrievalDataset(ImageTextDataset):
+    """One item per (image, caption) pair, the caption as an encoder reads it (no <bos>/<eos>;
+    one slot left for [CLS])."""
+
+    def __init__(self, data: LoadedData, tokenizer: AnyTokenizer, max_length: int):
+        items = [
+            (image_id, tokenizer.encode(caption)[: max_length - 1] or [tokenizer.unk_id], None)
+            for record, image_id in zip(data.records, data.image_ids, strict=True)
+            for caption in record.captions
         ]
         super().__init__(data.bank, items)
 

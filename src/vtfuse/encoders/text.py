@@ -50,7 +50,7 @@ class FusedTextTransformer(nn.Module):
     def forward(
         self,
         tokens: Tensor,
-        image: Tensor,
+        image: Tensor | None,
         *,
         token_mask: Tensor | None = None,
         caches: list[LayerCache] | None = None,
@@ -62,11 +62,14 @@ class FusedTextTransformer(nn.Module):
 
         `image_index` (B,) maps each row to its image (see `vtfuse.fusion`).
         `prefix` (B, P, dim), e.g. a [CLS] vector, is put before the token embeddings.
+        Without an `image` the blocks skip their fusion step: a text-only encoder with the
+        same weights (as BLIP's text encoder is, for its contrastive loss).
         With `caches`, the tokens continue the cached sequence. Returns the states and, if
         `need_weights`, each block's attention over the image (B, heads, T', N).
         """
         past = caches[0].self_attn.length if caches else 0
-        image_tokens = image.shape[1] if self.image_prefix is not None else 0
+        single_stream = self.image_prefix is not None and image is not None
+        image_tokens = image.shape[1] if single_stream else 0
         opens = past == 0  # this call starts the sequence (a single stream puts the image here)
         x = self.token_embedding(tokens) * self.embedding_scale
         if prefix is not None:
@@ -81,7 +84,7 @@ class FusedTextTransformer(nn.Module):
         positions = torch.arange(text_past, length, device=tokens.device)
         x = self.dropout(x + self.position_embedding(positions) * self.embedding_scale)
         text_length = x.shape[1]
-        if self.image_prefix is not None and opens:
+        if single_stream and opens:
             x = torch.cat([self.image_prefix(image, image_index), x], dim=1)
             if token_mask is not None:
                 opened = token_mask.new_ones(x.shape[0], image_tokens)

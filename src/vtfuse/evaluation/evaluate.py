@@ -12,9 +12,15 @@ import torch
 from tqdm import tqdm
 
 from vtfuse.data.dataset import LoadedData, load_records, read_jsonl
+from vtfuse.data.images import blank_like
 from vtfuse.data.synth import parse_caption
 from vtfuse.evaluation.grounding import pointing_hits
-from vtfuse.evaluation.metrics import caption_metrics, object_f1, vqa_accuracy
+from vtfuse.evaluation.metrics import (
+    caption_metrics,
+    object_f1,
+    retrieval_metrics,
+    vqa_accuracy,
+)
 from vtfuse.pipeline import Pipeline
 from vtfuse.registry import Registry
 from vtfuse.visualisation.maps import select_layer
@@ -30,6 +36,7 @@ class EvalOptions:
     blind: bool = False  # replace every image by a blank one (the blind baseline)
     skip_bad: bool = False
     progress: bool = True
+    rerank_k: int = 16  # retrieval: candidates the matching head re-scores per query
 
 
 EVALUATORS: Registry[Callable[..., tuple[dict[str, Any], list[str]]]] = Registry("evaluator")
@@ -97,7 +104,7 @@ def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
         rows = {image_id: row for row, image_id in enumerate(dict.fromkeys(ids))}
         images = torch.stack([bank.tensors[i] for i in rows]).to(pipe.device)
         image_index = torch.tensor([rows[i] for i in ids], device=pipe.device)
-        tokens, mask = pipe.encode_questions([r.fields["question"] for r in chunk])
+        tokens, mask = pipe.encode_texts([r.fields["question"] for r in chunk])
         need_weights = any("boxes" in r.fields for r in chunk)
         probs, weights = pipe.answer_probabilities(
             images, tokens, mask, image_index, need_weights, options.blind
@@ -119,6 +126,34 @@ def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
     )
     metrics.update(_pointing(hits, total))
     return metrics, predictions
+
+
+@EVALUATORS.register("retrieval")
+def evaluate_retrieval(pipe: Pipeline, data: LoadedData, options: EvalOptions):
+    """Every image against every caption of the file: Recall@1/5/10 both ways and median
+    ranks by the dual encoder, then again after the matching head re-ranks the top
+    `options.rerank_k` (the `itm_` metrics). Each record's prediction: its image's best text."""
+    rows = {image_id: row for row, image_id in enumerate(dict.fromkeys(data.image_ids))}
+    texts, owner = [], []
+    for record, image_id in zip(data.records, data.image_ids, strict=True):
+        texts += record.captions
+        owner += [rows[image_id]] * len(record.captions)
+    images = torch.stack([data.bank.tensors[i] for i in rows]).to(pipe.device)
+    if options.blind:
+        images = blank_like(images)
+    image_embeddings, image_tokens = pipe.embed_images(images, options.batch_size)
+    similarity = image_embeddings @ pipe.embed_texts(texts).T  # (I, T)
+    metrics = retrieval_metrics(similarity, owner)
+    by_image, by_text = pipe.rerank(similarity, texts, image_tokens, options.rerank_k)
+    metrics.update({f"itm_{k}": v for k, v in _directional(by_image, by_text, owner).items()})
+    best = by_image.argmax(dim=1).tolist()
+    return metrics, [texts[best[rows[i]]] for i in data.image_ids]
+
+
+def _directional(by_image, by_text, owner) -> dict[str, float]:
+    """Image→text metrics from the matrix re-ranked per image, text→image per text."""
+    from_images, from_texts = retrieval_metrics(by_image, owner), retrieval_metrics(by_text, owner)
+    return {k: (from_images if k.startswith("i2t") else from_texts)[k] for k in from_images}
 
 
 def evaluate(

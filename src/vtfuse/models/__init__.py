@@ -3,6 +3,7 @@
 from vtfuse.models.base import TASKS, CheckpointError, TaskModel, create_model, load_pretrained
 from vtfuse.models.captioner import Captioner
 from vtfuse.models.pretrained_lm import LMCaptioner, LMQuestionAnswerer
+from vtfuse.models.retrieval import RetrievalModel
 from vtfuse.models.vqa import VQAModel
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "LMCaptioner",
     "LMQuestionAnswerer",
+    "RetrievalModel",
     "TaskModel",
     "VQAModel",
     "create_model",

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from vtfuse.config import ModelConfig, TrainConfig, from_dict, to_dict
 from vtfuse.data.dataset import (
     CaptionDataset,
+    RetrievalDataset,
     VQADataset,
     collate,
     grouped_order,
@@ -45,7 +46,7 @@ from vtfuse.training.checkpoint import (
 )
 
 RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
-DATASETS = {"caption": CaptionDataset, "vqa": VQADataset}
+DATASETS = {"caption": CaptionDataset, "vqa": VQADataset, "retrieval": RetrievalDataset}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -77,7 +78,7 @@ def build_tokenizer(task: str, records, model_config: ModelConfig) -> AnyTokeniz
         from vtfuse.models.pretrained_lm import load_lm_tokenizer
 
         return load_lm_tokenizer(model_config.lm.name, answers)
-    if task == "caption":
+    if task in ("caption", "retrieval"):
         return Tokenizer.build(c for r in records for c in r.captions)
     return Tokenizer.build((r.fields["question"] for r in records), answers=answers)
 
