@@ -68,7 +68,7 @@ def test_every_subcommand_has_help(name, capsys):
 
 
 def test_synth_writes_all_splits(workspace):
-    for task in ("caption", "vqa"):
+    for task in ("caption", "vqa", "retrieval"):
         for split in ("train", "val", "test"):
             assert (workspace / "data" / f"{task}_{split}.jsonl").stat().st_size > 0
 
@@ -255,13 +255,17 @@ def test_quickstart_tiny_writes_report_and_metrics(tmp_path):
     for name in ("default", "pretrained"):
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert {"caption", "vqa", "blind", "parameters", "wall_seconds"} <= set(metrics)
-        assert {"caption", "vqa"} == set(metrics["blind"])
+        tasks = {"caption", "vqa"} | ({"retrieval"} if name == "default" else set())
+        assert tasks == set(metrics["blind"])
         assert "cider" in metrics["caption"] and "accuracy_by_type" in metrics["vqa"]
         report = (out / name / "report.md").read_text()
         assert "| vqa | accuracy |" in report and "pictures/vqa_0.png" in report
         assert len(list((out / name / "pictures").glob("*.png"))) == 4
     counts = json.loads((out / "pretrained" / "metrics.json").read_text())["parameters"]
     assert 0 < counts["caption"]["trainable"] < counts["caption"]["total"] / 3  # frozen parts
+    retrieval = json.loads((out / "default" / "metrics.json").read_text())["retrieval"]
+    assert {"i2t_r1", "t2i_r5", "itm_i2t_r1"} <= set(retrieval)
+    assert "| retrieval | i2t_r1 |" in (out / "default" / "report.md").read_text()
     side_by_side = (out / "report.md").read_text()
     assert "| vqa | accuracy |" in side_by_side and "efficientnet-lite0" in side_by_side
 

@@ -22,6 +22,7 @@ from vtfuse.data.dataset import (
 )
 from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image, normalise
 from vtfuse.data.synth import (
+    TASKS,
     SceneObject,
     SynthSpec,
     captions,
@@ -412,7 +413,7 @@ def test_synth_is_deterministic_for_a_seed(synth_folders):
     a, b, c = (folder_contents(base / n) for n in "abc")
     assert len([k for k in a if k.startswith("images")]) == 20
     assert set(a) == {
-        *(f"{t}_{s}.jsonl" for t in ("caption", "vqa") for s in ("train", "val", "test")),
+        *(f"{t}_{s}.jsonl" for t in TASKS for s in ("train", "val", "test")),
         *(f"images/{i:06d}.png" for i in range(20)),
     }
     assert a == b

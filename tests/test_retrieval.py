@@ -133,12 +133,12 @@ def test_retrieval_through_the_command_line(tmp_path, capsys):
     tiny = {"model": {"vision": vision, "text": text}, "train": {"epochs": 2, "batch_size": 16}}
     (tmp_path / "tiny.json").write_text(json.dumps(tiny))
     run = tmp_path / "run"
-    args = ["train", "--task", "retrieval", "--train", str(data / "caption_train.jsonl")]
-    args += ["--val", str(data / "caption_val.jsonl"), "--out", str(run)]
+    args = ["train", "--task", "retrieval", "--train", str(data / "retrieval_train.jsonl")]
+    args += ["--val", str(data / "retrieval_val.jsonl"), "--out", str(run)]
     assert main([*args, "--config", str(tmp_path / "tiny.json"), "--no-progress"]) == 0
     assert "val_itc" in (run / "log.jsonl").read_text()
     metrics_file = tmp_path / "metrics.json"
-    test = str(data / "caption_test.jsonl")
+    test = str(data / "retrieval_test.jsonl")
     assert (
         main(["eval", str(run), "--data", test, "--metrics", str(metrics_file), "--no-progress"])
         == 0

@@ -1,8 +1,8 @@
 """`vtfuse quickstart`: the whole loop offline on a laptop CPU.
 
-synthetic scenes → train a captioner → train a VQA model → evaluate both on the held-out test
-split, and again with blank images (the blind baseline) → attention pictures → report.md and
-metrics.json.
+synthetic scenes → train a captioner → train a VQA model and a retrieval model from it →
+evaluate each on the held-out test split, and again with blank images (the blind baseline) →
+attention pictures → report.md and metrics.json.
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ class QuickstartPlan:
             TrainConfig(epochs=8, batch_size=32, lr=1e-3, max_minutes=5.0),
         )
     )
+    # Retrieval starts from the captioner too; 64 captions a batch give the contrastive loss
+    # ~20 images to tell apart. None: no retrieval stage.
+    retrieval: Stage | None = field(
+        default_factory=lambda: Stage(
+            ModelConfig(task="retrieval", vision=SCENE_VISION, text=SCENE_TEXT),
+            TrainConfig(epochs=10, batch_size=64, lr=1e-3, max_minutes=2.0),
+        )
+    )
 
     @property
     def summary(self) -> str:
@@ -90,6 +98,9 @@ class QuickstartPlan:
                 ModelConfig(task="caption", vision=small_vision, text=small_text), schedule
             ),
             vqa=Stage(ModelConfig(task="vqa", vision=small_vision, text=small_text), schedule),
+            retrieval=Stage(
+                ModelConfig(task="retrieval", vision=small_vision, text=small_text), schedule
+            ),
         )
 
 
@@ -118,6 +129,7 @@ def pretrained_parts(plan: QuickstartPlan) -> QuickstartPlan:
 
     return replace(
         plan,
+        retrieval=None,  # a pretrained text encoder does not do retrieval yet
         caption=with_pretrained_parts(plan.caption, 16),
         vqa=with_pretrained_parts(plan.vqa, 32),
     )
@@ -170,6 +182,9 @@ def _metric_row(
     return rows
 
 
+RETRIEVAL_KEYS = ["i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"]
+
+
 def write_report(out: Path, metrics: dict[str, Any], pictures: list[Path]) -> Path:
     caption, vqa, blind = metrics["caption"], metrics["vqa"], metrics["blind"]
     vqa_flat = {**vqa, **{f"accuracy ({k})": v for k, v in vqa["accuracy_by_type"].items()}}
@@ -204,6 +219,12 @@ def write_report(out: Path, metrics: dict[str, Any], pictures: list[Path]) -> Pa
                 "pointing_accuracy",
             ],
         ),
+        *_metric_row(
+            "retrieval",
+            metrics.get("retrieval", {}),
+            blind.get("retrieval", {}),
+            [*RETRIEVAL_KEYS, *(f"itm_{k}" for k in RETRIEVAL_KEYS if k.endswith("r1"))],
+        ),
         "",
         "## Where the model looked",
         "",
@@ -230,17 +251,22 @@ def run(out: Path, plan: QuickstartPlan = QuickstartPlan()) -> dict[str, Any]:
 def train_evaluate_report(
     out: Path, data: Path, plan: QuickstartPlan, started: float | None = None
 ) -> dict[str, Any]:
-    """Steps 2–5 on existing data: train both models, evaluate, draw, write the report."""
+    """Steps 2–5 on existing data: train the models, evaluate, draw, write the report."""
     started = time.monotonic() if started is None else started
     runs, pictures_dir = out / "runs", out / "pictures"
     print("[2/5] training the captioner")
     caption_run = _train_stage("caption", plan.caption, data, runs, plan)
-    print("[3/5] training the VQA model, starting from the captioner")
-    vqa_run = _train_stage("vqa", plan.vqa, data, runs, plan, init_from=str(caption_run))
+    print("[3/5] training the VQA model and the retrieval model, starting from the captioner")
+    trained = {"caption": caption_run}
+    trained["vqa"] = _train_stage("vqa", plan.vqa, data, runs, plan, init_from=str(caption_run))
+    if plan.retrieval is not None:
+        trained["retrieval"] = _train_stage(
+            "retrieval", plan.retrieval, data, runs, plan, init_from=str(caption_run)
+        )
 
     print("[4/5] evaluating on the test split, with and without the image")
     results: dict[str, Any] = {"blind": {}, "parameters": {}}
-    for task, run_dir in (("caption", caption_run), ("vqa", vqa_run)):
+    for task, run_dir in trained.items():
         pipe = Pipeline.load(run_dir)
         test = data / f"{task}_test.jsonl"
         options = EvalOptions(progress=plan.progress)
@@ -255,6 +281,7 @@ def train_evaluate_report(
         print(format_table(results[task], f"{task} (test)"))
         print(format_table(results["blind"][task], f"{task} (test, blind)"))
 
+    vqa_run = trained["vqa"]
     print("[5/5] drawing attention")
     pictures = _pictures(caption_run, data, pictures_dir, "caption") + _pictures(
         vqa_run, data, pictures_dir, "vqa"
@@ -274,6 +301,7 @@ SIDE_BY_SIDE = [  # (task, metric) rows of the pretrained-vs-default table
     ("caption", "pointing_accuracy"),
     ("vqa", "accuracy"),
     ("vqa", "pointing_accuracy"),
+    *(("retrieval", key) for key in RETRIEVAL_KEYS),
 ]
 
 
@@ -297,7 +325,7 @@ def write_side_by_side(out: Path, results: dict, plans: dict[str, QuickstartPlan
     default, pretrained = results["default"], results["pretrained"]
 
     def value(metrics: dict, task: str, key: str, blind: bool = False) -> str:
-        source = metrics["blind"][task] if blind else metrics[task]
+        source = (metrics["blind"] if blind else metrics).get(task, {})
         return f"{source[key]:.3f}" if key in source else "n/a"
 
     def millions(metrics: dict, task: str) -> str:

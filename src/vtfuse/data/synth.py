@@ -29,6 +29,7 @@ SHAPES = ("square", "circle", "triangle")
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
+TASKS = ("caption", "vqa", "retrieval")
 
 
 def position_name(row: int, col: int) -> str:
@@ -225,7 +226,8 @@ def split_of(index: int, total: int) -> str:
 def generate(
     out: str | Path, spec: SynthSpec = SynthSpec(), progress: bool = True
 ) -> dict[str, int]:
-    """Write images and `caption_{split}.jsonl` / `vqa_{split}.jsonl` into `out`; return counts."""
+    """Write images and `{task}_{split}.jsonl` for the caption, VQA and retrieval tasks into
+    `out`; return counts."""
     if not 1 <= spec.min_objects <= spec.max_objects <= min(9, len(COLOURS)):
         raise ValueError(
             f"objects per image must satisfy 1 <= min <= max <= {min(9, len(COLOURS))}"
@@ -238,7 +240,7 @@ def generate(
     rng = random.Random(spec.seed)
     files = {
         (task, split): (out / f"{task}_{split}.jsonl").open("w")
-        for task in ("caption", "vqa")
+        for task in TASKS
         for split in SPLITS
     }
     counts: dict[str, int] = {}
@@ -255,7 +257,9 @@ def generate(
                 "boxes": [{"label": o.colour, "box": o.box} for o in objects],
             }
             split = split_of(i, spec.images)
-            lines = {"caption": [{**scene, "captions": captions(objects)}]}
+            described = captions(objects)
+            lines = {"caption": [{**scene, "captions": described}]}
+            lines["retrieval"] = [{"image": name, "captions": described}]
             lines["vqa"] = [
                 {"image": name, **q, "objects": scene["objects"]}
                 for q in questions(objects, rng, spec.questions_per_kind, spec.size)
