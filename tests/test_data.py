@@ -12,13 +12,12 @@ import torch
 from PIL import Image
 
 from vtfuse.data.dataset import (
-    CaptionDataset,
     DataError,
-    VQADataset,
     collate,
     grouped_order,
     load_records,
     read_jsonl,
+    task_dataset,
 )
 from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image, normalise
 from vtfuse.data.synth import (
@@ -369,7 +368,7 @@ def test_caption_and_vqa_datasets(tmp_path):
     )
     data = load_records(read_jsonl(caption_file, "caption"), SIZE, progress=False)
     tokenizer = Tokenizer.build(["a red one."])
-    captions_set = CaptionDataset(data, tokenizer, max_length=4)
+    captions_set = task_dataset("caption", data, tokenizer, max_length=4)
     assert len(captions_set) == 2 and captions_set.image_ids == [0, 0]
     assert (
         captions_set[1]["tokens"].tolist() == tokenizer.encode("a red one.", bos=True, eos=True)[:4]
@@ -384,7 +383,7 @@ def test_caption_and_vqa_datasets(tmp_path):
     )
     data = load_records(read_jsonl(vqa_file, "vqa"), SIZE, progress=False)
     tokenizer = Tokenizer.build(["what colour?"], answers=["red", "blue"])
-    questions_set = VQADataset(data, tokenizer, max_length=8)
+    questions_set = task_dataset("vqa", data, tokenizer, max_length=8)
     assert questions_set[0]["answers"].item() == tokenizer.answers.index("red")
     assert questions_set[1]["answers"].item() == -1
     batch = collate([questions_set[0], questions_set[1]])
@@ -577,7 +576,9 @@ def test_vqa_dataset_leaves_room_for_the_cls_position(tmp_path):
     )
     torch.manual_seed(0)
     model = create_model(config)
-    dataset = VQADataset(load_records(read_jsonl(path, "vqa"), 24, progress=False), tokenizer, 8)
+    dataset = task_dataset(
+        "vqa", load_records(read_jsonl(path, "vqa"), 24, progress=False), tokenizer, 8
+    )
     loss = model.training_loss(collate([dataset[0]]))  # ValueError: 9 tokens > text.max_length 8
     assert torch.isfinite(loss)
 

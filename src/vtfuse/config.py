@@ -93,6 +93,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
     num_workers: int = 0
+    shuffle: bool = True  # False: examples in file (or shard) order, every epoch
     skip_bad: bool = False  # skip (and count) examples whose image is missing or corrupt
     eval_batch_size: int = 128
     init_from: str = ""  # warm start from this run or model folder (matching weights copied)

@@ -76,7 +76,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task", choices=("caption", "vqa", "retrieval"), required=True, help="what to train"
     )
-    p.add_argument("--train", required=True, help="training JSONL file")
+    p.add_argument(
+        "--train", required=True, help="training JSONL file, or a shard folder (vtfuse data shard)"
+    )
     p.add_argument("--val", help="validation JSONL file (picks the best checkpoint)")
     p.add_argument("--out", required=True, help="run folder for checkpoints and logs")
     p.add_argument("--config", help='JSON file {"model": {...}, "train": {...}}; flags override it')
@@ -131,6 +133,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "weights with matching names and shapes, and shared words' embeddings, are copied",
     )
     p.add_argument(
+        "--shuffle",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shuffle the examples every epoch (default); --no-shuffle keeps file order",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
     p.add_argument(
@@ -149,6 +157,7 @@ TRAIN_FLAGS = (
     "precision",
     "skip_bad",
     "init_from",
+    "shuffle",
 )
 
 
@@ -482,10 +491,36 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     imp.add_argument("--split", default="", help="hf: import only this split")
     imp.add_argument("--copy-images", action="store_true", help="copy images into OUT/images")
     imp.add_argument("--strict", action="store_true", help="stop at the first malformed record")
+    shard = actions.add_parser(
+        "shard", help="JSONL (a file, or every *.jsonl in a folder) → WebDataset tar shards"
+    )
+    shard.add_argument("source", type=Path, help="a JSONL file, or a folder of them")
+    shard.add_argument("--task", choices=("caption", "vqa", "retrieval"), required=True)
+    shard.add_argument("--out", type=Path, required=True, help="shard folder (one per file)")
+    shard.add_argument("--shard-size", type=int, default=1000, help="records per shard")
 
 
-@command("data", "import datasets in their official formats")(_data_args)
+@command("data", "import datasets in their official formats; pack JSONL into shards")(_data_args)
 def run_data(args: argparse.Namespace) -> int:
+    return {"import": _run_import, "shard": _run_shard}[args.data_action](args)
+
+
+def _run_shard(args: argparse.Namespace) -> int:
+    from vtfuse.data.shards import write_shards
+
+    if args.source.is_dir():
+        jobs = [(f, args.out / f.stem) for f in sorted(args.source.glob("*.jsonl"))]
+        if not jobs:
+            raise FileNotFoundError(f"no *.jsonl files in {args.source}")
+    else:
+        jobs = [(args.source, args.out)]
+    for source, out in jobs:
+        index = write_shards(source, args.task, out, args.shard_size)
+        print(f"  {out}  {index['records']} records in {len(index['shards'])} shard(s)")
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
     from vtfuse.data.importers import ImportOptions, import_dataset
 
     options = ImportOptions(

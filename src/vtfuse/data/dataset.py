@@ -223,45 +223,50 @@ class ImageTextDataset(Dataset):
         return item
 
 
-class CaptionDataset(ImageTextDataset):
-    """One item per (image, reference caption) pair: images with 5 captions give 5 items."""
-
-    def __init__(self, data: LoadedData, tokenizer: AnyTokenizer, max_length: int):
-        items = [
-            (image_id, tokenizer.encode(caption, bos=True, eos=True)[:max_length], None)
-            for record, image_id in zip(data.records, data.image_ids, strict=True)
-            for caption in record.captions
-        ]
-        super().__init__(data.bank, items)
+Item = tuple[list[int], int | None]  # token ids, and the answer class (VQA) or None
 
 
-class VQADataset(ImageTextDataset):
-    """One item per question; answers outside the training answer set get label -1 (ignored
-    by the loss, always wrong in accuracy)."""
-
-    def __init__(self, data: LoadedData, tokenizer: AnyTokenizer, max_length: int):
-        items = [
-            (
-                image_id,
-                tokenizer.encode(record.fields["question"])[: max_length - 1],  # one slot for [CLS]
-                tokenizer.answer_id(record.fields.get("answer", "")),
-            )
-            for record, image_id in zip(data.records, data.image_ids, strict=True)
-        ]
-        super().__init__(data.bank, items)
+def caption_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
+    """One item per reference caption: <bos> words <eos>."""
+    return [
+        (tokenizer.encode(caption, bos=True, eos=True)[:max_length], None)
+        for caption in record.captions
+    ]
 
 
-class RetrievalDataset(ImageTextDataset):
-    """One item per (image, caption) pair, the caption as an encoder reads it (no <bos>/<eos>;
-    one slot left for [CLS])."""
+def vqa_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
+    """One item per question; an answer outside the training answers gets label -1 (ignored
+    by the loss, always wrong in accuracy). One position is left for [CLS]."""
+    question = tokenizer.encode(record.fields["question"])[: max_length - 1]
+    return [(question, tokenizer.answer_id(record.fields.get("answer", "")))]
 
-    def __init__(self, data: LoadedData, tokenizer: AnyTokenizer, max_length: int):
-        items = [
-            (image_id, tokenizer.encode(caption)[: max_length - 1] or [tokenizer.unk_id], None)
-            for record, image_id in zip(data.records, data.image_ids, strict=True)
-            for caption in record.captions
-        ]
-        super().__init__(data.bank, items)
+
+def retrieval_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
+    """One item per caption, as an encoder reads it: no <bos>/<eos>, a slot for [CLS]."""
+    return [
+        (tokenizer.encode(caption)[: max_length - 1] or [tokenizer.unk_id], None)
+        for caption in record.captions
+    ]
+
+
+ITEMS: dict[str, Callable[[Record, AnyTokenizer, int], list[Item]]] = {
+    "caption": caption_items,
+    "vqa": vqa_items,
+    "retrieval": retrieval_items,
+}
+
+
+def task_dataset(
+    task: str, data: LoadedData, tokenizer: AnyTokenizer, max_length: int
+) -> ImageTextDataset:
+    """The examples of `task` over decoded records: each record's items share its image."""
+    items_of = ITEMS[task]
+    items = [
+        (image_id, ids, label)
+        for record, image_id in zip(data.records, data.image_ids, strict=True)
+        for ids, label in items_of(record, tokenizer, max_length)
+    ]
+    return ImageTextDataset(data.bank, items)
 
 
 def grouped_order(image_ids: list[int], generator: torch.Generator) -> list[int]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +28,14 @@ from tqdm import tqdm
 
 from vtfuse.config import ModelConfig, TrainConfig, from_dict, to_dict
 from vtfuse.data.dataset import (
-    CaptionDataset,
-    RetrievalDataset,
-    VQADataset,
+    ImageTextDataset,
     collate,
     grouped_order,
     load_records,
     read_jsonl,
+    task_dataset,
 )
+from vtfuse.data.shards import ShardDataset, is_shard_folder, shard_records
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, normalise_answer
 from vtfuse.models.base import TaskModel, create_model, load_pretrained, warm_start
 from vtfuse.training.checkpoint import (
@@ -46,7 +47,6 @@ from vtfuse.training.checkpoint import (
 )
 
 RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
-DATASETS = {"caption": CaptionDataset, "vqa": VQADataset, "retrieval": RetrievalDataset}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -171,6 +171,33 @@ def read_run_file(run_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+def epoch_batches(
+    train_set: ImageTextDataset | ShardDataset, epoch: int, skip: int, config: TrainConfig
+) -> Iterable[dict[str, torch.Tensor]]:
+    """The batches of one epoch after the first `skip` (resuming mid-epoch). In memory: the
+    examples of an image stand together in a seeded shuffled order (`grouped_order`), or in
+    file order without `shuffle`. Streamed: the shards' order, shuffled the same way."""
+    if isinstance(train_set, ShardDataset):
+        train_set.set_epoch(epoch)
+        loader = DataLoader(
+            train_set,
+            batch_size=config.batch_size,
+            collate_fn=collate,
+            num_workers=config.num_workers,
+        )
+        return itertools.islice(loader, skip, None)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    order = grouped_order(train_set.image_ids, generator) if config.shuffle else None
+    order = (order or list(range(len(train_set))))[skip * config.batch_size :]
+    return DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        sampler=order,
+        collate_fn=collate,
+        num_workers=config.num_workers,
+    )
+
+
 @torch.no_grad()
 def validate(
     model: TaskModel, loader: DataLoader, device: torch.device, precision: str
@@ -210,7 +237,8 @@ def train(
     model_config = dataclasses.replace(model_config or ModelConfig(), task=task)
 
     # -- data -----------------------------------------------------------------------------
-    train_records = read_jsonl(train_path, task)
+    streaming = is_shard_folder(train_path)
+    train_records = (shard_records if streaming else read_jsonl)(train_path, task)
     last_dir = recover(out / "last") if resume else None
     if resume and last_dir is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/last to resume from")
@@ -238,18 +266,23 @@ def train(
         model = model.to(device)
     model.train()
     size, max_length = model_config.vision.image_size, model_config.text.max_length
-    loaded = load_records(train_records, size, config.skip_bad, progress)
-    train_set = DATASETS[task](loaded, tokenizer, max_length)
-    if loaded.skipped:
-        log(
-            f"skipped {len(loaded.skipped)} training example(s) with a bad image, "
-            f"e.g. {loaded.skipped[0]}"
+    if streaming:  # decoded as they stream, once per epoch
+        train_set = ShardDataset(
+            train_path, task, tokenizer, max_length, size, config.shuffle, config.seed
         )
+    else:
+        loaded = load_records(train_records, size, config.skip_bad, progress)
+        train_set = task_dataset(task, loaded, tokenizer, max_length)
+        if loaded.skipped:
+            log(
+                f"skipped {len(loaded.skipped)} training example(s) with a bad image, "
+                f"e.g. {loaded.skipped[0]}"
+            )
     val_loader = None
     if val_path:
         val_loaded = load_records(read_jsonl(val_path, task), size, config.skip_bad, progress)
         val_loader = DataLoader(
-            DATASETS[task](val_loaded, tokenizer, max_length),
+            task_dataset(task, val_loaded, tokenizer, max_length),
             batch_size=config.eval_batch_size,
             collate_fn=collate,
         )
@@ -290,18 +323,10 @@ def train(
     with _StopFlag() as stop:
         while state["epoch"] < config.epochs and not stopped:
             epoch = state["epoch"]
-            generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-            order = grouped_order(train_set.image_ids, generator)
-            order = order[state["batch_in_epoch"] * config.batch_size :]
-            loader = DataLoader(
-                train_set,
-                batch_size=config.batch_size,
-                sampler=order,
-                collate_fn=collate,
-                num_workers=config.num_workers,
-            )
+            loader = epoch_batches(train_set, epoch, state["batch_in_epoch"], config)
             bar = tqdm(
                 loader,
+                total=steps_per_epoch - state["batch_in_epoch"],
                 desc=f"epoch {epoch + 1}/{config.epochs}",
                 unit="batch",
                 disable=not progress,

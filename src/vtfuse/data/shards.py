@@ -1,0 +1,156 @@
+"""WebDataset shards, for data that does not fit in memory.
+
+`write_shards` packs a JSONL file into tar shards of `shard_size` records each: per record the
+image file's own bytes and its JSON fields. `ShardDataset` streams them back — shards split
+between DataLoader workers, optionally shuffled per epoch (shard order, then a buffer) — and
+decodes each record's image once per epoch; its examples (captions, questions) are the same
+as the in-memory datasets build (`dataset.ITEMS`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from vtfuse.data.dataset import ITEMS, DataError, Record, read_jsonl
+from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image
+from vtfuse.data.tokenizer import AnyTokenizer
+
+INDEX = "index.json"
+
+
+def _webdataset():
+    try:
+        import webdataset
+    except ImportError:
+        raise ImportError("shards need the webdataset package: pip install webdataset") from None
+    return webdataset
+
+
+def is_shard_folder(path: str | Path) -> bool:
+    return (Path(path) / INDEX).is_file()
+
+
+def write_shards(jsonl: str | Path, task: str, out: str | Path, shard_size: int = 1000) -> dict:
+    """Pack `jsonl` into `out/shard-NNNNNN.tar` plus `out/index.json`; returns the index."""
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    records = read_jsonl(jsonl, task)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pattern = str(out / "shard-%06d.tar")
+    with _webdataset().ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
+        for number, record in enumerate(records):
+            try:
+                image = record.image_path.read_bytes()
+            except OSError as error:
+                raise DataError(f"{record.where}: cannot read image: {error}") from None
+            fields = {**record.fields, "source": record.where}
+            sink.write({"__key__": f"{number:09d}", "image": image, "json": json.dumps(fields)})
+    index = {
+        "task": task,
+        "records": len(records),
+        "shards": sorted(p.name for p in out.glob("shard-*.tar")),
+        "source": str(Path(jsonl).resolve()),
+    }
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def read_index(folder: str | Path, task: str) -> dict:
+    path = Path(folder) / INDEX
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: cannot read the shard index: {error}") from None
+    if index.get("task") != task:
+        raise DataError(f"{path}: shards of task {index.get('task')!r}, not {task!r}")
+    return index
+
+
+def _samples(folder: Path, shards: list[str]) -> Iterator[tuple[Record, bytes]]:
+    wds = _webdataset()
+    urls = [str(folder / name) for name in shards]
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        record = Record(json.loads(sample["json"]), Path(sample["__url__"]), int(sample["__key__"]))
+        yield record, sample["image"]
+
+
+def shard_records(folder: str | Path, task: str) -> list[Record]:
+    """Every record's fields, without decoding images (to build a vocabulary, count items)."""
+    index = read_index(folder, task)
+    return [record for record, _ in _samples(Path(folder), index["shards"])]
+
+
+class ShardDataset(IterableDataset):
+    """A task's examples streamed from shards; call `set_epoch` before each epoch."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        task: str,
+        tokenizer: AnyTokenizer,
+        max_length: int,
+        image_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer: int = 1000,
+    ):
+        self.folder, self.task = Path(folder), task
+        self.index = read_index(folder, task)
+        self.tokenizer, self.max_length, self.image_size = tokenizer, max_length, image_size
+        self.shuffle, self.seed, self.buffer, self.epoch = shuffle, seed, buffer, 0
+        self._length = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Examples per epoch (counted once, from the records' text)."""
+        if self._length is None:
+            items = ITEMS[self.task]
+            self._length = sum(
+                len(items(r, self.tokenizer, self.max_length))
+                for r in shard_records(self.folder, self.task)
+            )
+        return self._length
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rng = random.Random(self.seed * 1000 + self.epoch)
+        shards = list(self.index["shards"])
+        if self.shuffle:
+            rng.shuffle(shards)
+        worker = get_worker_info()
+        if worker is not None:
+            shards = shards[worker.id :: worker.num_workers]
+        examples = self._examples(shards)
+        yield from self._shuffled(examples, rng) if self.shuffle else examples
+
+    def _examples(self, shards: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        items_of = ITEMS[self.task]
+        for record, image_bytes in _samples(self.folder, shards):
+            try:
+                image = image_to_uint8(load_image(io.BytesIO(image_bytes)), self.image_size)
+            except ImageLoadError as error:
+                raise DataError(f"{record.fields.get('source', record.where)}: {error}") from None
+            for ids, label in items_of(record, self.tokenizer, self.max_length):
+                item = {"image_id": record.line, "images": image, "tokens": torch.tensor(ids)}
+                if label is not None:
+                    item["answers"] = torch.tensor(label)
+                yield item
+
+    def _shuffled(self, examples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        """A shuffle buffer: keep `buffer` examples, emit a random one as each arrives."""
+        pool: list[dict] = []
+        for example in examples:
+            pool.append(example)
+            if len(pool) >= self.buffer:
+                yield pool.pop(rng.randrange(len(pool)))
+        rng.shuffle(pool)
+        yield from pool

@@ -1,0 +1,147 @@
+"""WebDataset shards: packed from JSONL, streamed back, trained on with the same losses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vtfuse.cli.main import main
+from vtfuse.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
+from vtfuse.data.dataset import DataError, load_records, read_jsonl, task_dataset
+from vtfuse.data.shards import ShardDataset, shard_records, write_shards
+from vtfuse.data.synth import SynthSpec, generate
+from vtfuse.data.tokenizer import Tokenizer
+from vtfuse.training import train
+
+MODEL = ModelConfig(
+    vision=VisionConfig(image_size=24, channels=(8, 8, 16), dim=32, depth=0, heads=2),
+    text=TextConfig(dim=32, depth=1, heads=2, max_length=48),
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    generate(root, SynthSpec(images=24, size=24, seed=3), progress=False)
+    return root
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_streamed_examples_equal_the_in_memory_ones(data, tmp_path, task):
+    jsonl = data / f"{task}_train.jsonl"
+    index = write_shards(jsonl, task, tmp_path / "shards", shard_size=5)
+    records = read_jsonl(jsonl, task)
+    assert index["records"] == len(records) and len(index["shards"]) == -(-len(records) // 5)
+    texts = [r.fields.get("question", "") for r in records] + [
+        c for r in records if task == "caption" for c in r.captions
+    ]
+    tokenizer = Tokenizer.build(texts, answers=[r.fields.get("answer", "x") for r in records])
+    memory = task_dataset(task, load_records(records, 24, progress=False), tokenizer, 48)
+    stream = ShardDataset(tmp_path / "shards", task, tokenizer, 48, 24, shuffle=False)
+    streamed = list(stream)
+    assert len(streamed) == len(memory) == len(stream)
+    for i, item in enumerate(streamed):
+        expected = memory[i]
+        assert torch.equal(item["images"], expected["images"])
+        assert torch.equal(item["tokens"], expected["tokens"])
+        if task == "vqa":
+            assert item["answers"] == expected["answers"]
+    assert [r.fields for r in shard_records(tmp_path / "shards", task)] == [
+        {**r.fields, "source": r.where} for r in records
+    ]
+
+
+def test_shuffled_streams_differ_by_epoch_and_keep_every_example(data, tmp_path):
+    write_shards(data / "caption_train.jsonl", "caption", tmp_path / "s", shard_size=4)
+    tokenizer = Tokenizer.build(["a"])
+    stream = ShardDataset(tmp_path / "s", "caption", tokenizer, 48, 24, shuffle=True, buffer=8)
+    orders = []
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        orders.append([item["image_id"] for item in stream])
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])
+
+
+def test_training_from_shards_gives_the_jsonl_loss_curve(data, tmp_path):
+    write_shards(data / "caption_train.jsonl", "caption", tmp_path / "shards", shard_size=7)
+    config = TrainConfig(epochs=2, batch_size=8, lr=3e-3, shuffle=False, save_every=0)
+    curves = []
+    for name, source in (("jsonl", data / "caption_train.jsonl"), ("shards", tmp_path / "shards")):
+        train(
+            "caption",
+            source,
+            tmp_path / name,
+            None,
+            MODEL,
+            config,
+            progress=False,
+            log=lambda _: None,
+        )
+        log = [
+            json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()
+        ]
+        curves.append([entry["train_loss"] for entry in log])
+    assert len(curves[0]) == 2 and curves[0] == curves[1]
+
+
+def test_the_command_line_shards_a_folder_and_trains_on_it(data, tmp_path, capsys):
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    for split in ("train", "val"):
+        lines = (data / f"vqa_{split}.jsonl").read_text().replace('"images/', f'"{data}/images/')
+        (folder / f"{split}.jsonl").write_text(lines)
+    assert main(["data", "shard", str(folder), "--task", "vqa", "--out", str(tmp_path / "s")]) == 0
+    assert "records in 1 shard(s)" in capsys.readouterr().out
+    tiny = {
+        "model": {
+            "vision": {"image_size": 24, "channels": [8, 8, 16], "dim": 32, "depth": 0, "heads": 2},
+            "text": {"dim": 32, "depth": 1, "heads": 2},
+        }
+    }
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny))
+    args = [
+        "train",
+        "--task",
+        "vqa",
+        "--train",
+        str(tmp_path / "s" / "train"),
+        "--val",
+        str(folder / "val.jsonl"),
+    ]
+    args += [
+        "--out",
+        str(tmp_path / "run"),
+        "--config",
+        str(tmp_path / "tiny.json"),
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    wrong = ["train", "--task", "caption", "--train", str(tmp_path / "s" / "train")]
+    assert (
+        main([*wrong, "--out", str(tmp_path / "run2"), "--config", str(tmp_path / "tiny.json")])
+        == 2
+    )
+    assert "shards of task 'vqa', not 'caption'" in capsys.readouterr().err
+
+
+def test_a_missing_image_is_named_when_sharding(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"image": "nope.png", "caption": "x"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: cannot read image"):
+        write_shards(tmp_path / "bad.jsonl", "caption", tmp_path / "out")
+
+
+def test_worker_processes_split_the_shards(data, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from vtfuse.data.dataset import collate
+
+    write_shards(data / "caption_train.jsonl", "caption", tmp_path / "s", shard_size=3)
+    stream = ShardDataset(tmp_path / "s", "caption", Tokenizer.build(["a"]), 48, 24, shuffle=True)
+    loader = DataLoader(stream, batch_size=4, collate_fn=collate, num_workers=2)
+    seen = [len(batch["tokens"]) for batch in loader]
+    assert sum(seen) == len(stream)  # every example once, across both workers
