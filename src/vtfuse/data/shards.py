@@ -77,7 +77,9 @@ def read_index(folder: str | Path, task: str) -> dict:
 def _samples(folder: Path, shards: list[str]) -> Iterator[tuple[Record, bytes]]:
     wds = _webdataset()
     urls = [str(folder / name) for name in shards]
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+    # the shards are split between workers here, by ShardDataset: not again by webdataset
+    samples = wds.WebDataset(urls, shardshuffle=False, empty_check=False, workersplitter=None)
+    for sample in samples:
         record = Record(json.loads(sample["json"]), Path(sample["__url__"]), int(sample["__key__"]))
         yield record, sample["image"]
 
