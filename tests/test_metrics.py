@@ -272,3 +272,29 @@ def test_retrieval_recall_matches_brute_force():
     assert metrics["t2i_median_rank"] == np.floor(np.median(np.array(t2i) - 1)) + 1
     perfect = retrieval_metrics(torch.eye(3)[:, [0, 0, 1, 2]], [0, 0, 1, 2])
     assert perfect["i2t_r1"] == perfect["t2i_r1"] == 1.0 and perfect["i2t_median_rank"] == 1
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs java")
+def test_caption_metrics_are_pycocoevalcaps_own_numbers():
+    """The scorers called directly, as the COCO caption evaluation does, on the same input."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    predictions = [*WRONG[: len(REFERENCES) - 1], REFERENCES[-1][0]]
+    ours = caption_metrics(predictions, REFERENCES)
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize(
+        {i: [{"caption": r} for r in refs] for i, refs in enumerate(REFERENCES)}
+    )
+    res = tokenizer.tokenize({i: [{"caption": p}] for i, p in enumerate(predictions)})
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    expected = {f"bleu{n + 1}": b for n, b in enumerate(bleu)}
+    expected["rouge_l"] = Rouge().compute_score(gts, res)[0]
+    expected["cider"] = Cider().compute_score(gts, res)[0]
+    meteor = Meteor()
+    expected["meteor"] = meteor.compute_score(gts, res)[0]
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-9), key
