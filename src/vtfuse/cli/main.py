@@ -544,6 +544,39 @@ def _run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve ------------------------------------------------------------------------------------
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder or model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--max-batch", type=int, default=16, help="requests batched together at most")
+    p.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a request waits for company"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="waiting requests before answering 503"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+@command("serve", "an HTTP API and a web page over a trained model")(_serve_args)
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ImportError('vtfuse serve needs: pip install -e ".[serve]"') from None
+    from vtfuse.pipeline import Pipeline
+    from vtfuse.serving import ServeSettings, create_app
+    from vtfuse.training.checkpoint import resolve_model_folder
+
+    folder = resolve_model_folder(args.run)
+    settings = ServeSettings(args.max_batch, args.max_wait_ms, args.max_queue)
+    app = create_app(Pipeline.load(folder, args.device), settings, folder)
+    print(f"serving {folder} on http://{args.host}:{args.port}/  (API docs: /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 # -- compare ----------------------------------------------------------------------------------
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=("caption", "vqa"), required=True, help="what to compare on")

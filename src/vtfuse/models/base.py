@@ -70,15 +70,17 @@ class TaskModel(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def save_pretrained(self, folder: str | Path, tokenizer: AnyTokenizer) -> None:
+    def save_pretrained(
+        self, folder: str | Path, tokenizer: AnyTokenizer, trained: dict | None = None
+    ) -> None:
+        """config.json (with `trained`: e.g. the step and epoch), the weights, the tokenizer."""
         from vtfuse import __version__
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         header = {"format_version": FORMAT_VERSION, "vtfuse_version": __version__}
-        (folder / CONFIG_FILE).write_text(
-            json.dumps({**header, "model": to_dict(self.config)}, indent=2)
-        )
+        config = {**header, "model": to_dict(self.config), "trained": trained or {}}
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         self.save_weights(folder / WEIGHTS_FILE)
         tokenizer.save(folder)
 

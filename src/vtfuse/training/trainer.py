@@ -310,7 +310,8 @@ def train(
 
     def save(name: str) -> None:
         with atomic_folder(out / name) as folder:
-            model.save_pretrained(folder, tokenizer)
+            trained = {"step": state["step"], "epoch": state["epoch"]}
+            model.save_pretrained(folder, tokenizer, trained)
             if name == "last":
                 save_training_state(folder, optimizer, scheduler, state)
 

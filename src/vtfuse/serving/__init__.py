@@ -1,0 +1,6 @@
+"""Serving: an HTTP API with micro-batching and a web page (`vtfuse serve`)."""
+
+from vtfuse.serving.app import ServeSettings, create_app
+from vtfuse.serving.batching import Busy, MicroBatcher
+
+__all__ = ["Busy", "MicroBatcher", "ServeSettings", "create_app"]

@@ -1,0 +1,398 @@
+"""`vtfuse serve`: an HTTP API (FastAPI) and a web page over one trained model.
+
+    POST /v1/caption   image (+ beam_size, max_length, attention)  → caption (+ maps per token)
+    POST /v1/ask       image, question (+ top_k, attention)        → answers (+ maps per word)
+    POST /v1/retrieve  image + texts, or query + images            → ranked candidates
+    POST /v1/classify  image, labels (+ template)                  → labels with probabilities
+    GET  /healthz, /v1/model, /  (the page), /docs, /openapi.json
+
+Bodies are multipart forms (files as `image` / `images`) or JSON with base64 images
+(`image_base64`, `images_base64`). Errors are JSON `{"error": ...}`: 413 for an image over the
+byte or pixel limit, 415 for a body or file that is not an image, 422 for a bad field, 503
+with Retry-After when the queue is full. Captions and answers are micro-batched.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Hashable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image, UnidentifiedImageError
+
+from vtfuse.pipeline import Pipeline
+from vtfuse.serving.batching import Busy, MicroBatcher
+
+PAGE = Path(__file__).with_name("page.html")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    max_image_bytes: int = 10 * 2**20
+    max_image_pixels: int = 40_000_000
+    max_texts: int = 1000  # candidates per retrieval request
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# -- reading requests --------------------------------------------------------------------------
+def decode_image(data: bytes, settings: ServeSettings, name: str = "image") -> Image.Image:
+    if len(data) > settings.max_image_bytes:
+        raise RequestError(
+            413, f"{name}: {len(data)} bytes, over the {settings.max_image_bytes} limit"
+        )
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > settings.max_image_pixels:
+            raise RequestError(
+                413, f"{name}: {width}×{height} pixels, over the {settings.max_image_pixels} limit"
+            )
+        image.load()
+        return image.convert("RGB")
+    except RequestError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise RequestError(415, f"{name}: not an image Pillow can read") from None
+
+
+async def read_fields(request) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
+    """(fields, images by field name) from a multipart form or a JSON body."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    if kind == "multipart/form-data":
+        form = await request.form()
+        fields: dict[str, Any] = {}
+        files: dict[str, list[bytes]] = {}
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                files.setdefault(key, []).append(await value.read())
+            else:
+                fields.setdefault(key, []).append(value)
+        return {k: v[0] if len(v) == 1 else v for k, v in fields.items()}, files
+    if kind == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(422, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError(422, "the JSON body must be an object")
+        files = {}
+        for key, target in (("image_base64", "image"), ("images_base64", "images")):
+            value = body.pop(key, None)
+            if value is None:
+                continue
+            values = value if isinstance(value, list) else [value]
+            try:
+                files[target] = [base64.b64decode(v, validate=True) for v in values]
+            except (binascii.Error, TypeError):
+                raise RequestError(422, f"{key}: not base64") from None
+        return body, files
+    raise RequestError(
+        415, f"send multipart/form-data or application/json, not {kind or 'nothing'}"
+    )
+
+
+def _field(fields: dict, name: str, kind: type, default: Any = None, low: float | None = None):
+    value = fields.get(name, default)
+    if value is None:
+        raise RequestError(422, f"missing field '{name}'")
+    try:
+        if kind is bool:
+            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        elif kind is list:
+            value = _as_list(value)
+        else:
+            value = kind(value)
+    except (TypeError, ValueError, json.JSONDecodeError):
+        raise RequestError(422, f"field '{name}' must be {kind.__name__}, got {value!r}") from None
+    if low is not None and value < low:
+        raise RequestError(422, f"field '{name}' must be at least {low}, got {value}")
+    return value
+
+
+def _as_list(value: Any) -> list:
+    """A list as JSON sends it, or as a form does: a JSON array, or comma-separated text."""
+    if isinstance(value, list):
+        return value
+    text = str(value)
+    return json.loads(text) if text.startswith("[") else [v.strip() for v in text.split(",")]
+
+
+def _one_image(files: dict, settings: ServeSettings) -> Image.Image:
+    images = files.get("image", [])
+    if len(images) != 1:
+        raise RequestError(422, "send exactly one 'image' (a file, or image_base64 in JSON)")
+    return decode_image(images[0], settings)
+
+
+# -- the model side: batched calls -------------------------------------------------------------
+def _maps(attention: torch.Tensor, grid: tuple[int, int]) -> list:
+    """(T, layers, heads, N) → per token an h × w map (mean of layers and heads), rounded."""
+    return attention.float().mean(dim=(1, 2)).view(-1, *grid).round(decimals=4).tolist()
+
+
+class Engine:
+    """The batched model calls behind the endpoints."""
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe = pipe
+
+    def run(self, group: Hashable, payloads: Sequence[Any]) -> list[Any]:
+        call = {"caption": self.caption, "ask": self.ask}[group[0]]
+        with torch.inference_mode():
+            return call(group, payloads)
+
+    def caption(self, group: tuple, images: Sequence[Image.Image]) -> list[dict]:
+        _, beam_size, max_length, attention = group
+        pipe = self.pipe
+        generated = pipe.generate(
+            pipe.images_to_tensor(list(images)), beam_size, max_length, need_weights=attention
+        )
+        results = []
+        for row, ids in enumerate(generated.tokens):
+            result = {"caption": pipe.tokenizer.decode(ids), "tokens": pipe.tokenizer.pieces(ids)}
+            if attention:
+                result["attention"] = _maps(generated.attention[row], pipe.model.grid_size)
+                result["grid"] = list(pipe.model.grid_size)
+            results.append(result)
+        return results
+
+    def ask(self, group: tuple, payloads: Sequence[tuple[Image.Image, str]]) -> list[dict]:
+        _, top_k, attention = group
+        pipe = self.pipe
+        images = pipe.images_to_tensor([image for image, _ in payloads])
+        tokens, mask = pipe.encode_texts([question for _, question in payloads])
+        probabilities, weights = pipe.answer_probabilities(
+            images, tokens, mask, need_weights=attention
+        )
+        results = []
+        for row in range(len(payloads)):
+            values, indices = probabilities[row].topk(min(top_k, probabilities.shape[-1]))
+            answers = [
+                {"answer": pipe.tokenizer.answers[i], "probability": round(float(p), 6)}
+                for p, i in zip(values, indices.tolist(), strict=True)
+            ]
+            result: dict[str, Any] = {"answers": answers}
+            if attention:
+                length = int(mask[row].sum())
+                maps = torch.stack([w[row, :, :length] for w in weights]).permute(2, 0, 1, 3)
+                result["tokens"] = pipe.tokenizer.pieces(tokens[row, :length].tolist())
+                result["attention"] = _maps(maps, pipe.model.grid_size)
+                result["grid"] = list(pipe.model.grid_size)
+            results.append(result)
+        return results
+
+
+def model_info(pipe: Pipeline, folder: Path | None) -> dict[str, Any]:
+    config = pipe.model.config
+    trained = {}
+    if folder is not None and (folder / "config.json").is_file():
+        trained = json.loads((folder / "config.json").read_text()).get("trained", {})
+    return {
+        "task": pipe.task,
+        "fusion": config.fusion.name,
+        "vision": config.vision.name,
+        "text": config.lm.name or "vtfuse",
+        "parameters": pipe.model.num_parameters(),
+        "trainable_parameters": pipe.model.num_parameters(trainable_only=True),
+        "step": trained.get("step"),
+        "checkpoint": str(folder) if folder else None,
+        "device": str(pipe.device),
+    }
+
+
+# -- the app -----------------------------------------------------------------------------------
+def _body_doc(fields: dict[str, dict]) -> dict:
+    """OpenAPI for a body that is either a multipart form or JSON with base64 images."""
+    form = {k: v for k, v in fields.items() if not k.endswith("_base64")}
+    form = {
+        k: ({"type": "string", "format": "binary"} if v.get("format") == "byte" else v)
+        for k, v in form.items()
+    }
+    json_fields = {
+        k: v for k, v in fields.items() if v.get("format") != "byte" or k.endswith("_base64")
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": {"type": "object", "properties": form}},
+                "application/json": {"schema": {"type": "object", "properties": json_fields}},
+            },
+        }
+    }
+
+
+IMAGE_FIELDS = {
+    "image": {"type": "string", "format": "byte"},
+    "image_base64": {"type": "string", "format": "byte"},
+}
+
+
+def create_app(
+    pipe: Pipeline, settings: ServeSettings = ServeSettings(), folder: Path | None = None
+):
+    engine = Engine(pipe)
+    batcher = MicroBatcher(engine.run, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await batcher.close()
+
+    app = FastAPI(title="vtfuse", version="1", lifespan=lifespan)
+    app.state.batcher = batcher
+    info = model_info(pipe, folder)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, error: RequestError):
+        return JSONResponse({"error": error.message}, status_code=error.status)
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, error: Busy):
+        return JSONResponse(
+            {"error": f"busy: {error}; retry shortly"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):  # no traceback leaves the server
+        return JSONResponse({"error": f"internal error: {type(error).__name__}"}, status_code=500)
+
+    def require(task: str) -> None:
+        if pipe.task != task:
+            raise RequestError(422, f"this server runs a {pipe.task!r} model; that needs {task!r}")
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    async def model() -> dict:
+        return {**info, "batches": batcher.stats.batches, "mean_batch": batcher.stats.mean_batch}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE.read_text()
+
+    caption_fields = {
+        **IMAGE_FIELDS,
+        "beam_size": {"type": "integer", "minimum": 1},
+        "max_length": {"type": "integer", "minimum": 1},
+        "attention": {"type": "boolean"},
+    }
+
+    @app.post("/v1/caption", openapi_extra=_body_doc(caption_fields))
+    async def caption(request: Request) -> dict:
+        require("caption")
+        fields, files = await read_fields(request)
+        image = _one_image(files, settings)
+        beam = _field(fields, "beam_size", int, 1, low=1)
+        longest = pipe.model.config.text.max_length - 1
+        max_length = min(_field(fields, "max_length", int, longest, low=1), longest)
+        attention = _field(fields, "attention", bool, False)
+        if attention and beam > 1:
+            raise RequestError(422, "attention maps come from greedy decoding: use beam_size 1")
+        return await batcher.submit(("caption", beam, max_length, attention), image)
+
+    ask_fields = {
+        **IMAGE_FIELDS,
+        "question": {"type": "string"},
+        "top_k": {"type": "integer", "minimum": 1},
+        "attention": {"type": "boolean"},
+    }
+
+    @app.post("/v1/ask", openapi_extra=_body_doc(ask_fields))
+    async def ask(request: Request) -> dict:
+        require("vqa")
+        fields, files = await read_fields(request)
+        image = _one_image(files, settings)
+        question = _field(fields, "question", str)
+        if not question.strip():
+            raise RequestError(422, "field 'question' is empty")
+        top_k = _field(fields, "top_k", int, 5, low=1)
+        attention = _field(fields, "attention", bool, False)
+        return await batcher.submit(("ask", top_k, attention), (image, question))
+
+    retrieve_fields = {
+        **IMAGE_FIELDS,
+        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
+        "images_base64": {"type": "array", "items": {"type": "string", "format": "byte"}},
+        "texts": {"type": "array", "items": {"type": "string"}},
+        "query": {"type": "string"},
+        "top_k": {"type": "integer", "minimum": 1},
+    }
+
+    @app.post("/v1/retrieve", openapi_extra=_body_doc(retrieve_fields))
+    async def retrieve(request: Request) -> dict:
+        require("retrieval")
+        fields, files = await read_fields(request)
+        top_k = _field(fields, "top_k", int, 5, low=1)
+        if "query" in fields:
+            images = [
+                decode_image(d, settings, f"images[{i}]")
+                for i, d in enumerate(files.get("images", []))
+            ]
+            if not images:
+                raise RequestError(422, "a 'query' needs candidate 'images'")
+            ranked = await _in_thread(pipe.retrieve_images, str(fields["query"]), images, top_k)
+            return {"results": [{"index": i, "score": round(s, 6)} for i, s in ranked]}
+        image = _one_image(files, settings)
+        texts = _field(fields, "texts", list)
+        if (
+            not texts
+            or len(texts) > settings.max_texts
+            or not all(isinstance(t, str) for t in texts)
+        ):
+            raise RequestError(422, f"'texts' must hold 1 to {settings.max_texts} strings")
+        ranked = await _in_thread(pipe.retrieve_texts, image, texts, top_k)
+        return {
+            "results": [{"index": i, "text": texts[i], "score": round(s, 6)} for i, s in ranked]
+        }
+
+    classify_fields = {
+        **IMAGE_FIELDS,
+        "labels": {"type": "array", "items": {"type": "string"}},
+        "template": {"type": "string"},
+    }
+
+    @app.post("/v1/classify", openapi_extra=_body_doc(classify_fields))
+    async def classify(request: Request) -> dict:
+        require("retrieval")
+        fields, files = await read_fields(request)
+        image = _one_image(files, settings)
+        labels = [str(label) for label in _field(fields, "labels", list) if str(label).strip()]
+        template = _field(fields, "template", str, "{}")
+        if not labels or "{}" not in template:
+            raise RequestError(422, "need 'labels' and a 'template' with {} where a label goes")
+        ranked = await _in_thread(pipe.classify, image, labels, template)
+        return {"labels": [{"label": label, "probability": round(p, 6)} for label, p in ranked]}
+
+    return app
+
+
+async def _in_thread(function, *args):
+    import asyncio
+
+    def call():
+        with torch.inference_mode():
+            return function(*args)
+
+    return await asyncio.to_thread(call)

@@ -1,0 +1,119 @@
+"""Dynamic micro-batching: requests that arrive within a few milliseconds of each other share
+one forward pass.
+
+Each request is submitted with a *group* key — requests of one group can be batched together
+(e.g. captions with the same beam size) — and awaits its own result. A single worker task
+takes the first waiting request, gathers more of its group for up to `max_wait_ms` or until
+`max_batch`, and runs the batch function in a thread, off the event loop. The queue is
+bounded: when it is full, `submit` raises `Busy` at once (the app answers 503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Busy(RuntimeError):
+    """The queue is full: come back later."""
+
+
+@dataclass
+class _Request:
+    group: Hashable
+    payload: Any
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    requests: int = 0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.requests / self.batches if self.batches else 0.0
+
+
+class MicroBatcher:
+    """`await batcher.submit(group, payload)` → that payload's result from
+    `run(group, payloads) -> results`, computed in a batch with others of its group."""
+
+    def __init__(
+        self,
+        run: Callable[[Hashable, Sequence[Any]], Sequence[Any]],
+        max_batch: int = 16,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+    ):
+        if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
+            raise ValueError("need max_batch >= 1, max_wait_ms >= 0 and max_queue >= 1")
+        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.waiting: list[_Request] = []
+        self.stats = BatchStats()
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, group: Hashable, payload: Any) -> Any:
+        if len(self.waiting) >= self.max_queue:
+            raise Busy(f"{len(self.waiting)} requests are waiting")
+        self._ensure_worker()
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(_Request(group, payload, future))
+        self._wake.set()
+        return await future
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._wake = asyncio.Event()
+            self._worker = asyncio.create_task(self._serve())
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    async def _serve(self) -> None:
+        while True:
+            if not self.waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            first = self.waiting[0]
+            deadline = first.arrived + self.max_wait
+            while len(self._group(first.group)) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=left)
+                except TimeoutError:
+                    break
+            batch = self._group(first.group)[: self.max_batch]
+            for request in batch:
+                self.waiting.remove(request)
+            await self._run_batch(first.group, batch)
+
+    def _group(self, group: Hashable) -> list[_Request]:
+        return [r for r in self.waiting if r.group == group]
+
+    async def _run_batch(self, group: Hashable, batch: list[_Request]) -> None:
+        self.stats.batches += 1
+        self.stats.requests += len(batch)
+        try:
+            results = await asyncio.to_thread(self.run, group, [r.payload for r in batch])
+        except Exception as error:  # every request of the batch gets the error
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        for request, result in zip(batch, results, strict=True):
+            if not request.future.done():
+                request.future.set_result(result)

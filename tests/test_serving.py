@@ -1,0 +1,210 @@
+"""`vtfuse serve`: the API through FastAPI's TestClient, errors included, and micro-batching."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from vtfuse.config import ModelConfig, TextConfig, VisionConfig
+from vtfuse.data.tokenizer import Tokenizer
+from vtfuse.models.base import create_model
+from vtfuse.pipeline import Pipeline
+from vtfuse.serving import Busy, MicroBatcher, ServeSettings, create_app
+
+VISION = VisionConfig(image_size=24, channels=(8, 8, 16), dim=32, depth=0, heads=2)
+WORDS = ["a", "red", "blue", "circle", "square", "what", "colour", "is", "the", "."]
+
+
+def pipeline(task: str) -> Pipeline:
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.build([" ".join(WORDS)], answers=["red", "blue", "green"])
+    text = TextConfig(vocab_size=len(tokenizer), dim=32, depth=2, heads=2, max_length=16)
+    model = create_model(ModelConfig(task=task, vision=VISION, text=text, num_answers=3))
+    return Pipeline(model, tokenizer, torch.device("cpu"))
+
+
+def png(colour=(200, 30, 30), size=(32, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    with TestClient(create_app(pipeline("caption"))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def answerer():
+    with TestClient(create_app(pipeline("vqa"))) as client:
+        yield client
+
+
+def test_health_model_page_and_schema(captioner):
+    assert captioner.get("/healthz").json() == {"status": "ok"}
+    info = captioner.get("/v1/model").json()
+    assert (
+        info["task"] == "caption" and info["parameters"] > 0 and info["fusion"] == "cross_attention"
+    )
+    assert "<script>" in captioner.get("/").text
+    schema = captioner.get("/openapi.json").json()
+    body = schema["paths"]["/v1/caption"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+
+
+def test_caption_by_form_and_by_json_agree_and_equal_the_pipeline(captioner):
+    pipe = pipeline("caption")
+    expected = pipe.caption([Image.open(io.BytesIO(png()))])[0]
+    by_form = captioner.post("/v1/caption", files={"image": ("a.png", png(), "image/png")})
+    encoded = base64.b64encode(png()).decode()
+    by_json = captioner.post("/v1/caption", json={"image_base64": encoded})
+    assert by_form.status_code == by_json.status_code == 200
+    assert by_form.json()["caption"] == by_json.json()["caption"] == expected
+
+
+def test_caption_attention_has_a_grid_map_per_token(captioner):
+    out = captioner.post(
+        "/v1/caption", files={"image": ("a.png", png(), "image/png")}, data={"attention": "true"}
+    ).json()
+    assert len(out["attention"]) == len(out["tokens"]) and out["grid"] == [3, 3]
+    for grid in out["attention"]:
+        assert len(grid) == 3 and all(len(row) == 3 for row in grid)
+        assert sum(map(sum, grid)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_ask_returns_ranked_answers_and_word_maps(answerer):
+    out = answerer.post(
+        "/v1/ask",
+        files={"image": ("a.png", png(), "image/png")},
+        data={"question": "what colour is the circle", "top_k": "2", "attention": "1"},
+    ).json()
+    probabilities = [a["probability"] for a in out["answers"]]
+    assert len(out["answers"]) == 2 and probabilities == sorted(probabilities, reverse=True)
+    assert len(out["attention"]) == len(out["tokens"]) == 5
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, status, message",
+    [
+        ({"files": {"image": ("a.txt", b"not an image", "text/plain")}}, 415, "not an image"),
+        ({"json": {"image_base64": "***"}}, 422, "not base64"),
+        ({"content": b"raw", "headers": {"content-type": "text/plain"}}, 415, "multipart"),
+        ({"json": {}}, 422, "exactly one 'image'"),
+        ({"json": ["a list"]}, 422, "must be an object"),
+    ],
+)
+def test_bad_requests_get_clear_json_errors(captioner, request_kwargs, status, message):
+    response = captioner.post("/v1/caption", **request_kwargs)
+    assert response.status_code == status and message in response.json()["error"]
+
+
+def test_bad_fields_oversized_images_and_wrong_tasks(captioner, answerer):
+    image = {"image": ("a.png", png(), "image/png")}
+    response = captioner.post("/v1/caption", files=image, data={"beam_size": "zero"})
+    assert response.status_code == 422 and "beam_size" in response.json()["error"]
+    response = captioner.post("/v1/caption", files=image, data={"beam_size": "0"})
+    assert response.status_code == 422 and "at least 1" in response.json()["error"]
+    response = captioner.post("/v1/ask", files=image, data={"question": "what?"})
+    assert response.status_code == 422 and "'caption' model" in response.json()["error"]
+    response = answerer.post("/v1/ask", files=image)
+    assert response.status_code == 422 and "question" in response.json()["error"]
+    small = ServeSettings(max_image_bytes=2000, max_image_pixels=64 * 64)
+    with TestClient(create_app(pipeline("caption"), small)) as client:
+        big = {"image": ("big.png", png(size=(100, 100)), "image/png")}
+        response = client.post("/v1/caption", files=big)
+        assert response.status_code == 413 and "pixels" in response.json()["error"]
+        pixels = torch.randint(0, 256, (40, 40, 3), generator=torch.Generator().manual_seed(0))
+        noisy = Image.fromarray(pixels.to(torch.uint8).numpy())  # noise: ~5 kB as PNG
+        buffer = io.BytesIO()
+        noisy.save(buffer, format="PNG")
+        response = client.post("/v1/caption", files={"image": ("n.png", buffer.getvalue())})
+        assert response.status_code == 413 and "bytes" in response.json()["error"]
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_answers(answerer):
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0), (250, 250, 250)] * 4
+    results = [None] * len(colours)
+
+    def ask(i):
+        files = {"image": ("a.png", png(colours[i]), "image/png")}
+        results[i] = answerer.post("/v1/ask", files=files, data={"question": "what colour"}).json()
+
+    before = answerer.get("/v1/model").json()
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(colours))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = answerer.get("/v1/model").json()
+    assert after["batches"] - before["batches"] < len(colours)  # some requests were batched
+    pipe = pipeline("vqa")
+    for i, colour in enumerate(colours):  # each got the answer to its own image
+        expected = pipe.ask(Image.new("RGB", (32, 32), colour), "what colour", top_k=1)[0]
+        assert results[i]["answers"][0]["answer"] == expected[0]
+        assert results[i]["answers"][0]["probability"] == pytest.approx(expected[1], abs=1e-5)
+
+
+def test_micro_batcher_groups_waits_and_refuses_when_full():
+    calls = []
+
+    def run(group, payloads):
+        calls.append((group, list(payloads)))
+        return [p * 10 for p in payloads]
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch=3, max_wait_ms=50, max_queue=4)
+        jobs = [batcher.submit("x" if i % 2 else "y", i) for i in range(4)]
+        results = await asyncio.gather(*jobs)
+        busy = None
+        try:
+            await asyncio.gather(*(batcher.submit("x", i) for i in range(6)))
+        except Busy as error:
+            busy = error
+        await batcher.close()
+        return results, busy
+
+    results, busy = asyncio.run(scenario())
+    assert results == [0, 10, 20, 30]
+    assert {tuple(p) for g, p in calls[:2]} == {(0, 2), (1, 3)}  # one batch per group
+    assert busy is not None
+
+
+def test_retrieval_endpoints(tmp_path):
+    with TestClient(create_app(pipeline("retrieval"))) as client:
+        image = {"image": ("a.png", png(), "image/png")}
+        out = client.post("/v1/retrieve", files=image, data={"texts": "a red circle,a blue square"})
+        assert out.status_code == 200 and len(out.json()["results"]) == 2
+        images = [
+            ("images", (f"{i}.png", png(c), "image/png"))
+            for i, c in enumerate([(255, 0, 0), (0, 0, 255)])
+        ]
+        out = client.post(
+            "/v1/retrieve", files=images, data={"query": "a red circle", "top_k": "1"}
+        )
+        assert out.status_code == 200 and len(out.json()["results"]) == 1
+        out = client.post(
+            "/v1/classify",
+            json={
+                "image_base64": base64.b64encode(png()).decode(),
+                "labels": ["red", "blue"],
+                "template": "a {} circle",
+            },
+        )
+        probabilities = [label["probability"] for label in out.json()["labels"]]
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+        assert (
+            client.post(
+                "/v1/classify", files=image, data={"labels": "red", "template": "x"}
+            ).status_code
+            == 422
+        )
