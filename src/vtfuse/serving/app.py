@@ -100,7 +100,7 @@ async def read_fields(request) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
             values = value if isinstance(value, list) else [value]
             try:
                 files[target] = [base64.b64decode(v, validate=True) for v in values]
-            except (binascii.Error, TypeError):
+            except (binascii.Error, TypeError, ValueError):  # ValueError: not ASCII
                 raise RequestError(422, f"{key}: not base64") from None
         return body, files
     raise RequestError(
