@@ -218,31 +218,26 @@ def model_info(pipe: Pipeline, folder: Path | None) -> dict[str, Any]:
 
 
 # -- the app -----------------------------------------------------------------------------------
-def _body_doc(fields: dict[str, dict]) -> dict:
-    """OpenAPI for a body that is either a multipart form or JSON with base64 images."""
-    form = {k: v for k, v in fields.items() if not k.endswith("_base64")}
-    form = {
-        k: ({"type": "string", "format": "binary"} if v.get("format") == "byte" else v)
-        for k, v in form.items()
-    }
-    json_fields = {
-        k: v for k, v in fields.items() if v.get("format") != "byte" or k.endswith("_base64")
-    }
+def _body_doc(fields: dict[str, dict], images: tuple[str, ...] = ("image",)) -> dict:
+    """OpenAPI for a body that is a multipart form (image files) or JSON (base64 images):
+    `fields` as they are, plus each of `images` ("image": one, "images": several)."""
+
+    def image_field(name: str, encoded: dict) -> dict:
+        return encoded if name == "image" else {"type": "array", "items": encoded}
+
+    binary = {"type": "string", "format": "binary"}
+    base64_text = {"type": "string", "contentEncoding": "base64"}
+    form = {**fields, **{name: image_field(name, binary) for name in images}}
+    body = {**fields, **{f"{name}_base64": image_field(name, base64_text) for name in images}}
     return {
         "requestBody": {
             "required": True,
             "content": {
                 "multipart/form-data": {"schema": {"type": "object", "properties": form}},
-                "application/json": {"schema": {"type": "object", "properties": json_fields}},
+                "application/json": {"schema": {"type": "object", "properties": body}},
             },
         }
     }
-
-
-IMAGE_FIELDS = {
-    "image": {"type": "string", "format": "byte"},
-    "image_base64": {"type": "string", "format": "byte"},
-}
 
 
 def create_app(
@@ -293,7 +288,6 @@ def create_app(
         return PAGE.read_text()
 
     caption_fields = {
-        **IMAGE_FIELDS,
         "beam_size": {"type": "integer", "minimum": 1},
         "max_length": {"type": "integer", "minimum": 1},
         "attention": {"type": "boolean"},
@@ -313,7 +307,6 @@ def create_app(
         return await batcher.submit(("caption", beam, max_length, attention), image)
 
     ask_fields = {
-        **IMAGE_FIELDS,
         "question": {"type": "string"},
         "top_k": {"type": "integer", "minimum": 1},
         "attention": {"type": "boolean"},
@@ -332,15 +325,12 @@ def create_app(
         return await batcher.submit(("ask", top_k, attention), (image, question))
 
     retrieve_fields = {
-        **IMAGE_FIELDS,
-        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
-        "images_base64": {"type": "array", "items": {"type": "string", "format": "byte"}},
         "texts": {"type": "array", "items": {"type": "string"}},
         "query": {"type": "string"},
         "top_k": {"type": "integer", "minimum": 1},
     }
 
-    @app.post("/v1/retrieve", openapi_extra=_body_doc(retrieve_fields))
+    @app.post("/v1/retrieve", openapi_extra=_body_doc(retrieve_fields, ("image", "images")))
     async def retrieve(request: Request) -> dict:
         require("retrieval")
         fields, files = await read_fields(request)
@@ -368,7 +358,6 @@ def create_app(
         }
 
     classify_fields = {
-        **IMAGE_FIELDS,
         "labels": {"type": "array", "items": {"type": "string"}},
         "template": {"type": "string"},
     }
