@@ -86,6 +86,8 @@ class TrainConfig:
     warmup_ratio: float = 0.05  # share of all steps spent warming the learning rate up
     min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
+    grad_accum: int = 1  # batches per optimiser step (gradients summed, scaled by 1/k)
+    max_bad_steps: int = 10  # consecutive non-finite steps (each skipped) before the run stops
     label_smoothing: float = 0.0
     seed: int = 0
     max_minutes: float = 0.0  # stop (and save) after this many minutes; 0 = no limit

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -115,7 +117,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", type=int, help="passes over the training data")
     p.add_argument("--max-minutes", type=float, help="stop and save after this long (resume later)")
-    p.add_argument("--batch-size", type=int, help="examples per step")
+    p.add_argument("--batch-size", type=int, help="examples per step (per process)")
+    p.add_argument("--grad-accum", type=int, help="batches per optimiser step")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes: launches torchrun --nproc-per-node N (DDP; gloo on CPU)",
+    )
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing")
     p.add_argument("--seed", type=int, help="random seed")
@@ -150,6 +159,7 @@ TRAIN_FLAGS = (
     "epochs",
     "max_minutes",
     "batch_size",
+    "grad_accum",
     "lr",
     "label_smoothing",
     "seed",
@@ -212,18 +222,30 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     return model, train_config
 
 
-@command("train", "train a captioning or VQA model")(_train_args)
+def _torchrun(processes: int, argv: list[str]) -> int:
+    """Run this very command (`argv`) under torchrun, `processes` times, and wait for them."""
+    keep = [a for i, a in enumerate(argv) if a != "--nproc" and argv[i - 1 : i] != ["--nproc"]]
+    keep = [a for a in keep if not a.startswith("--nproc=")]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = [*launcher, f"--nproc-per-node={processes}", "-m", "vtfuse", *keep]
+    return subprocess.run(command, check=False).returncode
+
+
+@command("train", "train a captioning, VQA or retrieval model")(_train_args)
 def run_train(args: argparse.Namespace) -> int:
     from vtfuse.training import train
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc, shlex.split(args.command_line)[1:])
     model, config = configs_from_args(args)
     result = train(
         args.task, args.train, args.out, args.val, model, config, args.resume, args.progress
     )
-    print(
-        f"{'finished' if result.finished else 'stopped'} at step {result.step}; "
-        f"best checkpoint: {args.out}/best"
-    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"{'finished' if result.finished else 'stopped'} at step {result.step}; "
+            f"best checkpoint: {args.out}/best"
+        )
     return 0
 
 

@@ -45,6 +45,7 @@ from vtfuse.training.checkpoint import (
     resolve_model_folder,
     save_training_state,
 )
+from vtfuse.training.distributed import Distributed, TrainingStep
 
 RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
 
@@ -110,6 +111,10 @@ def warmup_cosine(total_steps: int, config: TrainConfig) -> Callable[[int], floa
     return multiplier
 
 
+class TrainingDiverged(ValueError):
+    """Too many steps in a row with a non-finite loss or gradient."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -171,12 +176,27 @@ def read_run_file(run_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+SINGLE_PROCESS = Distributed()
+
+
+def micro_batches_per_epoch(examples: int, config: TrainConfig, parallel: Distributed) -> int:
+    """Batches each process reads per epoch (several make one step with `grad_accum`)."""
+    if parallel.enabled:  # whole global batches only: every rank steps together
+        return examples // (config.batch_size * parallel.world)
+    return math.ceil(examples / config.batch_size)
+
+
 def epoch_batches(
-    train_set: ImageTextDataset | ShardDataset, epoch: int, skip: int, config: TrainConfig
+    train_set: ImageTextDataset | ShardDataset,
+    epoch: int,
+    skip: int,
+    config: TrainConfig,
+    parallel: Distributed = SINGLE_PROCESS,
 ) -> Iterable[dict[str, torch.Tensor]]:
-    """The batches of one epoch after the first `skip` (resuming mid-epoch). In memory: the
-    examples of an image stand together in a seeded shuffled order (`grouped_order`), or in
-    file order without `shuffle`. Streamed: the shards' order, shuffled the same way."""
+    """This process's batches of one epoch after the first `skip` (resuming mid-epoch). In
+    memory: the examples of an image stand together in a seeded shuffled order
+    (`grouped_order`), or in file order without `shuffle`, each process taking its slice of
+    every global batch. Streamed: the shards' order, shuffled the same way."""
     if isinstance(train_set, ShardDataset):
         train_set.set_epoch(epoch)
         loader = DataLoader(
@@ -188,11 +208,11 @@ def epoch_batches(
         return itertools.islice(loader, skip, None)
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     order = grouped_order(train_set.image_ids, generator) if config.shuffle else None
-    order = (order or list(range(len(train_set))))[skip * config.batch_size :]
+    order = parallel.my_part(order or list(range(len(train_set))), config.batch_size)
     return DataLoader(
         train_set,
         batch_size=config.batch_size,
-        sampler=order,
+        sampler=order[skip * config.batch_size :],
         collate_fn=collate,
         num_workers=config.num_workers,
     )
@@ -234,10 +254,17 @@ def train(
     started = time.monotonic()
     seed_everything(config.seed)
     device = resolve_device(config.device)
+    parallel = Distributed.from_environment(device)
+    device = parallel.device(device)
+    say = log if parallel.main else (lambda message: None)  # one voice: rank 0's
     model_config = dataclasses.replace(model_config or ModelConfig(), task=task)
 
     # -- data -----------------------------------------------------------------------------
     streaming = is_shard_folder(train_path)
+    if streaming and parallel.enabled:
+        raise ValueError(
+            "training from shards runs in one process for now; use JSONL with torchrun"
+        )
     train_records = (shard_records if streaming else read_jsonl)(train_path, task)
     last_dir = recover(out / "last") if resume else None
     if resume and last_dir is None:
@@ -259,7 +286,7 @@ def train(
         if config.init_from:
             source = resolve_model_folder(config.init_from)
             copied = warm_start(model, tokenizer, source)
-            log(
+            say(
                 f"warm start from {source}: {copied.tensors} weights and {copied.words} word "
                 f"embeddings copied, {len(copied.left)} source weights had no match"
             )
@@ -274,7 +301,7 @@ def train(
         loaded = load_records(train_records, size, config.skip_bad, progress)
         train_set = task_dataset(task, loaded, tokenizer, max_length)
         if loaded.skipped:
-            log(
+            say(
                 f"skipped {len(loaded.skipped)} training example(s) with a bad image, "
                 f"e.g. {loaded.skipped[0]}"
             )
@@ -288,27 +315,33 @@ def train(
         )
 
     # -- optimisation -----------------------------------------------------------------------
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    accumulate = config.grad_accum
+    batches_per_epoch = micro_batches_per_epoch(len(train_set), config, parallel)
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
     total_steps = steps_per_epoch * config.epochs
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config))
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": float("inf")}
     if last_dir is not None:
         state = load_training_state(last_dir, optimizer, scheduler)
-        log(f"resumed from {last_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
-    else:
+        say(f"resumed from {last_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
+    elif parallel.main:
         out.mkdir(parents=True, exist_ok=True)
         write_run_file(
             out, task, str(train_path), str(val_path) if val_path else None, model_config, config
         )
         (out / LOG_FILE).write_text("")
     total, trainable = model.num_parameters(), model.num_parameters(trainable_only=True)
-    log(
+    processes = f" × {parallel.world} processes" if parallel.enabled else ""
+    say(
         f"{task} model: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
-        f"{len(train_set)} training examples, {total_steps} steps on {device}"
+        f"{len(train_set)} training examples, {total_steps} steps on {device}{processes}"
     )
+    step_module = parallel.wrap(TrainingStep(model), device)
 
     def save(name: str) -> None:
+        if not parallel.main:
+            return
         with atomic_folder(out / name) as folder:
             trained = {"step": state["step"], "epoch": state["epoch"]}
             model.save_pretrained(folder, tokenizer, trained)
@@ -316,37 +349,60 @@ def train(
                 save_training_state(folder, optimizer, scheduler, state)
 
     def write_log(entry: dict[str, Any]) -> None:
-        with (out / LOG_FILE).open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        if parallel.main:
+            with (out / LOG_FILE).open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
 
     history: list[dict[str, Any]] = []
-    stopped = False
+    stopped, bad_steps = False, 0
     with _StopFlag() as stop:
         while state["epoch"] < config.epochs and not stopped:
             epoch = state["epoch"]
-            loader = epoch_batches(train_set, epoch, state["batch_in_epoch"], config)
+            loader = epoch_batches(train_set, epoch, state["batch_in_epoch"], config, parallel)
             bar = tqdm(
                 loader,
-                total=steps_per_epoch - state["batch_in_epoch"],
+                total=batches_per_epoch - state["batch_in_epoch"],
                 desc=f"epoch {epoch + 1}/{config.epochs}",
                 unit="batch",
-                disable=not progress,
+                disable=not (progress and parallel.main),
                 leave=False,
             )
             tick, seen = time.monotonic(), 0
             for batch in bar:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast(device, config.precision):
-                    loss = model.training_loss(batch, config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                state["step"] += 1
                 state["batch_in_epoch"] += 1
-                seen += batch["tokens"].shape[0]
+                steps_now = (
+                    state["batch_in_epoch"] % accumulate == 0
+                    or state["batch_in_epoch"] == batches_per_epoch
+                )
+                # micro-batches before the last of a step keep their gradients to themselves
+                quiet = parallel.enabled and not steps_now
+                with step_module.no_sync() if quiet else nullcontext():
+                    with autocast(device, config.precision):
+                        loss = step_module(batch, config.label_smoothing)
+                    (loss / accumulate).backward()
+                seen += batch["tokens"].shape[0] * parallel.world
+                if not steps_now:
+                    continue
+                # the global gradient norm (clipped if asked): non-finite → skip the step
+                limit = config.grad_clip if config.grad_clip > 0 else math.inf
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+                if torch.isfinite(norm):
+                    optimizer.step()
+                    scheduler.step()
+                    state["step"] += 1
+                    bad_steps = 0
+                else:
+                    bad_steps += 1
+                    state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+                    write_log({"step": state["step"], "skipped": "non-finite gradient"})
+                    if bad_steps >= config.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"{bad_steps} steps in a row had a non-finite loss or gradient "
+                            f"(step {state['step']}); lower --lr, or try --precision fp32. "
+                            f"The last good checkpoint is in {out / 'last'}"
+                        )
+                optimizer.zero_grad(set_to_none=True)
                 rate = seen / max(1e-9, time.monotonic() - tick)
                 bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{rate:.0f}")
                 if state["step"] % 50 == 0:
@@ -362,9 +418,9 @@ def train(
                 out_of_time = (
                     config.max_minutes > 0 and time.monotonic() - started > 60 * config.max_minutes
                 )
-                if out_of_time or stop.raised:
+                if parallel.any(out_of_time or stop.raised):
                     reason = "time limit" if out_of_time else "signal"
-                    log(f"stopping at step {state['step']} ({reason}); resume with --resume")
+                    say(f"stopping at step {state['step']} ({reason}); resume with --resume")
                     stopped = True
                     break
                 if config.save_every and state["step"] % config.save_every == 0:
@@ -378,7 +434,7 @@ def train(
                 "epoch": epoch + 1,
                 "train_loss": loss.item(),
             }
-            if val_loader is not None and not stopped:
+            if val_loader is not None and not stopped and parallel.main:
                 entry.update(validate(model, val_loader, device, config.precision))
                 if entry["val_loss"] < state["best_val_loss"]:
                     state["best_val_loss"] = entry["val_loss"]
@@ -387,15 +443,16 @@ def train(
                 save("best")  # no validation data: the latest weights are the best we know
             history.append(entry)
             write_log(entry)
-            log(
+            say(
                 "  ".join(
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
                 )
             )
             save("last")
-    if recover(out / "best") is None:
+    if parallel.main and recover(out / "best") is None:
         save("best")
-    log(f"run folder: {out}  ({time.monotonic() - started:.0f}s)")
+    say(f"run folder: {out}  ({time.monotonic() - started:.0f}s)")
+    parallel.close()
     return TrainResult(
         out, state["step"], state["epoch"], not stopped, state["best_val_loss"], history
     )

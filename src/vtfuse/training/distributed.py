@@ -1,0 +1,89 @@
+"""Data-parallel training on PyTorch's own engine: `torchrun --nproc-per-node N -m vtfuse train`.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `Distributed.from_environment` joins the
+process group (gloo on CPU, nccl on CUDA). Every rank computes the same shuffled order of
+examples; each global batch of `world × batch_size` is cut into one slice per rank, so N
+processes with batch B take exactly the steps one process with batch N·B would (DDP averages
+the gradients). Decisions that end a loop (time limit, a signal) are agreed by all ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 logs, validates and writes checkpoints."""
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(rank, world, local_rank)
+
+    def device(self, device: torch.device) -> torch.device:
+        """One GPU per process on CUDA; the CPU is shared."""
+        return torch.device("cuda", self.local_rank) if device.type == "cuda" else device
+
+    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
+        if not self.enabled:
+            return module
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any: a stop must be taken together."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([float(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def my_part(self, order: list[int], batch_size: int) -> list[int]:
+        """This rank's examples: its slice of every whole global batch (a last global batch
+        too small to give every rank a full share is dropped, so all ranks step together)."""
+        if not self.enabled:
+            return order
+        step = batch_size * self.world
+        whole = len(order) // step * step
+        return [
+            order[start + offset]
+            for start in range(0, whole, step)
+            for offset in range(self.rank * batch_size, (self.rank + 1) * batch_size)
+        ]
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TrainingStep(nn.Module):
+    """The loss as a module's forward, so DistributedDataParallel sees (and synchronises) it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+        return self.model.training_loss(batch, label_smoothing)
