@@ -108,3 +108,42 @@ def test_warmup_then_cosine_schedule():
     assert schedule(55) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)
     assert schedule(100) == pytest.approx(0.1)
     assert all(schedule(s) >= schedule(s + 1) for s in range(10, 100))
+
+
+KILLED_RUN = """
+import os, signal, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+import test_training as t
+real, steps = torch.optim.AdamW.step, {{"n": 0}}
+
+def step(self, *args, **kwargs):
+    steps["n"] += 1
+    if steps["n"] == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no goodbye
+    return real(self, *args, **kwargs)
+
+torch.optim.AdamW.step = step
+t.run(t.Path({data!r}), t.Path({out!r}), "vqa", epochs=3, save_every=2)
+"""
+
+
+def test_a_run_killed_with_sigkill_resumes_to_identical_weights(data, tmp_path):
+    """SIGKILL at step 7 (the last checkpoint: step 6); --resume; the weights end bit for
+    bit as those of a run never interrupted."""
+    import subprocess
+    import sys
+
+    straight = run(data, tmp_path / "straight", "vqa", epochs=3, save_every=2)
+    script = KILLED_RUN.format(
+        tests=str(Path(__file__).parent), kill_at=7, data=str(data), out=str(tmp_path / "killed")
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    state = json.loads((tmp_path / "killed" / "last" / "training_state.json").read_text())
+    assert state["progress"]["step"] == 6
+    resumed = run(data, tmp_path / "killed", "vqa", epochs=3, save_every=2, resume=True)
+    assert resumed.step == straight.step
+    a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
+    assert all(torch.equal(a[key], b[key]) for key in a)

@@ -27,7 +27,9 @@ STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
 
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
-        if path.is_file():
+        if path.is_dir():  # e.g. an LM's tokenizer files
+            _fsync_tree(path)
+        elif path.is_file():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
     descriptor = os.open(folder, os.O_RDONLY)
