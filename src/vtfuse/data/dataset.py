@@ -73,9 +73,13 @@ def _check_caption(fields: dict[str, Any], labelled: bool) -> str | None:
     if "captions" in fields:
         if not _is_str_list(fields["captions"]):
             return "field 'captions' must be a non-empty list of strings"
+        if not all(c.strip() for c in fields["captions"]):
+            return "field 'captions' holds an empty caption"
     elif "caption" in fields:
         if not isinstance(fields["caption"], str):
             return "field 'caption' must be a string"
+        if not fields["caption"].strip():
+            return "field 'caption' is empty"
     elif labelled:
         return "missing field 'caption' (or 'captions')"
     return None
@@ -88,8 +92,12 @@ def _check_vqa(fields: dict[str, Any], labelled: bool) -> str | None:
             if "question" not in fields
             else "'question' must be a string"
         )
+    if not fields["question"].strip():
+        return "field 'question' is empty"
     if labelled and not isinstance(fields.get("answer"), str):
         return "missing field 'answer'" if "answer" not in fields else "'answer' must be a string"
+    if "answers" in fields and not _is_str_list(fields["answers"]):
+        return "field 'answers' must be a non-empty list of strings"
     if "type" in fields and not isinstance(fields["type"], str):
         return "field 'type' must be a string"
     return None

@@ -1,0 +1,163 @@
+"""Bad input loses nothing: generated JSONL lines and image files of every broken kind either
+load as documented or raise a clear error naming the file and line — never anything else.
+
+Hypothesis generates the cases (well over 1000 in all, counted by `CASES`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from vtfuse.data.dataset import DataError, load_records, read_jsonl
+from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image
+
+CASES = {"jsonl": 0, "images": 0}
+FAST = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+field_names = st.sampled_from(
+    ["image", "caption", "captions", "question", "answer", "answers", "type", "boxes", "extra"]
+)
+records = st.dictionaries(field_names, json_values | st.just("a.png") | st.just(""), max_size=6)
+raw_lines = (
+    st.binary(max_size=60) | records.map(lambda r: json.dumps(r).encode()) | st.just(b"\xff\xfe{")
+)
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa", "retrieval"])
+@FAST
+@given(lines=st.lists(raw_lines, min_size=1, max_size=5))
+def test_any_jsonl_loads_or_names_file_and_line(tmp_path_factory, task, lines):
+    CASES["jsonl"] += 1
+    path = tmp_path_factory.mktemp("jsonl") / "data.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")
+    try:
+        loaded = read_jsonl(path, task)
+    except DataError as error:
+        message = str(error)
+        assert message.startswith(str(path)), message
+        assert message == f"{path}: no examples" or message[len(str(path)) + 1].isdigit()
+        return
+    for record in loaded:  # what loads is what the format promises
+        assert isinstance(record.fields["image"], str)
+        if task in ("caption", "retrieval"):
+            assert all(isinstance(c, str) and c.strip() for c in record.captions)
+        else:
+            assert isinstance(record.fields["question"], str) and record.fields["question"].strip()
+
+
+def _encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _images() -> dict[str, bytes]:
+    """One of each kind Pillow can write that a user may bring."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    sixteen = Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    return {
+        "png": _encode(rgb, "PNG"),
+        "jpeg": _encode(rgb, "JPEG"),
+        "gif-palette": _encode(rgb.convert("P"), "GIF"),
+        "grey": _encode(rgb.convert("L"), "PNG"),
+        "rgba": _encode(rgb.convert("RGBA"), "PNG"),
+        "cmyk": _encode(rgb.convert("CMYK"), "JPEG"),
+        "16-bit": _encode(sixteen, "PNG"),
+        "webp": _encode(rgb, "WEBP"),
+        "bmp": _encode(rgb, "BMP"),
+        "tiny": _encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
+        "exif-rotated": _encode(rgb, "JPEG", exif=exif),
+    }
+
+
+IMAGES = _images()
+
+
+def test_every_kind_of_image_becomes_rgb():
+    for kind, data in IMAGES.items():
+        image = load_image(io.BytesIO(data))
+        assert image.mode == "RGB", kind
+        assert image_to_uint8(image, 24).shape == (3, 24, 24)
+    assert load_image(io.BytesIO(IMAGES["exif-rotated"])).size == (12, 16)  # turned upright
+    bright = np.asarray(load_image(io.BytesIO(IMAGES["16-bit"])))
+    assert 150 < bright.mean() < 160  # 40000 / 65535 of white, not clipped to 255
+
+
+@FAST
+@given(
+    kind=st.sampled_from(sorted(IMAGES)),
+    cut=st.integers(min_value=0, max_value=400),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    extension=st.sampled_from([".png", ".jpg", ".gif", ".txt", ""]),
+)
+def test_truncated_or_corrupted_images_load_or_fail_clearly(
+    tmp_path_factory, kind, cut, flips, extension
+):
+    CASES["images"] += 1
+    data = bytearray(IMAGES[kind][: max(0, len(IMAGES[kind]) - cut)])
+    for position, value in flips:
+        if data:
+            data[position % len(data)] = value
+    path = tmp_path_factory.mktemp("images") / f"broken{extension}"
+    path.write_bytes(bytes(data))
+    try:
+        image = load_image(path)
+    except ImageLoadError as error:
+        assert str(path) in str(error)
+        return
+    assert image.mode == "RGB" and min(image.size) >= 1
+
+
+def test_a_decompression_bomb_is_refused(tmp_path):
+    """A PNG header claiming 30000 × 30000 pixels: refused before any pixel is decoded."""
+    path = tmp_path / "bomb.png"
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + b"\x00\x00\x00\x00IEND\xaeB`\x82")
+    with pytest.raises(ImageLoadError, match=r"bomb.png .*(30000×30000|900000000) pixels"):
+        load_image(path)
+
+
+def test_bad_images_in_a_dataset_are_named_or_skipped_and_counted(tmp_path):
+    names = []
+    for kind, data in [
+        *IMAGES.items(),
+        ("zero-byte", b""),
+        ("text", b"hello"),
+        ("cut", IMAGES["png"][:30]),
+    ]:
+        (tmp_path / f"{kind}.img").write_bytes(data)
+        names.append(f"{kind}.img")
+    lines = [json.dumps({"image": n, "caption": "a thing"}) for n in [*names, "missing.png"]]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    records = read_jsonl(tmp_path / "data.jsonl", "caption")
+    with pytest.raises(DataError, match=r"data.jsonl:12: .*zero-byte.img"):
+        load_records(records, 24, progress=False)
+    loaded = load_records(records, 24, skip_bad=True, progress=False)
+    assert len(loaded.records) == len(IMAGES) and len(loaded.skipped) == 4
+    assert all("data.jsonl:" in reason for reason in loaded.skipped)
+
+
+def test_the_suite_ran_over_a_thousand_cases():
+    """Runs last in this file: the generated cases above, counted."""
+    if CASES["jsonl"] == 0:
+        pytest.skip("run with the whole file")
+    assert CASES["jsonl"] + CASES["images"] >= 1000, CASES
