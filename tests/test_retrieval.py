@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from vtfuse.cli.main import main
 from vtfuse.config import ModelConfig, TextConfig, VisionConfig
 from vtfuse.data.tokenizer import Tokenizer
+from vtfuse.fusion import FUSIONS
 from vtfuse.models.base import create_model
 from vtfuse.models.retrieval import RetrievalModel
 from vtfuse.pipeline import Pipeline
@@ -188,3 +189,31 @@ def test_retrieval_through_the_command_line(tmp_path, capsys):
         100, abs=0.5
     )
     assert main(["classify", str(run), image, "--labels", "red", "--template", "no slot"]) == 2
+
+
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_every_fusion_strategy_serves_retrieval(fusion):
+    """The matching head reads the image through any strategy; the dual encoder through none."""
+    from dataclasses import replace
+
+    from vtfuse.config import FusionConfig
+
+    torch.manual_seed(0)
+    m = create_model(replace(CONFIG, fusion=FusionConfig(name=fusion))).train()
+    batch = {"images": solid(COLOURS), "tokens": torch.randint(4, 20, (6, 5))}
+    batch["image_index"] = torch.tensor([0, 0, 1, 2, 3, 3])
+    losses = m.losses(batch)
+    assert set(losses) == {"itc", "itm"} and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert m.match_head.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # the dual encoder's text side never sees the image
+        text_only = m.embed_texts(batch["tokens"])
+        assert torch.equal(text_only, m.embed_texts(batch["tokens"]))
+    _, weights = m.match_logits(
+        batch["tokens"],
+        None,
+        m.encode_image(batch["images"]),
+        batch["image_index"],
+        need_weights=True,
+    )
+    assert weights and weights[0].shape[-1] == m.grid_size[0] * m.grid_size[1]
