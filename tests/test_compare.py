@@ -120,6 +120,17 @@ def test_caption_warm_start_trains_a_captioner_first(data, tmp_path, capsys):
     assert json.loads((captioner / "run.json").read_text())["task"] == "caption"
 
 
+def test_retrieval_strategies_are_compared_by_recall(data, tmp_path):
+    out = tmp_path / "ret"
+    args = [*built_in_data(data, "retrieval", out), "--fusions", "concat,cross_attention"]
+    assert main([*args, "--seeds", "1", "--caption-warm-start"]) == 0
+    rows = read_csv(out / "compare.csv")
+    assert [r["fusion"] for r in rows] == ["concat", "cross_attention"]
+    for row in rows:
+        assert 0 <= float(row["t2i_r1_mean"]) <= 1 and 0 <= float(row["itm_i2t_r1_mean"]) <= 1
+        assert float(row["latency_ms_per_image"]) > 0
+
+
 def test_unknown_fusion_is_refused_naming_the_choices(data, tmp_path, capsys):
     out = tmp_path / "x"
     assert main([*built_in_data(data, "vqa", out), "--fusions", "cross_attention,nope"]) == 2
@@ -132,7 +143,7 @@ def test_unknown_fusion_is_refused_naming_the_choices(data, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--task", "caption", "--caption-warm-start"], "--caption-warm-start is for --task vqa"),
+        (["--task", "caption", "--caption-warm-start"], "--caption-warm-start is for --task vqa or retrieval"),
         (["--task", "vqa", "--seeds", "0"], "--seeds must be at least 1"),
         (["--task", "vqa", "--train", "t.jsonl"], "give all of --train, --val and --test"),
     ],

@@ -50,13 +50,18 @@ from vtfuse.pipeline import Pipeline
 from vtfuse.quickstart import SCENE_TEXT, SCENE_VISION, QuickstartPlan
 from vtfuse.training import train
 
-TASKS = ("caption", "vqa")
+TASKS = ("caption", "vqa", "retrieval")
 # The task's main metrics, in table order; VQA adds `accuracy_<type>` after `accuracy`.
 MAIN_METRICS = {
     "caption": ("cider", "bleu4", "meteor", "object_f1", "pointing_accuracy"),
     "vqa": ("accuracy", "pointing_accuracy"),
+    "retrieval": ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "itm_i2t_r1", "itm_t2i_r1"),
 }
-HEADLINE = {"caption": "cider", "vqa": "accuracy"}  # the metric the chart shows
+HEADLINE = {
+    "caption": "cider",
+    "vqa": "accuracy",
+    "retrieval": "t2i_r1",
+}  # the metric the chart shows
 COSTS = ("parameters", "trainable_parameters", "samples_per_s", "latency_ms_per_image")
 LATENCY_IMAGES = 32
 
@@ -98,8 +103,8 @@ class CompareSpec:
             raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
         if self.train.max_minutes <= 0:
             raise ValueError("a comparison needs a time budget: --max-minutes-each > 0")
-        if self.caption_warm_start and self.task != "vqa":
-            raise ValueError("--caption-warm-start is for --task vqa")
+        if self.caption_warm_start and self.task == "caption":
+            raise ValueError("--caption-warm-start is for --task vqa or retrieval")
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ def scene_recipe(task: str) -> tuple[ModelConfig, TrainConfig, TrainConfig]:
     """The quickstart's recipe for the built-in scenes: its model shapes, the task's schedule,
     and the captioning schedule (for a warm-start captioner)."""
     plan = QuickstartPlan()
-    stage = plan.caption if task == "caption" else plan.vqa
+    stage = {"caption": plan.caption, "vqa": plan.vqa, "retrieval": plan.retrieval}[task]
     model = ModelConfig(task=task, vision=SCENE_VISION, text=SCENE_TEXT)
     return model, stage.train, plan.caption.train
 
@@ -179,8 +184,10 @@ def latency_ms(pipe: Pipeline, test: Path, count: int = LATENCY_IMAGES) -> float
     def infer(image: Image.Image, question: str) -> None:
         if pipe.task == "caption":
             pipe.caption([image])
-        else:
+        elif pipe.task == "vqa":
             pipe.ask(image, question)
+        else:  # retrieval: the image's embedding (texts are embedded once, ahead)
+            pipe.embed_images(pipe.images_to_tensor([image]))
 
     infer(*inputs[0])  # warm-up: first-call allocations are not latency
     timed = inputs[1:] or inputs

@@ -601,7 +601,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 # -- compare ----------------------------------------------------------------------------------
 def _compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=("caption", "vqa"), required=True, help="what to compare on")
+    p.add_argument(
+        "--task", choices=("caption", "vqa", "retrieval"), required=True, help="what to compare on"
+    )
     p.add_argument(
         "--fusions",
         default="all",
@@ -636,8 +638,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--caption-warm-start",
         action="store_true",
-        help="--task vqa: start each VQA run from a captioner trained with the same strategy, "
-        "seed and budget (the quickstart's recipe)",
+        help="--task vqa or retrieval: start each run from a captioner trained with the same "
+        "strategy, seed and budget (the quickstart's recipe)",
     )
     p.add_argument(
         "--caption-train", help="caption JSONL for --caption-warm-start on your own data"
