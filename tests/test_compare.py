@@ -143,7 +143,10 @@ def test_unknown_fusion_is_refused_naming_the_choices(data, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--task", "caption", "--caption-warm-start"], "--caption-warm-start is for --task vqa or retrieval"),
+        (
+            ["--task", "caption", "--caption-warm-start"],
+            "--caption-warm-start is for --task vqa or retrieval",
+        ),
         (["--task", "vqa", "--seeds", "0"], "--seeds must be at least 1"),
         (["--task", "vqa", "--train", "t.jsonl"], "give all of --train, --val and --test"),
     ],

@@ -65,9 +65,10 @@ class Pipeline:
     def task(self) -> str:
         return self.model.task
 
-    def _require(self, task: str) -> None:
-        if self.task != task:
-            raise ValueError(f"this is a {self.task!r} model; that needs a {task!r} model")
+    def _require(self, *tasks: str) -> None:
+        if self.task not in tasks:
+            wanted = " or ".join(repr(t) for t in tasks)
+            raise ValueError(f"this is a {self.task!r} model; that needs a {wanted} model")
 
     def images_to_tensor(self, images: list[ImageLike]) -> Tensor:
         size = self.model.config.vision.image_size
@@ -164,7 +165,7 @@ class Pipeline:
         blind: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
         """Probabilities over the answers (B, A) and, if asked, per-layer attention."""
-        self._require("vqa")
+        self._require("vqa", "classify")
         if blind:
             images = blank_like(images)
         logits, weights = self.model(
@@ -177,6 +178,11 @@ class Pipeline:
         probs, _ = self.answer_probabilities(self.images_to_tensor([image]), tokens, mask)
         values, indices = probs[0].topk(min(top_k, probs.shape[-1]))
         return [(self.tokenizer.answers[i], float(p)) for p, i in zip(values, indices, strict=True)]
+
+    def predict(self, image: ImageLike, text: str, top_k: int = 5) -> list[tuple[str, float]]:
+        """A pair classifier's labels for (image, text), most likely first."""
+        self._require("classify")
+        return self.ask(image, text, top_k)
 
     def question_attention(self, image: ImageLike, question: str) -> Attention:
         tokens, mask = self.encode_texts([question])
@@ -274,9 +280,9 @@ class Pipeline:
     ) -> tuple[Path, str]:
         """Save one panel per generated (or question) token; return the path and the text."""
         pil = image if isinstance(image, Image.Image) else load_image(image)
-        if self.task == "vqa":
+        if self.task in ("vqa", "classify"):
             if not question:
-                raise ValueError("a VQA model needs --question")
+                raise ValueError(f"a {self.task} model needs --question (its text)")
             attention = self.question_attention(pil, question)
             answer, probability = self.ask(pil, question, top_k=1)[0]
             text = f"Q: {question}  A: {answer} ({probability:.0%})"

@@ -76,7 +76,10 @@ def run_synth(args: argparse.Namespace) -> int:
 # -- train ------------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--task", choices=("caption", "vqa", "retrieval"), required=True, help="what to train"
+        "--task",
+        choices=("caption", "vqa", "retrieval", "classify"),
+        required=True,
+        help="what to train",
     )
     p.add_argument(
         "--train", required=True, help="training JSONL file, or a shard folder (vtfuse data shard)"
@@ -263,6 +266,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         "--layer", type=int, help="fusion layer for pointing accuracy (default: mean of all)"
     )
     p.add_argument("--blind", action="store_true", help="blank every image (the blind baseline)")
+    p.add_argument(
+        "--blind-text", action="store_true", help="VQA / classify: empty texts (image only)"
+    )
+    p.add_argument("--confusion-png", help="classify: draw the confusion matrix here")
     p.add_argument("--skip-bad", action="store_true", help="skip examples with a bad image")
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
@@ -282,6 +289,8 @@ def run_eval(args: argparse.Namespace) -> int:
         args.blind,
         args.skip_bad,
         args.progress,
+        blind_text=args.blind_text,
+        confusion_png=args.confusion_png,
     )
     metrics = evaluate(args.run, args.data, options, args.predictions, args.metrics)
     print(format_table(metrics, f"{args.data}{' (blind)' if args.blind else ''}"))
@@ -359,6 +368,24 @@ def run_ask(args: argparse.Namespace) -> int:
 
 
 # -- attention --------------------------------------------------------------------------------
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder or model folder of a pair classifier (--task classify)")
+    p.add_argument("image", help="image file")
+    p.add_argument("--text", required=True, help="the text paired with the image")
+    p.add_argument("--top-k", type=int, default=5, help="how many labels to list")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+@command("predict", "label an image+text pair with a pair classifier")(_predict_args)
+def run_predict(args: argparse.Namespace) -> int:
+    from vtfuse.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.run, args.device)
+    for label, probability in pipe.predict(args.image, args.text, args.top_k):
+        print(f"{probability:6.1%}  {label}")
+    return 0
+
+
 def _retrieve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder or model folder of a retrieval model")
     query = p.add_mutually_exclusive_group(required=True)

@@ -2,6 +2,7 @@
 
     captioning: {"image": "images/1.png", "caption": "..."} or {"image": ..., "captions": [...]}
     VQA:        {"image": ..., "question": "...", "answer": "...", "type": "relational"}
+    classify:   {"image": ..., "text": "...", "label": "..."}   (image+text pair → label)
     grounding:  "boxes": [{"label": "red", "box": [x0, y0, x1, y1]}]   (optional, pixels)
 
 Image paths are relative to the JSONL file's folder. Every error names the file and line.
@@ -103,10 +104,21 @@ def _check_vqa(fields: dict[str, Any], labelled: bool) -> str | None:
     return None
 
 
+def _check_classify(fields: dict[str, Any], labelled: bool) -> str | None:
+    if not isinstance(fields.get("text"), str):
+        return "missing field 'text'" if "text" not in fields else "'text' must be a string"
+    if not fields["text"].strip():
+        return "field 'text' is empty"
+    if labelled and not isinstance(fields.get("label"), str):
+        return "missing field 'label'" if "label" not in fields else "'label' must be a string"
+    return None
+
+
 TASK_CHECKS: dict[str, Callable[[dict[str, Any], bool], str | None]] = {
     "caption": _check_caption,
     "vqa": _check_vqa,
     "retrieval": _check_caption,  # images with their captions
+    "classify": _check_classify,  # image + text → label
 }
 
 
@@ -257,10 +269,17 @@ def retrieval_items(record: Record, tokenizer: AnyTokenizer, max_length: int) ->
     ]
 
 
+def classify_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
+    """The pair's text as an encoder reads it, and its label's class (-1: unseen label)."""
+    text = tokenizer.encode(record.fields["text"])[: max_length - 1]
+    return [(text, tokenizer.answer_id(record.fields.get("label", "")))]
+
+
 ITEMS: dict[str, Callable[[Record, AnyTokenizer, int], list[Item]]] = {
     "caption": caption_items,
     "vqa": vqa_items,
     "retrieval": retrieval_items,
+    "classify": classify_items,
 }
 
 

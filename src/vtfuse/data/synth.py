@@ -29,7 +29,7 @@ SHAPES = ("square", "circle", "triangle")
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
-TASKS = ("caption", "vqa", "retrieval")
+TASKS = ("caption", "vqa", "retrieval", "classify")
 
 
 def position_name(row: int, col: int) -> str:
@@ -152,6 +152,26 @@ def _distance(a: SceneObject, b: SceneObject) -> float:
     return math.dist(a.center, b.center)
 
 
+def statements(objects: list[SceneObject], rng: random.Random) -> list[dict]:
+    """Image+text pairs to classify: statements about the scene, true or false with equal
+    chance — an object's shape or its place, stated rightly or wrongly. Only the image can
+    tell which."""
+    pairs = []
+    for obj in rng.sample(objects, min(2, len(objects))):
+        true = rng.random() < 0.5
+        if rng.random() < 0.5:
+            shape = obj.shape if true else rng.choice([s for s in SHAPES if s != obj.shape])
+            text = f"the {obj.colour} object is a {shape}."
+        else:
+            place = (
+                obj.position if true else rng.choice([p for p in POSITIONS if p != obj.position])
+            )
+            text = f"the {obj.colour} object is at the {place}."
+        box = {"label": obj.colour, "box": obj.box}
+        pairs.append({"text": text, "label": "true" if true else "false", "boxes": [box]})
+    return pairs
+
+
 def questions(
     objects: list[SceneObject], rng: random.Random, per_kind: int, size: int
 ) -> list[dict]:
@@ -260,6 +280,7 @@ def generate(
             described = captions(objects)
             lines = {"caption": [{**scene, "captions": described}]}
             lines["retrieval"] = [{"image": name, "captions": described}]
+            lines["classify"] = [{"image": name, **pair} for pair in statements(objects, rng)]
             lines["vqa"] = [
                 {"image": name, **q, "objects": scene["objects"]}
                 for q in questions(objects, rng, spec.questions_per_kind, spec.size)

@@ -17,6 +17,7 @@ from vtfuse.data.synth import parse_caption
 from vtfuse.evaluation.grounding import pointing_hits
 from vtfuse.evaluation.metrics import (
     caption_metrics,
+    classification_metrics,
     object_f1,
     retrieval_metrics,
     vqa_accuracy,
@@ -24,6 +25,7 @@ from vtfuse.evaluation.metrics import (
 from vtfuse.pipeline import Pipeline
 from vtfuse.registry import Registry
 from vtfuse.visualisation.maps import select_layer
+from vtfuse.visualisation.plot import save_confusion_matrix
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class EvalOptions:
     skip_bad: bool = False
     progress: bool = True
     rerank_k: int = 16  # retrieval: candidates the matching head re-scores per query
+    blind_text: bool = False  # classify / VQA: an empty text (the image-only baseline)
+    confusion_png: str | None = None  # classify: draw the confusion matrix here
 
 
 EVALUATORS: Registry[Callable[..., tuple[dict[str, Any], list[str]]]] = Registry("evaluator")
@@ -93,19 +97,22 @@ def evaluate_captions(pipe: Pipeline, data: LoadedData, options: EvalOptions):
     return metrics, predictions
 
 
-@EVALUATORS.register("vqa")
-def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
+def _classified(
+    pipe: Pipeline, data: LoadedData, options: EvalOptions, text_field: str
+) -> tuple[list[str], int, int]:
+    """Each record's predicted class (answer or label), and the pointing hits and trials."""
     records, bank = data.records, data.bank
     predictions: list[str] = []
     hits = total = 0
-    for start, end in _batches(len(records), options.batch_size, "answering", options.progress):
+    for start, end in _batches(len(records), options.batch_size, "classifying", options.progress):
         chunk = records[start:end]
         ids = data.image_ids[start:end]
         rows = {image_id: row for row, image_id in enumerate(dict.fromkeys(ids))}
         images = torch.stack([bank.tensors[i] for i in rows]).to(pipe.device)
         image_index = torch.tensor([rows[i] for i in ids], device=pipe.device)
-        tokens, mask = pipe.encode_texts([r.fields["question"] for r in chunk])
-        need_weights = any("boxes" in r.fields for r in chunk)
+        texts = ["" if options.blind_text else r.fields[text_field] for r in chunk]
+        tokens, mask = pipe.encode_texts(texts)
+        need_weights = any("boxes" in r.fields for r in chunk) and not options.blind_text
         probs, weights = pipe.answer_probabilities(
             images, tokens, mask, image_index, need_weights, options.blind
         )
@@ -118,12 +125,32 @@ def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
                 maps = select_layer(per_layer.cpu(), options.layer)  # (T, N)
                 h, n = _point(pipe, words, maps, record, bank.original_sizes[ids[row]])
                 hits, total = hits + h, total + n
+    return predictions, hits, total
+
+
+@EVALUATORS.register("vqa")
+def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
+    records = data.records
+    predictions, hits, total = _classified(pipe, data, options, "question")
     metrics = vqa_accuracy(
         predictions,
         [r.fields["answer"] for r in records],
         [r.fields.get("type") for r in records],
         [r.fields.get("answers") for r in records],
     )
+    metrics.update(_pointing(hits, total))
+    return metrics, predictions
+
+
+@EVALUATORS.register("classify")
+def evaluate_pairs(pipe: Pipeline, data: LoadedData, options: EvalOptions):
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (saved as a
+    picture with `options.confusion_png`)."""
+    predictions, hits, total = _classified(pipe, data, options, "text")
+    labels = [r.fields["label"] for r in data.records]
+    metrics = classification_metrics(predictions, labels, pipe.tokenizer.answers)
+    if options.confusion_png:
+        save_confusion_matrix(metrics["confusion"], metrics["classes"], options.confusion_png)
     metrics.update(_pointing(hits, total))
     return metrics, predictions
 
@@ -181,14 +208,25 @@ def evaluate(
     return metrics
 
 
-def format_table(metrics: dict[str, Any], title: str = "") -> str:
-    """Metrics as an aligned two-column table (nested dicts flattened with '/')."""
-    rows = []
+def _flat(metrics: dict[str, Any], prefix: str = ""):
     for key, value in metrics.items():
         if isinstance(value, dict):
-            rows += [(f"{key}/{k}", v) for k, v in value.items()]
-        else:
-            rows.append((key, value))
+            yield from _flat(value, f"{prefix}{key}/")
+        elif key == "confusion" and "classes" in metrics:
+            names = metrics["classes"]
+            yield f"{prefix}confusion (predicted: {' '.join(names)})", ""
+            yield from (
+                (f"{prefix}  true {n}", " ".join(map(str, r)))
+                for n, r in zip(names, value, strict=True)
+            )
+        elif key != "classes":
+            yield f"{prefix}{key}", value
+
+
+def format_table(metrics: dict[str, Any], title: str = "") -> str:
+    """Metrics as an aligned two-column table (nested dicts flattened with '/'; a confusion
+    matrix one row per true class)."""
+    rows = list(_flat(metrics))
     width = max(len(k) for k, _ in rows)
     lines = [title] if title else []
     for key, value in rows:

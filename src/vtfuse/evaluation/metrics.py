@@ -9,6 +9,7 @@ import shutil
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +92,38 @@ def vqa_accuracy(
     return {
         "accuracy": sum(overall) / max(1, len(overall)),
         "accuracy_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+    }
+
+
+def classification_metrics(
+    predictions: Sequence[str], labels: Sequence[str], classes: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, macro-F1 (the unweighted mean over classes), each class's precision, recall,
+    F1 and support, and the confusion matrix (rows: true class, columns: predicted)."""
+    names = list(dict.fromkeys([*classes, *labels]))  # a label unseen in training counts too
+    index = {name: i for i, name in enumerate(names)}
+    confusion = np.zeros((len(names), len(names)), dtype=np.int64)
+    for predicted, true in zip(predictions, labels, strict=True):
+        confusion[index[true], index[predicted]] += 1
+    per_class = {}
+    for i, name in enumerate(names):
+        hits, said, actual = confusion[i, i], confusion[:, i].sum(), confusion[i].sum()
+        precision = hits / said if said else 0.0
+        recall = hits / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "support": int(actual),
+        }
+    present = [c for c in per_class.values() if c["support"]]
+    return {
+        "accuracy": float(np.trace(confusion) / max(1, confusion.sum())),
+        "macro_f1": float(np.mean([c["f1"] for c in present])) if present else 0.0,
+        "per_class": per_class,
+        "classes": names,
+        "confusion": confusion.tolist(),
     }
 
 

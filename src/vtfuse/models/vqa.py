@@ -1,5 +1,6 @@
-"""Visual question answering: a question encoder whose blocks cross-attend to the image tokens;
-the mean of its states is classified over the answers seen in training."""
+"""Visual question answering, and image+text pair classification: a text encoder whose blocks
+cross-attend to the image tokens; the mean of its states is classified over the answers (or
+labels) seen in training."""
 
 from __future__ import annotations
 
@@ -83,3 +84,11 @@ class VQAModel(AnswerClassifier):
         # word's own cross-attention directly ("red" learns to look at red) instead of only
         # through [CLS]'s self-attention, which at initialisation barely listens to any word.
         return self.head(masked_mean(hidden, token_mask)), [w[:, :, 1:] for w in weights]
+
+
+@TASKS.register("classify")
+class PairClassifier(VQAModel):
+    """Image+text pair classification (a post's sentiment with its picture; does a statement
+    hold of the image): the same fused text encoder and head as VQA, over the labels."""
+
+    task = "classify"

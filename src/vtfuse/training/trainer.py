@@ -74,14 +74,16 @@ def seed_everything(seed: int) -> None:
 def build_tokenizer(task: str, records, model_config: ModelConfig) -> AnyTokenizer:
     """A pretrained LM's own tokenizer, or a word vocabulary built from the training text;
     for VQA, with the answers seen in training."""
-    answers = sorted({normalise_answer(r.fields["answer"]) for r in records if task == "vqa"})
+    label_field = {"vqa": "answer", "classify": "label"}.get(task)
+    answers = sorted({normalise_answer(r.fields[label_field]) for r in records if label_field})
     if model_config.lm.name:
         from vtfuse.models.pretrained_lm import load_lm_tokenizer
 
         return load_lm_tokenizer(model_config.lm.name, answers)
     if task in ("caption", "retrieval"):
         return Tokenizer.build(c for r in records for c in r.captions)
-    return Tokenizer.build((r.fields["question"] for r in records), answers=answers)
+    text_field = {"vqa": "question", "classify": "text"}[task]
+    return Tokenizer.build((r.fields[text_field] for r in records), answers=answers)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:

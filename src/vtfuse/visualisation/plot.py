@@ -50,3 +50,25 @@ def save_attention_figure(
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def save_confusion_matrix(confusion: list[list[int]], classes: list[str], path: str | Path) -> Path:
+    """The confusion matrix as a picture: rows the true class, columns the predicted one."""
+    counts = np.asarray(confusion)
+    size = max(3.0, 0.6 * len(classes) + 1.5)
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(counts, cmap="Blues")
+    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    for (row, column), count in np.ndenumerate(counts):
+        dark = count > counts.max() / 2
+        axis.text(
+            column, row, str(count), ha="center", va="center", color="white" if dark else "black"
+        )
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
