@@ -255,7 +255,7 @@ def test_quickstart_tiny_writes_report_and_metrics(tmp_path):
     for name in ("default", "pretrained"):
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert {"caption", "vqa", "blind", "parameters", "wall_seconds"} <= set(metrics)
-        tasks = {"caption", "vqa"} | ({"retrieval"} if name == "default" else set())
+        tasks = {"caption", "vqa"} | ({"retrieval", "classify"} if name == "default" else set())
         assert tasks == set(metrics["blind"])
         assert "cider" in metrics["caption"] and "accuracy_by_type" in metrics["vqa"]
         report = (out / name / "report.md").read_text()
@@ -265,7 +265,9 @@ def test_quickstart_tiny_writes_report_and_metrics(tmp_path):
     assert 0 < counts["caption"]["trainable"] < counts["caption"]["total"] / 3  # frozen parts
     retrieval = json.loads((out / "default" / "metrics.json").read_text())["retrieval"]
     assert {"i2t_r1", "t2i_r5", "itm_i2t_r1"} <= set(retrieval)
-    assert "| retrieval | i2t_r1 |" in (out / "default" / "report.md").read_text()
+    report = (out / "default" / "report.md").read_text()
+    assert "| retrieval | i2t_r1 |" in report and "| classify (text blanked) | accuracy |" in report
+    assert (out / "default" / "confusion.png").is_file()
     side_by_side = (out / "report.md").read_text()
     assert "| vqa | accuracy |" in side_by_side and "efficientnet-lite0" in side_by_side
 

@@ -1,6 +1,7 @@
 """`vtfuse quickstart`: the whole loop offline on a laptop CPU.
 
-synthetic scenes → train a captioner → train a VQA model and a retrieval model from it →
+synthetic scenes → train a captioner → train a VQA model, a retrieval model and a pair
+classifier (is this statement about the image true?) from it →
 evaluate each on the held-out test split, and again with blank images (the blind baseline) →
 attention pictures → report.md and metrics.json.
 """
@@ -67,6 +68,13 @@ class QuickstartPlan:
             TrainConfig(epochs=10, batch_size=64, lr=1e-3, max_minutes=2.0),
         )
     )
+    # Is a statement about the scene true? Only the image can tell. From the captioner too.
+    classify: Stage | None = field(
+        default_factory=lambda: Stage(
+            ModelConfig(task="classify", vision=SCENE_VISION, text=SCENE_TEXT),
+            TrainConfig(epochs=10, batch_size=32, lr=1e-3, max_minutes=1.5),
+        )
+    )
 
     @property
     def summary(self) -> str:
@@ -101,6 +109,9 @@ class QuickstartPlan:
             retrieval=Stage(
                 ModelConfig(task="retrieval", vision=small_vision, text=small_text), schedule
             ),
+            classify=Stage(
+                ModelConfig(task="classify", vision=small_vision, text=small_text), schedule
+            ),
         )
 
 
@@ -130,6 +141,7 @@ def pretrained_parts(plan: QuickstartPlan) -> QuickstartPlan:
     return replace(
         plan,
         retrieval=None,  # a pretrained text encoder does not do retrieval yet
+        classify=None,
         caption=with_pretrained_parts(plan.caption, 16),
         vqa=with_pretrained_parts(plan.vqa, 32),
     )
@@ -220,6 +232,18 @@ def write_report(out: Path, metrics: dict[str, Any], pictures: list[Path]) -> Pa
             ],
         ),
         *_metric_row(
+            "classify",
+            metrics.get("classify", {}),
+            blind.get("classify", {}),
+            ["accuracy", "macro_f1", "pointing_accuracy"],
+        ),
+        *_metric_row(
+            "classify (text blanked)",
+            metrics.get("blind_text", {}).get("classify", {}),
+            {},
+            ["accuracy", "macro_f1"],
+        ),
+        *_metric_row(
             "retrieval",
             metrics.get("retrieval", {}),
             blind.get("retrieval", {}),
@@ -256,13 +280,12 @@ def train_evaluate_report(
     runs, pictures_dir = out / "runs", out / "pictures"
     print("[2/5] training the captioner")
     caption_run = _train_stage("caption", plan.caption, data, runs, plan)
-    print("[3/5] training the VQA model and the retrieval model, starting from the captioner")
+    print("[3/5] training the VQA, retrieval and pair-classification models from the captioner")
     trained = {"caption": caption_run}
     trained["vqa"] = _train_stage("vqa", plan.vqa, data, runs, plan, init_from=str(caption_run))
-    if plan.retrieval is not None:
-        trained["retrieval"] = _train_stage(
-            "retrieval", plan.retrieval, data, runs, plan, init_from=str(caption_run)
-        )
+    for task, stage in (("retrieval", plan.retrieval), ("classify", plan.classify)):
+        if stage is not None:
+            trained[task] = _train_stage(task, stage, data, runs, plan, init_from=str(caption_run))
 
     print("[4/5] evaluating on the test split, with and without the image")
     results: dict[str, Any] = {"blind": {}, "parameters": {}}
@@ -274,6 +297,9 @@ def train_evaluate_report(
             run_dir, test, options, out / f"{task}_predictions.jsonl", pipe=pipe
         )
         results["blind"][task] = evaluate(run_dir, test, replace(options, blind=True), pipe=pipe)
+        if task == "classify":  # and the other blind baseline: the image without the text
+            options = replace(options, blind_text=True, confusion_png=str(out / "confusion.png"))
+            results["blind_text"] = {task: evaluate(run_dir, test, options, pipe=pipe)}
         results["parameters"][task] = {
             "total": pipe.model.num_parameters(),
             "trainable": pipe.model.num_parameters(trainable_only=True),
@@ -302,6 +328,8 @@ SIDE_BY_SIDE = [  # (task, metric) rows of the pretrained-vs-default table
     ("vqa", "accuracy"),
     ("vqa", "pointing_accuracy"),
     *(("retrieval", key) for key in RETRIEVAL_KEYS),
+    ("classify", "accuracy"),
+    ("classify", "macro_f1"),
 ]
 
 
