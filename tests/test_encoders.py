@@ -11,7 +11,7 @@ from vtfuse.encoders.vision import create_vision_encoder
 SMALL = dict(image_size=48, patch_size=8, channels=(8, 8, 16), dim=16, depth=1, heads=2)
 
 
-@pytest.mark.parametrize("name", ["cnn", "vit"])
+@pytest.mark.parametrize("name", ["cnn", "resnet", "vgg", "vit"])
 def test_grid_of_tokens(name):
     encoder = create_vision_encoder(VisionConfig(name=name, **SMALL))
     tokens = encoder(torch.randn(2, 3, 48, 48))
@@ -19,7 +19,7 @@ def test_grid_of_tokens(name):
     assert tokens.shape == (2, 36, 16)
 
 
-@pytest.mark.parametrize("name", ["cnn", "vit"])
+@pytest.mark.parametrize("name", ["cnn", "resnet", "vgg", "vit"])
 def test_pool_averages_blocks_of_tokens(name):
     encoder = create_vision_encoder(VisionConfig(name=name, pool=3, **SMALL))
     assert encoder.grid_size == (2, 2)
@@ -41,3 +41,18 @@ def test_position_embedding_tells_cells_apart():
     tokens = encoder(torch.zeros(1, 3, 48, 48))[0]
     distances = torch.cdist(tokens, tokens)
     assert (distances + torch.eye(4) * 1e3).min() > 0.1
+
+
+def test_resnet_stages_have_a_shortcut_and_vgg_stages_do_not():
+    """With its residual bodies zeroed, a ResNet stage still passes the image through its
+    shortcut; the VGG stack is one plain Sequential of convs, norms and max-pools."""
+    resnet = create_vision_encoder(VisionConfig(name="resnet", **SMALL))
+    for stage in resnet.stem[:-1]:
+        torch.nn.init.zeros_(stage.body[-1].weight)  # the last GroupNorm's scale: F(x) = 0
+        torch.nn.init.zeros_(stage.body[-1].bias)
+    images = torch.randn(2, 3, 48, 48)
+    assert resnet.tokenise(images).abs().sum() > 0
+    vgg = create_vision_encoder(VisionConfig(name="vgg", **SMALL))
+    kinds = {type(m).__name__ for m in vgg.stem}
+    assert kinds == {"Conv2d", "GroupNorm", "GELU", "MaxPool2d"}
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in vgg.stem) == 3  # one per halving

@@ -83,3 +83,34 @@ def test_a_wrong_input_size_or_unknown_name_is_explained(tower_folder, tmp_path)
         create_vision_encoder(VisionConfig(name=str(tower_folder), image_size=64, patch_size=8))
     with pytest.raises(ValueError, match="neither registered"):
         vision_preset(str(tmp_path / "no-such-model"))
+
+
+CNNS = {
+    "resnet": lambda: transformers.ResNetModel(
+        transformers.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], layer_type="basic"
+        )
+    ),
+    "convnext": lambda: transformers.ConvNextModel(
+        transformers.ConvNextConfig(hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1])
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CNNS))
+def test_cnn_backbones_give_one_token_per_feature_map_place(family, tmp_path):
+    torch.manual_seed(0)
+    CNNS[family]().save_pretrained(tmp_path)
+    preset = vision_preset(str(tmp_path))
+    assert preset == {"image_size": 224, "patch_size": 32}
+    config = VisionConfig(
+        name=str(tmp_path), dim=16, depth=0, heads=2, image_size=64, patch_size=32
+    )
+    encoder = create_vision_encoder(config).eval()
+    assert encoder.grid_size == (2, 2)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    reference = load_vision_tower(str(tmp_path)).eval()
+    with torch.no_grad():
+        features = reference(pixel_values=normalise(images)).last_hidden_state  # (2, 32, 2, 2)
+        expected = encoder.project(features.flatten(2).transpose(1, 2))
+        torch.testing.assert_close(encoder.tokenise(normalise(images)), expected)

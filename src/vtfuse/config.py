@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class VisionConfig:
-    name: str = "cnn"  # registered vision encoder: "cnn", "vit" or "efficientnet-lite0"
+    name: str = "cnn"  # registered: cnn, resnet, vgg, vit, efficientnet-lite0; or a HF model
     image_size: int = 72  # images are resized to image_size × image_size
     patch_size: int = 8  # ViT patch side; the CNN downsamples by the same factor
     channels: tuple[int, ...] = (32, 64, 128)  # CNN stage widths (each stage halves the size)

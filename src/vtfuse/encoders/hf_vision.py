@@ -1,4 +1,5 @@
-"""Hugging Face vision towers as image tokenisers: ViT, CLIP and SigLIP vision models, DINOv2.
+"""Hugging Face vision towers as image tokenisers: ViT, CLIP and SigLIP vision models, DINOv2,
+and CNN backbones (ResNet, ConvNeXt), whose last feature map gives one token per place.
 
 `--vision NAME_OR_PATH` (a hub name or a local folder, anything not in the registry) loads the
 model through `AutoModel`; a CLIP or SigLIP checkpoint gives its vision half. Preprocessing is
@@ -41,9 +42,18 @@ def tower_config(name_or_path: str):
     return getattr(config, "vision_config", None) or config
 
 
+def is_convolutional(config) -> bool:
+    """A CNN backbone (ResNet, ConvNeXt, RegNet...): stages of feature maps, not patches."""
+    return hasattr(config, "hidden_sizes") and not hasattr(config, "hidden_size")
+
+
 def tower_preset(name_or_path: str) -> dict[str, int]:
-    """The VisionConfig fields a tower fixes: its input size and patch size."""
+    """The VisionConfig fields a tower fixes: its input size and its tokens' stride — a ViT's
+    patch size, or a CNN's total downsampling (×4 in its stem, ×2 in each later stage: 32
+    for the usual four, so 224 px gives a 7 × 7 feature map)."""
     config = tower_config(name_or_path)
+    if is_convolutional(config):
+        return {"image_size": 224, "patch_size": 4 * 2 ** (len(config.hidden_sizes) - 1)}
     return {"image_size": int(config.image_size), "patch_size": int(config.patch_size)}
 
 
@@ -76,7 +86,9 @@ class HuggingFaceVisionEncoder(VisionEncoder):
 
     def __init__(self, config: VisionConfig):
         preset = tower_preset(config.name)
-        if (config.image_size, config.patch_size) != (preset["image_size"], preset["patch_size"]):
+        tower = tower_config(config.name)
+        fixed = ("patch_size",) if is_convolutional(tower) else ("image_size", "patch_size")
+        if any(getattr(config, key) != preset[key] for key in fixed):
             raise ValueError(
                 f"{config.name} takes {preset['image_size']} px images in patches of "
                 f"{preset['patch_size']}: set vision.image_size and vision.patch_size to those "
@@ -89,12 +101,15 @@ class HuggingFaceVisionEncoder(VisionEncoder):
         mean, std = tower_normalisation(config.name)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.project = nn.Linear(tower_config(config.name).hidden_size, config.dim)
+        width = tower.hidden_sizes[-1] if is_convolutional(tower) else tower.hidden_size
+        self.project = nn.Linear(width, config.dim)
 
     def tokenise(self, images: Tensor) -> Tensor:
         pixels = ((images + 1) / 2 - self.mean) / self.std  # [-1, 1] → the tower's own scale
         hidden = self.tower(pixel_values=pixels).last_hidden_state
-        return self.project(hidden[:, -self.patches :])  # patch tokens come last
+        if hidden.dim() == 4:  # a CNN's last feature map (B, C, h, w): one token per place
+            return self.project(hidden.flatten(2).transpose(1, 2))
+        return self.project(hidden[:, -self.patches :])  # a ViT's patch tokens come last
 
     def train(self, mode: bool = True) -> HuggingFaceVisionEncoder:
         super().train(mode)

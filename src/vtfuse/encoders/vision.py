@@ -6,6 +6,7 @@ position embedding and `depth` Transformer layers over the tokens.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import ClassVar
 
@@ -101,13 +102,7 @@ class ConvEncoder(VisionEncoder):
 
     def __init__(self, config: VisionConfig):
         super().__init__(config)
-        stages = int(math.log2(config.patch_size))
-        if 2**stages != config.patch_size or len(config.channels) != stages:
-            raise ValueError(
-                f"the CNN needs a power-of-two vision.patch_size and one entry of vision.channels "
-                f"per halving: patch_size {config.patch_size} wants {stages} channels, "
-                f"got {list(config.channels)}"
-            )
+        _stages(config)
         layers: list[nn.Module] = []
         width = 3
         for out in config.channels:
@@ -125,6 +120,72 @@ class ConvEncoder(VisionEncoder):
 
     def tokenise(self, images: Tensor) -> Tensor:
         return self.stem(images).flatten(2).transpose(1, 2)  # (B, dim, h, w) → (B, h·w, dim)
+
+
+def _stages(config: VisionConfig) -> int:
+    """How many halvings `patch_size` asks for; the CNNs need one `channels` entry each."""
+    stages = int(math.log2(config.patch_size))
+    if 2**stages != config.patch_size or len(config.channels) != stages:
+        raise ValueError(
+            f"the CNN needs a power-of-two vision.patch_size and one entry of vision.channels "
+            f"per halving: patch_size {config.patch_size} wants {stages} channels, "
+            f"got {list(config.channels)}"
+        )
+    return stages
+
+
+def _conv_norm(width: int, out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(width, out, 3, stride=stride, padding=1), nn.GroupNorm(min(8, out), out)]
+
+
+class ResidualStage(nn.Module):
+    """He et al. 2016's basic block, downsampling: y = GELU(F(x) + P(x)), F two 3×3 convs
+    (the first with stride 2), P a strided 1×1 projection."""
+
+    def __init__(self, width: int, out: int):
+        super().__init__()
+        self.body = nn.Sequential(*_conv_norm(width, out, 2), nn.GELU(), *_conv_norm(out, out))
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(width, out, 1, stride=2), nn.GroupNorm(min(8, out), out)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.body(x) + self.shortcut(x))
+
+
+@VISION_ENCODERS.register("resnet")
+class ResNetEncoder(VisionEncoder):
+    """A small ResNet: one residual stage per halving (GroupNorm for small batches)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__(config)
+        _stages(config)
+        widths = (3, *config.channels)
+        stages = [ResidualStage(a, b) for a, b in itertools.pairwise(widths)]
+        self.stem = nn.Sequential(*stages, nn.Conv2d(widths[-1], config.dim, 1))
+
+    def tokenise(self, images: Tensor) -> Tensor:
+        return self.stem(images).flatten(2).transpose(1, 2)
+
+
+@VISION_ENCODERS.register("vgg")
+class VGGEncoder(VisionEncoder):
+    """A small VGG (Simonyan & Zisserman 2015): per halving two 3×3 convs then a 2×2 max-pool,
+    a plain stack with no shortcut."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__(config)
+        _stages(config)
+        layers: list[nn.Module] = []
+        width = 3
+        for out in config.channels:
+            layers += [*_conv_norm(width, out), nn.GELU(), *_conv_norm(out, out), nn.GELU()]
+            layers.append(nn.MaxPool2d(2))
+            width = out
+        self.stem = nn.Sequential(*layers, nn.Conv2d(width, config.dim, 1))
+
+    def tokenise(self, images: Tensor) -> Tensor:
+        return self.stem(images).flatten(2).transpose(1, 2)
 
 
 @VISION_ENCODERS.register("vit")
