@@ -103,7 +103,7 @@ def test_captioning_on_the_built_in_scenes(data, tmp_path):
     )
     assert (out / "data" / "caption_test.jsonl").is_file()
     (row,) = read_csv(out / "compare.csv")
-    expected = {"cider", "bleu4", "object_f1", "pointing_accuracy"}
+    expected = {"cider", "bleu4", "object_f1"}  # pointing: only once a caption names a colour
     expected |= {"meteor"} if shutil.which("java") else set()
     assert {f"{m}_mean" for m in expected} <= set(row)
     assert not any(c.startswith(("bleu1", "rouge")) for c in row)  # main metrics only
