@@ -118,8 +118,9 @@ class QuickstartPlan:
 # 96 px → EfficientNet-Lite0's 3 × 3 grid: one token per cell of the scenes' layout.
 PRETRAINED_VISION = VisionConfig(name="efficientnet-lite0", image_size=96, patch_size=32, depth=0)
 PRETRAINED_TEXT = LMConfig(name="minilm", xattn_every=2)
-# A step through MiniLM costs ~8× one of the default model (measured, 2 CPU cores), so the
-# pretrained stages get more minutes and see ~2 epochs rather than 12.
+# An example costs ~16× (a caption, through MiniLM and its 30k-word head) and ~6× (a question)
+# what it costs the default model (measured, 2 CPU cores), so the pretrained stages get more
+# minutes and still see only ~2 epochs.
 PRETRAINED_MINUTES = 6.0
 
 
