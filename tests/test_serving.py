@@ -114,6 +114,8 @@ def test_bad_fields_oversized_images_and_wrong_tasks(captioner, answerer):
     assert response.status_code == 422 and "beam_size" in response.json()["error"]
     response = captioner.post("/v1/caption", files=image, data={"beam_size": "0"})
     assert response.status_code == 422 and "at least 1" in response.json()["error"]
+    response = captioner.post("/v1/caption", files=image, data={"beam_size": "1000000000"})
+    assert response.status_code == 422 and "at most 8" in response.json()["error"]  # no OOM
     response = captioner.post("/v1/ask", files=image, data={"question": "what?"})
     assert response.status_code == 422 and "'caption' model" in response.json()["error"]
     response = answerer.post("/v1/ask", files=image)

@@ -43,6 +43,8 @@ class ServeSettings:
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 40_000_000
     max_texts: int = 1000  # candidates per retrieval request
+    max_images: int = 64  # candidate images per retrieval request
+    max_beam_size: int = 8  # a beam's memory grows with its width: a bound, not a DoS
 
 
 class RequestError(Exception):
@@ -288,7 +290,7 @@ def create_app(
         return PAGE.read_text()
 
     caption_fields = {
-        "beam_size": {"type": "integer", "minimum": 1},
+        "beam_size": {"type": "integer", "minimum": 1, "maximum": 8},
         "max_length": {"type": "integer", "minimum": 1},
         "attention": {"type": "boolean"},
     }
@@ -299,6 +301,8 @@ def create_app(
         fields, files = await read_fields(request)
         image = _one_image(files, settings)
         beam = _field(fields, "beam_size", int, 1, low=1)
+        if beam > settings.max_beam_size:
+            raise RequestError(422, f"field 'beam_size' must be at most {settings.max_beam_size}")
         longest = pipe.model.config.text.max_length - 1
         max_length = min(_field(fields, "max_length", int, longest, low=1), longest)
         attention = _field(fields, "attention", bool, False)
@@ -336,10 +340,10 @@ def create_app(
         fields, files = await read_fields(request)
         top_k = _field(fields, "top_k", int, 5, low=1)
         if "query" in fields:
-            images = [
-                decode_image(d, settings, f"images[{i}]")
-                for i, d in enumerate(files.get("images", []))
-            ]
+            candidates = files.get("images", [])
+            if len(candidates) > settings.max_images:
+                raise RequestError(422, f"at most {settings.max_images} 'images' per request")
+            images = [decode_image(d, settings, f"images[{i}]") for i, d in enumerate(candidates)]
             if not images:
                 raise RequestError(422, "a 'query' needs candidate 'images'")
             ranked = await _in_thread(pipe.retrieve_images, str(fields["query"]), images, top_k)
