@@ -51,7 +51,10 @@ def tower_preset(name_or_path: str) -> dict[str, int]:
     """The VisionConfig fields a tower fixes: its input size and its tokens' stride — a ViT's
     patch size, or a CNN's total downsampling (×4 in its stem, ×2 in each later stage: 32
     for the usual four, so 224 px gives a 7 × 7 feature map)."""
-    config = tower_config(name_or_path)
+    return _preset(tower_config(name_or_path))
+
+
+def _preset(config) -> dict[str, int]:
     if is_convolutional(config):
         return {"image_size": 224, "patch_size": 4 * 2 ** (len(config.hidden_sizes) - 1)}
     return {"image_size": int(config.image_size), "patch_size": int(config.patch_size)}
@@ -85,8 +88,8 @@ class HuggingFaceVisionEncoder(VisionEncoder):
     """A pretrained transformers vision model, frozen by default (`vision.freeze_backbone`)."""
 
     def __init__(self, config: VisionConfig):
-        preset = tower_preset(config.name)
         tower = tower_config(config.name)
+        preset = _preset(tower)
         fixed = ("patch_size",) if is_convolutional(tower) else ("image_size", "patch_size")
         if any(getattr(config, key) != preset[key] for key in fixed):
             raise ValueError(

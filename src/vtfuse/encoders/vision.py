@@ -93,8 +93,22 @@ class VisionEncoder(nn.Module):
         return self.norm(x)
 
 
+class ConvStemEncoder(VisionEncoder):
+    """A CNN of one stage per halving (`stem`, ending in a 1×1 conv to `dim`): its last
+    feature map, row by row, is the token grid."""
+
+    stem: nn.Sequential
+
+    def __init__(self, config: VisionConfig):
+        super().__init__(config)
+        _stages(config)
+
+    def tokenise(self, images: Tensor) -> Tensor:
+        return self.stem(images).flatten(2).transpose(1, 2)  # (B, dim, h, w) → (B, h·w, dim)
+
+
 @VISION_ENCODERS.register("cnn")
-class ConvEncoder(VisionEncoder):
+class ConvEncoder(ConvStemEncoder):
     """A small CNN: each stage is conv3×3 stride 2 → conv3×3, each conv followed by GroupNorm
     (Wu & He 2018) and GELU, halving the size, so log2(patch_size) stages give one token per
     patch_size × patch_size pixels. Without the norms the image content reaches the tokens
@@ -102,7 +116,6 @@ class ConvEncoder(VisionEncoder):
 
     def __init__(self, config: VisionConfig):
         super().__init__(config)
-        _stages(config)
         layers: list[nn.Module] = []
         width = 3
         for out in config.channels:
@@ -117,9 +130,6 @@ class ConvEncoder(VisionEncoder):
             width = out
         layers.append(nn.Conv2d(width, config.dim, 1))
         self.stem = nn.Sequential(*layers)
-
-    def tokenise(self, images: Tensor) -> Tensor:
-        return self.stem(images).flatten(2).transpose(1, 2)  # (B, dim, h, w) → (B, h·w, dim)
 
 
 def _stages(config: VisionConfig) -> int:
@@ -154,28 +164,23 @@ class ResidualStage(nn.Module):
 
 
 @VISION_ENCODERS.register("resnet")
-class ResNetEncoder(VisionEncoder):
+class ResNetEncoder(ConvStemEncoder):
     """A small ResNet: one residual stage per halving (GroupNorm for small batches)."""
 
     def __init__(self, config: VisionConfig):
         super().__init__(config)
-        _stages(config)
         widths = (3, *config.channels)
         stages = [ResidualStage(a, b) for a, b in itertools.pairwise(widths)]
         self.stem = nn.Sequential(*stages, nn.Conv2d(widths[-1], config.dim, 1))
 
-    def tokenise(self, images: Tensor) -> Tensor:
-        return self.stem(images).flatten(2).transpose(1, 2)
-
 
 @VISION_ENCODERS.register("vgg")
-class VGGEncoder(VisionEncoder):
+class VGGEncoder(ConvStemEncoder):
     """A small VGG (Simonyan & Zisserman 2015): per halving two 3×3 convs then a 2×2 max-pool,
     a plain stack with no shortcut."""
 
     def __init__(self, config: VisionConfig):
         super().__init__(config)
-        _stages(config)
         layers: list[nn.Module] = []
         width = 3
         for out in config.channels:
@@ -183,9 +188,6 @@ class VGGEncoder(VisionEncoder):
             layers.append(nn.MaxPool2d(2))
             width = out
         self.stem = nn.Sequential(*layers, nn.Conv2d(width, config.dim, 1))
-
-    def tokenise(self, images: Tensor) -> Tensor:
-        return self.stem(images).flatten(2).transpose(1, 2)
 
 
 @VISION_ENCODERS.register("vit")
