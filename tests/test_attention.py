@@ -17,11 +17,11 @@ B, T, S = 2, 5, 7
 def plain_attention(module, score, x, context=None, key_mask=None, causal=False):
     """Attention written out per batch row and per head, from the module's own weights."""
     source = x if context is None else context
-    dim = module.to_q.weight.shape[0]
+    dim = module.to_q.weight.shape[1]  # vtfuse.linear.Linear: y = x·W + b, W is (in, out)
     heads = module.heads
     d = dim // heads
-    q = x @ module.to_q.weight.T + module.to_q.bias
-    kv = source @ module.to_kv.weight.T + module.to_kv.bias
+    q = x @ module.to_q.weight + module.to_q.bias
+    kv = source @ module.to_kv.weight + module.to_kv.bias
     k, v = kv[..., :dim], kv[..., dim:]
     batch, queries, keys = x.shape[0], x.shape[1], source.shape[1]
     out = torch.zeros(batch, queries, dim, dtype=x.dtype)
@@ -52,7 +52,7 @@ def plain_attention(module, score, x, context=None, key_mask=None, causal=False)
             w = e / e.sum(dim=-1, keepdim=True)
             weights[b, h] = w
             out[b, :, cols] = w @ vh
-    return out @ module.to_out.weight.T + module.to_out.bias, weights
+    return out @ module.to_out.weight + module.to_out.bias, weights
 
 
 def make_module(score, context_dim=None, dtype=torch.float64, seed=0):
@@ -190,7 +190,7 @@ def test_cached_incremental_equals_full_causal(score, masked, need_weights, dtyp
                 need_weights=need_weights,
             )
             assert cache.length == t + 1
-            assert cache.key.shape == (B, HEADS, t + 1, DIM // HEADS)
+            assert cache.key[:, :, : cache.length].shape == (B, HEADS, t + 1, DIM // HEADS)
             steps.append(out)
             step_weights.append(w)
     incremental = torch.cat(steps, dim=1)
@@ -263,11 +263,19 @@ def test_kv_cache_append_and_reorder():
     torch.testing.assert_close(value, torch.cat([v1, v2], dim=2))
 
     index = torch.tensor([2, 0, 0])
+    key, value = key.clone(), value.clone()
     cache.reorder(index)
-    torch.testing.assert_close(cache.key, key[index])
-    torch.testing.assert_close(cache.value, value[index])
+    torch.testing.assert_close(cache.current(), (key[index], value[index]))
 
-    static = KVCache(key.clone(), value.clone(), static=True)
+    steps = [torch.randn(3, 2, 1, 4, generator=g) for _ in range(40)]  # past two regrowths
+    for step in steps:
+        grown = cache.append(step, -step)
+    assert cache.length == 42
+    torch.testing.assert_close(grown[0], torch.cat([key[index], *steps], dim=2))
+    torch.testing.assert_close(grown[1], torch.cat([value[index], *(-s for s in steps)], dim=2))
+
+    static = KVCache()
+    static.fill(key.clone(), value.clone())
     static.reorder(index)
     torch.testing.assert_close(static.key, key)
     torch.testing.assert_close(static.value, value)
@@ -288,3 +296,25 @@ def test_dropout_only_in_training():
     with torch.no_grad():
         dropped, _ = module(x)
     assert not torch.allclose(dropped, a)
+
+
+@pytest.mark.parametrize("score", SCORE_NAMES)
+def test_decoding_step_on_the_plain_path_equals_reference(score):
+    """One query per row over a few keys with many rows takes the plain matmul path on CPU
+    (`_plain_is_faster`); it must give the reference's output, with and without padding."""
+    from vtfuse.attention import _plain_is_faster
+
+    module = make_module(score, context_dim=CONTEXT_DIM)
+    rows = 16
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, 1, DIM, generator=g, dtype=torch.float64)
+    context = torch.randn(rows, S, CONTEXT_DIM, generator=g, dtype=torch.float64)
+    key_mask = torch.rand(rows, S, generator=g) > 0.3
+    key_mask[:, 0] = True
+    q = torch.zeros(rows, HEADS, 1, DIM // HEADS)
+    assert _plain_is_faster(q, torch.zeros(rows, HEADS, S, DIM // HEADS))
+    with torch.no_grad():
+        for mask in (None, key_mask):
+            fast, _ = module(x, context, key_mask=mask)
+            reference, _ = module(x, context, key_mask=mask, need_weights=True)
+            torch.testing.assert_close(fast, reference, atol=1e-10, rtol=0)

@@ -279,6 +279,30 @@ def test_wrong_format_version_is_refused(tmp_path):
         load_pretrained(folder)
 
 
+def test_format_2_checkpoint_is_upgraded_on_load(tmp_path):
+    """Format 2 stored every attention/MLP weight as nn.Linear's (out, in); format 3 stores
+    them input-major. A format-2 folder loads, transposed, into the same model."""
+    from safetensors.torch import load_file, save_file
+
+    from vtfuse.linear import Linear
+
+    folder = saved_folder(tmp_path)
+    model, _ = load_pretrained(folder)
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
+    weights = load_file(folder / "model.safetensors")
+    assert linear and linear <= set(weights)
+    old = {n: t.t().contiguous() if n in linear else t for n, t in weights.items()}
+    save_file(old, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "format_version": 2}))
+    upgraded, _ = load_pretrained(folder)
+    for name, tensor in upgraded.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    images = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(upgraded.encode_image(images), model.encode_image(images))
+
+
 def test_unknown_config_field_is_refused(tmp_path):
     folder = saved_folder(tmp_path, "vqa")
     path = folder / "config.json"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from vtfuse.config import ModelConfig, TextConfig, VisionConfig
 from vtfuse.generation import beam_search, greedy, nucleus
+from vtfuse.linear import Linear
 from vtfuse.models import Captioner, create_model
 
 VOCAB, BOS, EOS, PAD = 30, 1, 2, 0
@@ -28,9 +29,13 @@ def randomise(model: Captioner, seed: int) -> None:
     on position and image, and make some (not all) of them end with <eos> within MAX_LENGTH.
     """
     g = torch.Generator().manual_seed(seed)
+    input_major = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
+            if name in input_major:  # drawn as (out, in), as nn.Linear stores it
+                w = torch.randn(p.shape[::-1], generator=g) / math.sqrt(p.shape[0])
+                p.copy_(w.t())
+            elif p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
             else:
                 is_gain = "norm" in name and name.endswith("weight")

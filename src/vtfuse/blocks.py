@@ -50,12 +50,8 @@ class DecoderCache(list[LayerCache]):
     def expand(self, index: Tensor) -> None:
         """Give each row `index[i]`'s state, the per-image K/V included (beams from images)."""
         for cache in self:
-            for kv in (cache.self_attn, cache.fusion):
-                if kv.key is not None:
-                    kv.key, kv.value = (
-                        kv.key.index_select(0, index),
-                        kv.value.index_select(0, index),
-                    )
+            cache.self_attn.select_rows(index)
+            cache.fusion.select_rows(index)
 
 
 class FusionBlock(nn.Module):

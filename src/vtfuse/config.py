@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-FORMAT_VERSION = 2  # bump when a saved checkpoint can no longer be read by this code
+FORMAT_VERSION = 3  # bump when a saved checkpoint can no longer be read by this code
 
 C = TypeVar("C")
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from vtfuse.linear import Linear
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout)
+            Linear(dim, hidden), nn.GELU(), Linear(hidden, dim), nn.Dropout(dropout)
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -61,7 +61,7 @@ def nucleus(temperature: float = 1.0, top_p: float = 1.0, generator=None) -> Pic
     return pick
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy(
     model: IncrementalDecoder,
     images: Tensor,
@@ -105,7 +105,7 @@ def _until_eos(sequence: list[int], eos_id: int) -> list[int]:
     return sequence[: sequence.index(eos_id) + 1] if eos_id in sequence else sequence
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(
     model: IncrementalDecoder,
     images: Tensor,

@@ -16,6 +16,7 @@ from vtfuse.config import FORMAT_VERSION, ModelConfig, from_dict, to_dict
 from vtfuse.data.images import normalise
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
 from vtfuse.encoders.vision import create_vision_encoder
+from vtfuse.linear import Linear
 from vtfuse.registry import Registry
 
 TASKS: Registry[TaskModel] = Registry("task")
@@ -45,7 +46,7 @@ class TaskModel(nn.Module):
         of steps; with small embeddings the first self-attention's output drowns each word's
         identity, and "red" cannot learn to look at red."""
         for module in _own_modules(self):
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, Linear)):
                 nn.init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -107,9 +108,12 @@ class TaskModel(nn.Module):
     def save_weights(self, path: Path) -> None:
         save_file({n: t.contiguous() for n, t in self.trainable_state_dict().items()}, str(path))
 
-    def load_weights(self, path: Path) -> tuple[list[str], list[str]]:
-        """Load saved weights; returns the (missing, unexpected) names."""
+    def load_weights(self, path: Path, format_version: int = FORMAT_VERSION):
+        """Load saved weights (written in `format_version`); returns the (missing, unexpected)
+        names."""
         saved, expected = load_file(str(path)), set(self.trainable_state_dict())
+        for version in range(format_version, FORMAT_VERSION):
+            saved = UPGRADES[version](self, saved)
         aliases = _tied_names(self)  # a file written with the other name of a tied weight
         saved = {
             aliases.get(n, n) if aliases.get(n) in expected else n: t for n, t in saved.items()
@@ -135,7 +139,22 @@ def _tied_names(model: nn.Module) -> dict[str, str]:
     return {n: f for n, f in aliases.items() if n != f}
 
 
+def _input_major_linear_weights(model: nn.Module, saved: dict[str, Tensor]) -> dict:
+    """Format 2 → 3: `vtfuse.linear.Linear` weights became (in, out), were (out, in)."""
+    names = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Linear)}
+    return {n: t.t().contiguous() if n in names else t for n, t in saved.items()}
+
+
+# UPGRADES[v] turns weights written in format v into format v + 1; older formats are refused
+UPGRADES = {2: _input_major_linear_weights}
+
+
 def read_model_config(folder: str | Path) -> ModelConfig:
+    return read_checkpoint_config(folder)[0]
+
+
+def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, int]:
+    """A model folder's config and the format its weights were written in."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a vtfuse model folder: no {CONFIG_FILE}")
@@ -146,12 +165,13 @@ def read_model_config(folder: str | Path) -> ModelConfig:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION and version not in UPGRADES:
         raise CheckpointError(
             f"{path}: field 'format_version' is {version!r} (written by vtfuse "
-            f"{data.get('vtfuse_version', '?')}); this vtfuse reads format {FORMAT_VERSION}"
+            f"{data.get('vtfuse_version', '?')}); this vtfuse reads formats "
+            f"{sorted({*UPGRADES, FORMAT_VERSION})}"
         )
-    return from_dict(ModelConfig, data.get("model", {}), where=f"{path}: model")
+    return from_dict(ModelConfig, data.get("model", {}), where=f"{path}: model"), version
 
 
 def create_model(config: ModelConfig) -> TaskModel:
@@ -165,13 +185,14 @@ def load_pretrained(
 ) -> tuple[TaskModel, AnyTokenizer]:
     """Load a model folder written by `save_pretrained` (weights from safetensors only)."""
     folder = Path(folder)
-    model = create_model(read_model_config(folder))
+    config, version = read_checkpoint_config(folder)
+    model = create_model(config)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(
             f"{folder}: no {WEIGHTS_FILE} (vtfuse loads weights from safetensors only)"
         )
-    missing, unexpected = model.load_weights(weights)
+    missing, unexpected = model.load_weights(weights, version)
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not match its config: missing {missing[:5]}, "

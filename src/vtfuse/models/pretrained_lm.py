@@ -266,9 +266,7 @@ class LMCache:
         if self.lm is not None:
             self.lm.batch_select_indices(index)
         for cache in self.fusion:
-            if cache.key is not None:
-                cache.key = cache.key.index_select(0, index)
-                cache.value = cache.value.index_select(0, index)
+            cache.select_rows(index)
 
 
 class PretrainedTextModel(TaskModel):

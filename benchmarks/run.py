@@ -1,0 +1,348 @@
+"""vtfuse against transformers' VisionEncoderDecoderModel (ViT + GPT-2 with cross-attention) on
+the same job, at the same model size: caption generation, beam search, a training step, memory.
+
+    python benchmarks/run.py                 # both sizes (small, base), 7 repeats
+    python benchmarks/run.py --quick         # small size, 3 repeats: under 2 minutes
+    python benchmarks/run.py --json R.json   # also write the small size's ratios
+
+Both models are built by `matched.py` with random weights (nothing downloaded) and timed in this
+process, alternating run by run after a warm-up; each figure is the median over the repeats.
+Generation produces exactly 24 new tokens (no end token), so both do the same work. Peak memory
+is measured in a fresh process per model and workload (peak resident set above the resident set
+before the workload on CPU; `max_memory_allocated` on CUDA). Achieved FLOP/s are the work counted
+by `torch.utils.flop_counter` over the median time, as a share of the matmul peak measured here.
+Ratios are vtfuse over transformers: > 1 is faster for speed; < 1 is smaller for memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from matched import SIZES, Size, hf_captioner, parameters, vtfuse_captioner
+
+from vtfuse.generation import beam_search, greedy
+
+MODELS = {"vtfuse": vtfuse_captioner, "transformers": hf_captioner}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    batch: int
+    beam: int = 1
+    train: bool = False
+    bf16: bool = False
+
+    @property
+    def unit(self) -> str:
+        return "samples/s" if self.train else "ms/image"
+
+
+WORKLOADS = (
+    Workload("generate_b1", batch=1),
+    Workload("generate_b32", batch=32),
+    Workload("beam_b8", batch=8, beam=4),
+    Workload("train_b32", batch=32, train=True),
+)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# -- the two ways of doing each workload --------------------------------------------------------
+def inputs(size: Size, batch: int, dev: torch.device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(batch)
+    pixels = torch.randint(
+        0, 256, (batch, 3, size.image_size, size.image_size), generator=generator
+    )
+    tokens = torch.randint(3, size.vocab, (batch, size.new_tokens + 2), generator=generator)
+    tokens[:, 0] = 1  # <bos>
+    return {
+        "images": pixels.to(torch.uint8).to(dev),  # vtfuse normalises uint8 images itself
+        "pixel_values": (pixels.float() / 127.5 - 1).to(dev),  # transformers takes them ready
+        "tokens": tokens.to(dev),
+    }
+
+
+def vtfuse_job(model, size: Size, work: Workload, data) -> Callable[[], object]:
+    if work.train:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        batch = {"images": data["images"], "tokens": data["tokens"]}
+        cast = torch.autocast(data["images"].device.type, torch.bfloat16) if work.bf16 else None
+
+        def step():
+            with cast or nullcontext():
+                loss = model.training_loss(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+    if work.beam > 1:
+        return lambda: beam_search(
+            model, data["images"], beam_size=work.beam, max_length=size.new_tokens, eos_id=-1
+        )
+    return lambda: greedy(model, data["images"], max_length=size.new_tokens, eos_id=-1)
+
+
+def transformers_job(model, size: Size, work: Workload, data) -> Callable[[], object]:
+    if work.train:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        labels = data["tokens"][:, 1:]  # the model prepends <bos> itself (shift right)
+
+        def step():
+            model(pixel_values=data["pixel_values"], labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+    return lambda: model.generate(
+        pixel_values=data["pixel_values"],
+        max_new_tokens=size.new_tokens,
+        num_beams=work.beam,
+        do_sample=False,
+    )
+
+
+JOBS = {"vtfuse": vtfuse_job, "transformers": transformers_job}
+
+
+def build(name: str, size: Size, work: Workload, dev: torch.device):
+    model = MODELS[name](size).to(dev)
+    if name == "transformers":
+        model.generation_config.eos_token_id = None  # exactly new_tokens tokens, as vtfuse
+        model.generation_config.pad_token_id = 0
+    model.train(work.train)
+    job = JOBS[name](model, size, work, inputs(size, work.batch, dev))
+    if work.train:
+        return job
+    return _no_grad(job)
+
+
+def _no_grad(job: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with torch.inference_mode():
+            return job()
+
+    return run
+
+
+# -- measuring ----------------------------------------------------------------------------------
+def timed(job: Callable[[], object]) -> float:
+    synchronize()
+    start = time.perf_counter()
+    job()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def compare_speed(size: Size, work: Workload, repeats: int, dev) -> dict[str, float]:
+    """Median seconds per call of each model's job, the runs alternating after 2 warm-ups."""
+    jobs = {name: build(name, size, work, dev) for name in MODELS}
+    for job in jobs.values():
+        job(), job()
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            times[name].append(timed(job))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def count_flops(name: str, size: Size, work: Workload, dev) -> float:
+    job = build(name, size, work, dev)
+    with FlopCounterMode(display=False) as counter:
+        job()
+    return counter.get_total_flops()
+
+
+def matmul_peak(dev, dtype=torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of a large square matmul on this machine: the ceiling the workloads are held to."""
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    a @ b
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        calls += 1
+    synchronize()
+    return 2 * n**3 * calls / (time.perf_counter() - start)
+
+
+def peak_memory(name: str, size: Size, work: Workload) -> float:
+    """Bytes above the model's own footprint at the workload's peak, in a fresh process."""
+    probe = [sys.executable, __file__, "--memory-probe", name, size.name, work.name]
+    output = subprocess.run(probe, check=True, capture_output=True, text=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def memory_probe(name: str, size: Size, work: Workload) -> float:
+    dev = device()
+    job = build(name, size, work, dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        job(), job()  # the second training step holds AdamW's moments too
+        return torch.cuda.max_memory_allocated() - before
+    before = _resident("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now
+    job(), job()
+    return _resident("VmHWM") - before
+
+
+def _resident(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+# -- the report ---------------------------------------------------------------------------------
+def per_unit(work: Workload, seconds: float) -> float:
+    return work.batch / seconds if work.train else 1000 * seconds / work.batch
+
+
+def run_size(size: Size, repeats: int, dev, peak: float, memory: bool) -> dict[str, dict]:
+    results = {}
+    for work in WORKLOADS:
+        seconds = compare_speed(size, work, repeats, dev)
+        row = {"ratio": seconds["transformers"] / seconds["vtfuse"]}
+        for name in MODELS:
+            flops = count_flops(name, size, work, dev)
+            row[name] = {
+                work.unit: per_unit(work, seconds[name]),
+                "peak_share": flops / seconds[name] / peak,
+            }
+            if not work.train:
+                row[name]["tokens/s"] = work.batch * size.new_tokens / seconds[name]
+            if memory:
+                row[name]["peak_memory_mb"] = peak_memory(name, size, work) / 2**20
+        if memory:
+            row["memory_ratio"] = (
+                row["vtfuse"]["peak_memory_mb"] / row["transformers"]["peak_memory_mb"]
+            )
+        results[work.name] = row
+        print(_line(work, row), flush=True)
+    return results
+
+
+def bf16_training(size: Size, repeats: int, dev) -> float:
+    """vtfuse's training step under bf16 autocast over its own fp32 step (samples/s ratio)."""
+    fp32 = build("vtfuse", size, Workload("train_b32", 32, train=True), dev)
+    bf16 = build("vtfuse", size, Workload("train_b32", 32, train=True, bf16=True), dev)
+    for job in (fp32, bf16):
+        job(), job()
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(repeats):
+        times["fp32"].append(timed(fp32))
+        times["bf16"].append(timed(bf16))
+    return statistics.median(times["fp32"]) / statistics.median(times["bf16"])
+
+
+def _line(work: Workload, row: dict) -> str:
+    ours, theirs = row["vtfuse"], row["transformers"]
+    text = (
+        f"  {work.name:13s} {work.unit:9s} transformers {theirs[work.unit]:9.2f}  "
+        f"vtfuse {ours[work.unit]:9.2f}  ratio {row['ratio']:5.2f}x  "
+        f"peak share {theirs['peak_share']:5.1%} / {ours['peak_share']:5.1%}"
+    )
+    if "memory_ratio" in row:
+        text += (
+            f"  memory MB {theirs['peak_memory_mb']:7.1f} / {ours['peak_memory_mb']:7.1f} "
+            f"({row['memory_ratio']:.2f}x)"
+        )
+    return text
+
+
+def markdown(results: dict[str, dict], peak: float) -> str:
+    lines = [
+        f"fp32 matmul peak measured: {peak / 1e9:.0f} GFLOP/s",
+        "",
+        "| size | workload | transformers | vtfuse | vtfuse / transformers | share of matmul peak "
+        "(transformers / vtfuse) | peak memory MB (transformers / vtfuse) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for size, rows in results.items():
+        for work in WORKLOADS:
+            row = rows[work.name]
+            theirs, ours = row["transformers"], row["vtfuse"]
+            memory = (
+                f"{theirs['peak_memory_mb']:.0f} / {ours['peak_memory_mb']:.0f}"
+                if "memory_ratio" in row
+                else ""
+            )
+            lines.append(
+                f"| {size} | {work.name} | {theirs[work.unit]:.2f} {work.unit} | "
+                f"{ours[work.unit]:.2f} {work.unit} | {row['ratio']:.2f}× | "
+                f"{theirs['peak_share']:.1%} / {ours['peak_share']:.1%} | {memory} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small size, 3 repeats")
+    parser.add_argument("--sizes", default="", help="comma-separated: small,base")
+    parser.add_argument("--repeats", type=int, default=0)
+    parser.add_argument("--json", default="", help="write the small size's ratios here")
+    parser.add_argument("--markdown", default="", help="write the table here")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    parser.add_argument("--memory-probe", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        name, size, work = args.memory_probe
+        chosen = next(w for w in WORKLOADS if w.name == work)
+        print(memory_probe(name, SIZES[size], chosen))
+        return
+
+    dev = device()
+    sizes = args.sizes.split(",") if args.sizes else (["small"] if args.quick else list(SIZES))
+    repeats = args.repeats or (3 if args.quick else 7)
+    peak = matmul_peak(dev)
+    print(f"device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    bf16_peak = matmul_peak(dev, torch.bfloat16)
+    print(f"matmul peak: fp32 {peak / 1e9:.0f} GFLOP/s, bf16 {bf16_peak / 1e9:.0f} GFLOP/s")
+    results = {}
+    for name in sizes:
+        size = SIZES[name]
+        counts = {model: parameters(MODELS[model](size)) for model in MODELS}
+        print(
+            f"{name}: image {size.image_size}, patch {size.patch_size}, hidden {size.hidden}, "
+            f"{size.layers}+{size.layers} layers, vocab {size.vocab}; parameters "
+            f"transformers {counts['transformers'] / 1e6:.2f}M, "
+            f"vtfuse {counts['vtfuse'] / 1e6:.2f}M"
+        )
+        results[name] = run_size(size, repeats, dev, peak, memory=not args.no_memory)
+        if not args.quick:
+            ratio = bf16_training(size, repeats, dev)
+            results[name]["train_b32_bf16_over_fp32"] = ratio
+            print(f"  vtfuse train_b32 bf16 autocast over fp32: {ratio:.2f}x")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(results, peak) + "\n")
+    if args.json and "small" in results:
+        small = results["small"]
+        ratios = {work.name: small[work.name]["ratio"] for work in WORKLOADS}
+        if "memory_ratio" in small["train_b32"]:
+            ratios["peak_memory"] = small["train_b32"]["memory_ratio"]
+        Path(args.json).write_text(json.dumps(ratios, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
