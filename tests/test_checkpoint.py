@@ -256,6 +256,31 @@ def test_save_and_load_pretrained(tmp_path, task):
     assert torch.equal(expected, actual)
 
 
+def test_a_folder_saved_before_the_text_contextualiser_still_loads(tmp_path):
+    """The position table moved from `text.position_embedding` to `text.context.` (the text
+    side's contextualiser): a model folder written under the old name loads unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = create_model(tiny_config("vqa")).eval()
+    model.save_pretrained(tmp_path / "old", tokenizer())
+    weights = tmp_path / "old" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["text.position_embedding.weight"] = tensors.pop(
+        "text.context.position_embedding.weight"
+    )
+    save_file(tensors, str(weights))
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for field in ("encoder", "rnn_layers", "rnn_hidden", "bidirectional"):
+        del config["model"]["text"][field]  # a config.json from before them
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_pretrained(tmp_path / "old")
+    data = batch("vqa")
+    inputs = (data["images"], data["tokens"], data["token_mask"], data["image_index"])
+    with torch.no_grad():
+        assert torch.equal(model(*inputs)[0], loaded(*inputs)[0])
+
+
 def saved_folder(tmp_path, task="caption"):
     torch.manual_seed(0)
     folder = tmp_path / "model"
@@ -391,7 +416,7 @@ def test_warm_start_copies_matching_weights_and_shared_words(tmp_path):
 
     source = captioner.state_dict()
     for name, weight in vqa.state_dict().items():
-        if name.startswith(("vision.", "text.blocks.", "text.position_embedding")):
+        if name.startswith(("vision.", "text.blocks.", "text.context.")):
             assert torch.equal(weight, source[name]), name
     for word in ("red", "the", "<pad>"):
         assert torch.equal(

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from vtfuse.config import FORMAT_VERSION, ModelConfig, from_dict, to_dict
+from vtfuse.config import FORMAT_VERSION, ModelConfig, TextConfig, from_dict, to_dict
 from vtfuse.data.images import normalise
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
 from vtfuse.encoders.vision import create_vision_encoder
@@ -20,6 +20,9 @@ from vtfuse.registry import Registry
 
 TASKS: Registry[TaskModel] = Registry("task")
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+# Weights that moved since they were first saved: the old name → the new one, so that older
+# model folders still load (the position table now belongs to the text side's contextualiser).
+RENAMED = {"text.position_embedding.weight": "text.context.position_embedding.weight"}
 
 
 class CheckpointError(ValueError):
@@ -110,6 +113,7 @@ class TaskModel(nn.Module):
     def load_weights(self, path: Path) -> tuple[list[str], list[str]]:
         """Load saved weights; returns the (missing, unexpected) names."""
         saved, expected = load_file(str(path)), set(self.trainable_state_dict())
+        saved = {RENAMED.get(n, n): t for n, t in saved.items()}
         aliases = _tied_names(self)  # a file written with the other name of a tied weight
         saved = {
             aliases.get(n, n) if aliases.get(n) in expected else n: t for n, t in saved.items()
@@ -157,6 +161,11 @@ def read_model_config(folder: str | Path) -> ModelConfig:
 def create_model(config: ModelConfig) -> TaskModel:
     """The task's model; with `config.lm.name`, the task around that pretrained LM
     (registered as "<task>_lm")."""
+    if config.lm.name and config.text.encoder != TextConfig.encoder:
+        raise ValueError(
+            f"text.encoder {config.text.encoder!r} chooses vtfuse's own text side, which the "
+            f"pretrained lm.name {config.lm.name!r} replaces: give one of the two"
+        )
     return TASKS.get(f"{config.task}_lm" if config.lm.name else config.task)(config)
 
 
