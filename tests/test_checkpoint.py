@@ -280,8 +280,9 @@ def test_wrong_format_version_is_refused(tmp_path):
 
 
 def test_format_2_checkpoint_is_upgraded_on_load(tmp_path):
-    """Format 2 stored every attention/MLP weight as nn.Linear's (out, in); format 3 stores
-    them input-major. A format-2 folder loads, transposed, into the same model."""
+    """Format 2 stored every attention/MLP weight as nn.Linear's (out, in), the position table
+    as `text.position_embedding`, and had no recurrent-encoder fields; format 3 stores the
+    weights input-major, under `text.context.`. A format-2 folder loads into the same model."""
     from safetensors.torch import load_file, save_file
 
     from vtfuse.linear import Linear
@@ -292,8 +293,11 @@ def test_format_2_checkpoint_is_upgraded_on_load(tmp_path):
     weights = load_file(folder / "model.safetensors")
     assert linear and linear <= set(weights)
     old = {n: t.t().contiguous() if n in linear else t for n, t in weights.items()}
+    old["text.position_embedding.weight"] = old.pop("text.context.position_embedding.weight")
     save_file(old, folder / "model.safetensors")
     config = json.loads((folder / "config.json").read_text())
+    for field in ("encoder", "rnn_layers", "rnn_hidden", "bidirectional"):
+        del config["model"]["text"][field]
     (folder / "config.json").write_text(json.dumps({**config, "format_version": 2}))
     upgraded, _ = load_pretrained(folder)
     for name, tensor in upgraded.state_dict().items():
@@ -415,7 +419,7 @@ def test_warm_start_copies_matching_weights_and_shared_words(tmp_path):
 
     source = captioner.state_dict()
     for name, weight in vqa.state_dict().items():
-        if name.startswith(("vision.", "text.blocks.", "text.position_embedding")):
+        if name.startswith(("vision.", "text.blocks.", "text.context.")):
             assert torch.equal(weight, source[name]), name
     for word in ("red", "the", "<pad>"):
         assert torch.equal(

@@ -45,9 +45,8 @@ def randomise(model: Captioner, seed: int) -> None:
         decoder.token_embedding.weight.copy_(
             torch.randn(decoder.token_embedding.weight.shape, generator=g) * 0.5 / scale
         )
-        decoder.position_embedding.weight.copy_(
-            torch.randn(decoder.position_embedding.weight.shape, generator=g) * 2.0 / scale
-        )
+        positions = decoder.context.position_embedding.weight
+        positions.copy_(torch.randn(positions.shape, generator=g) * 2.0 / scale)
         for block in decoder.blocks:
             block.fusion.attn.to_out.weight.mul_(4.0)
             block.fusion.attn.to_q.weight.mul_(3.0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from torch import Tensor, nn
 
@@ -27,6 +29,13 @@ class SelfAttentionBlock(nn.Module):
         return x + self.mlp(self.norm_mlp(x))
 
 
+class DecodingState(Protocol):
+    """Per-row state carried between decoding steps (e.g. `encoders.context.RecurrentCache`)."""
+
+    def reorder(self, index: Tensor) -> None: ...  # row i continues old row index[i]
+    def expand(self, index: Tensor) -> None: ...  # row i starts from row index[i]
+
+
 @dataclass
 class LayerCache:
     """What one fusion block keeps between generation steps."""
@@ -40,18 +49,28 @@ class LayerCache:
 
 
 class DecoderCache(list[LayerCache]):
-    """One LayerCache per block, and what beam search does to them."""
+    """One LayerCache per block, the text side's own state (a recurrent stack's, or None), the
+    number of positions read so far, and what beam search does to them."""
+
+    def __init__(self, layers: Iterable[LayerCache], context: DecodingState | None = None):
+        super().__init__(layers)
+        self.context = context
+        self.length = 0  # positions read so far (a single stream's image tokens included)
 
     def reorder(self, index: Tensor) -> None:
         """Follow beam search: row i becomes old row `index[i]` (per-image K/V stay)."""
         for cache in self:
             cache.reorder(index)
+        if self.context is not None:
+            self.context.reorder(index)
 
     def expand(self, index: Tensor) -> None:
         """Give each row `index[i]`'s state, the per-image K/V included (beams from images)."""
         for cache in self:
             cache.self_attn.select_rows(index)
             cache.fusion.select_rows(index)
+        if self.context is not None:
+            self.context.expand(index)
 
 
 class FusionBlock(nn.Module):
@@ -61,7 +80,9 @@ class FusionBlock(nn.Module):
     block. The fusion step is a registered module (see `vtfuse.fusion`), so strategies swap in
     without touching this class. A single-stream strategy has no fusion step: the image tokens
     are already in the sequence, the self-attention (with the strategy's score) merges them,
-    and its weights are the block's attention map.
+    and its weights are the block's attention map. With `self_attention=False` (the words were
+    contextualised before the blocks, by a recurrent stack) a dual-stream block is fusion → MLP;
+    a single stream keeps its self-attention, since that is where its fusing happens.
     """
 
     def __init__(
@@ -73,13 +94,16 @@ class FusionBlock(nn.Module):
         causal: bool,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        self_attention: bool = True,
     ):
         super().__init__()
         self.causal = causal
         strategy = FUSIONS.get(fusion.name)
         score = (fusion.score or "dot") if strategy.single_stream else "dot"
-        self.norm_attn = nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, heads, score=score, dropout=dropout)
+        self.norm_attn = self.attn = None
+        if self_attention or strategy.single_stream:
+            self.norm_attn = nn.LayerNorm(dim)
+            self.attn = MultiHeadAttention(dim, heads, score=score, dropout=dropout)
         self.fusion = None
         if not strategy.single_stream:
             self.fusion = strategy(dim, heads, image_dim, fusion, dropout)
@@ -99,14 +123,16 @@ class FusionBlock(nn.Module):
         """→ the new states, the image (stream) for the next block, and the attention map:
         the fusion's over the image (B, H, T, N), or for a single stream the self-attention's
         over the whole sequence (B, H, T, S)."""
-        attended, weights = self.attn(
-            self.norm_attn(x),
-            key_mask=token_mask,
-            causal=self.causal,
-            cache=cache.self_attn if cache else None,
-            need_weights=need_weights and self.fusion is None,
-        )
-        x = x + attended
+        weights = None
+        if self.attn is not None:
+            attended, weights = self.attn(
+                self.norm_attn(x),
+                key_mask=token_mask,
+                causal=self.causal,
+                cache=cache.self_attn if cache else None,
+                need_weights=need_weights and self.fusion is None,
+            )
+            x = x + attended
         if self.fusion is not None and image is not None:  # no image: a text-only encoder
             x, image, weights = self.fusion(
                 x,

@@ -41,11 +41,17 @@ class VisionConfig:
 class TextConfig:
     vocab_size: int = 0  # filled from the tokenizer when a model is built
     dim: int = 128
-    depth: int = 3  # blocks of self-attention → fusion → MLP
+    depth: int = 3  # blocks of self-attention → fusion → MLP (after lstm/gru: fusion → MLP)
     heads: int = 4
     mlp_ratio: float = 4.0
     max_length: int = 64  # longest token sequence (positions are learned)
     dropout: float = 0.0
+    # How the words meet each other (see vtfuse.encoders.context): "transformer", self-attention
+    # in every block; "lstm" or "gru", one recurrent stack under the blocks instead.
+    encoder: str = "transformer"
+    rnn_layers: int = 1  # lstm/gru: stacked recurrent layers
+    rnn_hidden: int = 0  # lstm/gru: hidden size per direction (0: `dim`)
+    bidirectional: bool = False  # lstm/gru: also read right to left (not in a caption decoder)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from vtfuse.attention import SCORES
 from vtfuse.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_run_config
 from vtfuse.encoders import VISION_ENCODERS
+from vtfuse.encoders.context import CONTEXTUALISERS, RecurrentContext
 from vtfuse.encoders.vision import vision_preset
 from vtfuse.fusion import FUSIONS
 
@@ -99,11 +100,35 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score", choices=SCORES.names(), help="attention score")
     p.add_argument(
         "--lm",
-        "--text-encoder",
-        dest="lm",
         help="a pretrained transformers text model (hub name, local folder, or minilm) as the "
         "caption decoder (causal) or the VQA question encoder: fusion blocks are inserted "
         "between its layers (default fusion: gated_cross_attention, which starts as the LM)",
+    )
+    p.add_argument(
+        "--text-encoder",
+        metavar="NAME",
+        help=f"vtfuse's own text side, one of {', '.join(CONTEXTUALISERS.names())} (transformer, "
+        "the default: self-attention in every block; lstm or gru: one recurrent stack under "
+        "the fusion blocks); any other NAME is a pretrained text model, as --lm",
+    )
+    p.add_argument(
+        "--rnn-layers",
+        type=int,
+        metavar="N",
+        help="with --text-encoder lstm|gru: stacked layers (default 1)",
+    )
+    p.add_argument(
+        "--rnn-hidden",
+        type=int,
+        metavar="H",
+        help="with --text-encoder lstm|gru: hidden size per direction (default: the text width)",
+    )
+    p.add_argument(
+        "--bidirectional",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --text-encoder lstm|gru: also read right to left (vqa, classify, retrieval; "
+        "a caption decoder must not see later words)",
     )
     p.add_argument("--xattn-every", type=int, help="with --lm: a fusion block every k layers")
     p.add_argument(
@@ -206,8 +231,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         vision = dataclasses.replace(model.vision, name=args.vision, **preset)
         model = dataclasses.replace(model, vision=vision)
     fusion = {k: v for k, v in (("name", args.fusion), ("score", args.score)) if v}
-    if args.lm:
-        lm = {"name": args.lm}
+    lm_name, model = _text_side(args, model)
+    if lm_name:
+        lm = {"name": lm_name}
         if args.xattn_every is not None:
             lm["xattn_every"] = args.xattn_every
         if args.resampler is not None:
@@ -223,6 +249,35 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         vision = dataclasses.replace(model.vision, freeze_backbone="vision" in args.freeze)
         model = dataclasses.replace(model, lm=lm, vision=vision)
     return model, train_config
+
+
+RNN_FLAGS = {"rnn_layers": "--rnn-layers", "rnn_hidden": "--rnn-hidden"}
+
+
+def _text_side(args: argparse.Namespace, model: ModelConfig) -> tuple[str | None, ModelConfig]:
+    """The pretrained LM named by --lm (or by a --text-encoder that is not one of vtfuse's own),
+    and the model with the --text-encoder, --rnn-* and --bidirectional choices applied."""
+    encoder, lm_name = args.text_encoder, args.lm
+    if encoder is not None and encoder not in CONTEXTUALISERS:
+        if lm_name and lm_name != encoder:
+            raise ValueError(f"--lm {lm_name} and --text-encoder {encoder}: give one text model")
+        encoder, lm_name = None, encoder
+    if encoder is not None and lm_name:
+        raise ValueError(
+            f"--text-encoder {encoder} is vtfuse's own text side, which --lm {lm_name} "
+            "replaces: give one of the two"
+        )
+    text = {"encoder": encoder, "bidirectional": args.bidirectional}
+    text.update({field: getattr(args, field) for field in RNN_FLAGS})
+    text = {k: v for k, v in text.items() if v is not None}
+    model = dataclasses.replace(model, text=dataclasses.replace(model.text, **text))
+    shaping = [flag for field, flag in RNN_FLAGS.items() if getattr(args, field) is not None]
+    shaping += ["--bidirectional"] if args.bidirectional is not None else []
+    if shaping and not issubclass(CONTEXTUALISERS.get(model.text.encoder), RecurrentContext):
+        raise ValueError(
+            f"{', '.join(shaping)} shape a recurrent text encoder: give --text-encoder lstm or gru"
+        )
+    return lm_name, model
 
 
 def _torchrun(processes: int, argv: list[str]) -> int:

@@ -1,8 +1,12 @@
-"""The text side: token + position embeddings, then blocks of self-attention → fusion → MLP.
+"""The text side: token embeddings, a contextualiser, then blocks of self-attention → fusion → MLP.
 
-`causal=True` makes it a caption decoder (each token sees only earlier ones, K/V cached during
-generation); `causal=False` makes it a question encoder. With a single-stream strategy
-(`concat`) the projected image tokens open the sequence and the blocks have no fusion step.
+The contextualiser (`text.encoder`, see `vtfuse.encoders.context`) says how the words meet each
+other: learned positions and the blocks' self-attention (`transformer`, the default), or one
+recurrent stack under the blocks (`lstm`, `gru`), whose blocks are then fusion → MLP.
+`causal=True` makes it a caption decoder (each token sees only earlier ones, K/V and recurrent
+state cached during generation); `causal=False` makes it a question encoder. With a
+single-stream strategy (`concat`) the projected image tokens open the sequence and the blocks
+have no fusion step.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from torch import Tensor, nn
 
 from vtfuse.blocks import DecoderCache, FusionBlock, LayerCache
 from vtfuse.config import FusionConfig, TextConfig
+from vtfuse.encoders.context import CONTEXTUALISERS, embedding_scale
 from vtfuse.fusion import FUSIONS
 
 
@@ -21,7 +26,7 @@ class FusedTextTransformer(nn.Module):
         self.config = config
         self.causal = causal
         self.token_embedding = nn.Embedding(config.vocab_size, config.dim)
-        self.position_embedding = nn.Embedding(config.max_length, config.dim)
+        self.context = CONTEXTUALISERS.get(config.encoder)(config, causal)
         strategy = FUSIONS.get(fusion.name)
         self.image_prefix = None  # single stream: image tokens (B, N, dim) opening the sequence
         if strategy.single_stream:
@@ -37,15 +42,16 @@ class FusedTextTransformer(nn.Module):
                 causal=causal,
                 mlp_ratio=config.mlp_ratio,
                 dropout=config.dropout,
+                self_attention=self.context.blocks_attend,
             )
             for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(config.dim)
-        self.embedding_scale = config.dim**0.5  # see TaskModel.init_weights
+        self.embedding_scale = embedding_scale(config)  # see TaskModel.init_weights
         self.dropout = nn.Dropout(config.dropout)
 
     def new_cache(self) -> DecoderCache:
-        return DecoderCache(LayerCache() for _ in self.blocks)
+        return DecoderCache((LayerCache() for _ in self.blocks), self.context.new_cache())
 
     def forward(
         self,
@@ -53,7 +59,7 @@ class FusedTextTransformer(nn.Module):
         image: Tensor | None,
         *,
         token_mask: Tensor | None = None,
-        caches: list[LayerCache] | None = None,
+        caches: DecoderCache | None = None,
         need_weights: bool = False,
         prefix: Tensor | None = None,
         image_index: Tensor | None = None,
@@ -67,7 +73,7 @@ class FusedTextTransformer(nn.Module):
         With `caches`, the tokens continue the cached sequence. Returns the states and, if
         `need_weights`, each block's attention over the image (B, heads, T', N).
         """
-        past = caches[0].self_attn.length if caches else 0
+        past = caches.length if caches is not None else 0
         single_stream = self.image_prefix is not None and image is not None
         image_tokens = image.shape[1] if single_stream else 0
         opens = past == 0  # this call starts the sequence (a single stream puts the image here)
@@ -75,14 +81,8 @@ class FusedTextTransformer(nn.Module):
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)
         text_past = past - (0 if opens else image_tokens)
-        length = text_past + x.shape[1]
-        if length > self.config.max_length:
-            raise ValueError(
-                f"sequence of {length} tokens is longer than text.max_length "
-                f"{self.config.max_length}"
-            )
-        positions = torch.arange(text_past, length, device=tokens.device)
-        x = self.dropout(x + self.position_embedding(positions) * self.embedding_scale)
+        context_cache = caches.context if caches is not None else None
+        x = self.dropout(self.context(x, text_past, token_mask, context_cache))
         text_length = x.shape[1]
         if single_stream and opens:
             x = torch.cat([self.image_prefix(image, image_index), x], dim=1)
@@ -101,6 +101,8 @@ class FusedTextTransformer(nn.Module):
             )
             if need_weights:
                 all_weights.append(self.over_image(weights, text_length, image_tokens))
+        if caches is not None:
+            caches.length += x.shape[1]
         return self.norm(x[:, -text_length:]), all_weights
 
     def over_image(self, weights: Tensor, text_length: int, image_tokens: int) -> Tensor:

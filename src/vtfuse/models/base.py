@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from vtfuse.config import FORMAT_VERSION, ModelConfig, from_dict, to_dict
+from vtfuse.config import FORMAT_VERSION, ModelConfig, TextConfig, from_dict, to_dict
 from vtfuse.data.images import normalise
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
 from vtfuse.encoders.vision import create_vision_encoder
@@ -139,14 +139,17 @@ def _tied_names(model: nn.Module) -> dict[str, str]:
     return {n: f for n, f in aliases.items() if n != f}
 
 
-def _input_major_linear_weights(model: nn.Module, saved: dict[str, Tensor]) -> dict:
-    """Format 2 → 3: `vtfuse.linear.Linear` weights became (in, out), were (out, in)."""
+def _from_format_2(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Format 2 → 3: `vtfuse.linear.Linear` weights became (in, out), were (out, in); the
+    position table moved into the text side's contextualiser (`vtfuse.encoders.context`)."""
+    renamed = {"text.position_embedding.weight": "text.context.position_embedding.weight"}
+    saved = {renamed.get(n, n): t for n, t in saved.items()}
     names = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Linear)}
     return {n: t.t().contiguous() if n in names else t for n, t in saved.items()}
 
 
 # UPGRADES[v] turns weights written in format v into format v + 1; older formats are refused
-UPGRADES = {2: _input_major_linear_weights}
+UPGRADES = {2: _from_format_2}
 
 
 def read_model_config(folder: str | Path) -> ModelConfig:
@@ -177,6 +180,11 @@ def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, int]:
 def create_model(config: ModelConfig) -> TaskModel:
     """The task's model; with `config.lm.name`, the task around that pretrained LM
     (registered as "<task>_lm")."""
+    if config.lm.name and config.text.encoder != TextConfig.encoder:
+        raise ValueError(
+            f"text.encoder {config.text.encoder!r} chooses vtfuse's own text side, which the "
+            f"pretrained lm.name {config.lm.name!r} replaces: give one of the two"
+        )
     return TASKS.get(f"{config.task}_lm" if config.lm.name else config.task)(config)
 
 

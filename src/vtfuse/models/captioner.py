@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vtfuse.blocks import LayerCache
+from vtfuse.blocks import DecoderCache
 from vtfuse.config import ModelConfig
 from vtfuse.encoders.text import FusedTextTransformer
 from vtfuse.models.base import TASKS, TaskModel
@@ -48,12 +48,12 @@ class Captioner(TaskModel):
         )
 
     # -- incremental decoding, used by vtfuse.generation ------------------------------------
-    def start(self, images: Tensor) -> tuple[Tensor, list[LayerCache]]:
+    def start(self, images: Tensor) -> tuple[Tensor, DecoderCache]:
         """Encode the images once and open empty caches for decoding."""
         return self.encode_image(images), self.text.new_cache()
 
     def step(
-        self, tokens: Tensor, image: Tensor, caches: list[LayerCache], need_weights: bool = False
+        self, tokens: Tensor, image: Tensor, caches: DecoderCache, need_weights: bool = False
     ) -> tuple[Tensor, list[Tensor]]:
         """Feed new tokens (B, t) after the cached ones → next-token logits (B, vocab).
         The image's cross-attention K/V are computed on the first step and reused after."""
