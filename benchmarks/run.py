@@ -126,12 +126,16 @@ def transformers_job(model, size: Size, work: Workload, data) -> Callable[[], ob
 JOBS = {"vtfuse": vtfuse_job, "transformers": transformers_job}
 
 
-def build(name: str, size: Size, work: Workload, dev: torch.device):
-    model = MODELS[name](size).to(dev)
+def prepare(name: str, model, work: Workload) -> None:
     if name == "transformers":
         model.generation_config.eos_token_id = None  # exactly new_tokens tokens, as vtfuse
         model.generation_config.pad_token_id = 0
     model.train(work.train)
+
+
+def build(name: str, size: Size, work: Workload, dev: torch.device):
+    model = MODELS[name](size).to(dev)
+    prepare(name, model, work)
     job = JOBS[name](model, size, work, inputs(size, work.batch, dev))
     if work.train:
         return job
@@ -186,11 +190,15 @@ def matmul_peak(dev, dtype=torch.float32, n: int = 2048, seconds: float = 1.0) -
     return 2 * n**3 * calls / (time.perf_counter() - start)
 
 
-def peak_memory(name: str, size: Size, work: Workload) -> float:
-    """Bytes above the model's own footprint at the workload's peak, in a fresh process."""
+def peak_memory(name: str, size: Size, work: Workload, probes: int) -> float:
+    """Bytes above the model's own footprint at the workload's peak: the median over `probes`
+    fresh processes (the allocator's reuse makes a single reading vary by ~10 %)."""
     probe = [sys.executable, __file__, "--memory-probe", name, size.name, work.name]
-    output = subprocess.run(probe, check=True, capture_output=True, text=True).stdout
-    return float(output.strip().splitlines()[-1])
+    readings = [
+        float(subprocess.run(probe, check=True, capture_output=True, text=True).stdout.split()[-1])
+        for _ in range(probes)
+    ]
+    return statistics.median(readings)
 
 
 def memory_probe(name: str, size: Size, work: Workload) -> float:
@@ -219,7 +227,9 @@ def per_unit(work: Workload, seconds: float) -> float:
     return work.batch / seconds if work.train else 1000 * seconds / work.batch
 
 
-def run_size(size: Size, repeats: int, dev, peak: float, memory: bool) -> dict[str, dict]:
+def run_size(size: Size, repeats: int, dev, peak: float, probes: int) -> dict[str, dict]:
+    """Every workload on both models; memory (with `probes` > 0) for training always, for
+    generation unless quick (`probes` == 1)."""
     results = {}
     for work in WORKLOADS:
         seconds = compare_speed(size, work, repeats, dev)
@@ -232,8 +242,9 @@ def run_size(size: Size, repeats: int, dev, peak: float, memory: bool) -> dict[s
             }
             if not work.train:
                 row[name]["tokens/s"] = work.batch * size.new_tokens / seconds[name]
+            memory = probes > 1 or (probes == 1 and work.train)
             if memory:
-                row[name]["peak_memory_mb"] = peak_memory(name, size, work) / 2**20
+                row[name]["peak_memory_mb"] = peak_memory(name, size, work, probes) / 2**20
         if memory:
             row["memory_ratio"] = (
                 row["vtfuse"]["peak_memory_mb"] / row["transformers"]["peak_memory_mb"]
@@ -329,7 +340,8 @@ def main() -> None:
             f"transformers {counts['transformers'] / 1e6:.2f}M, "
             f"vtfuse {counts['vtfuse'] / 1e6:.2f}M"
         )
-        results[name] = run_size(size, repeats, dev, peak, memory=not args.no_memory)
+        probes = 0 if args.no_memory else (1 if args.quick else 3)
+        results[name] = run_size(size, repeats, dev, peak, probes)
         if not args.quick:
             ratio = bf16_training(size, repeats, dev)
             results[name]["train_b32_bf16_over_fp32"] = ratio

@@ -11,9 +11,8 @@ class MLP(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.net = nn.Sequential(
-            Linear(dim, hidden), nn.GELU(), Linear(hidden, dim), nn.Dropout(dropout)
-        )
+        layers = [Linear(dim, hidden), nn.GELU(), Linear(hidden, dim)]
+        self.net = nn.Sequential(*layers, *([nn.Dropout(dropout)] if dropout else []))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
