@@ -34,11 +34,13 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,7 +145,13 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     steps = args.steps or (5 if args.quick else 10)
     dev = device()
-    print(f"device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    cores = len(os.sched_getaffinity(0))
+    print(
+        f"device {dev}, {torch.get_num_threads()} threads, {cores} core(s) available, "
+        f"torch {torch.__version__}"
+    )
+    # the loader's advice when it gets more workers than cores: known, and printed above
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
     with tempfile.TemporaryDirectory(prefix="vtfuse-data-pipeline-") as temporary:
         data = args.data
         if data is None:

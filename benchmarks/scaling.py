@@ -3,7 +3,7 @@ number of image tokens, the caption length and the batch size, for `cross_attent
 the `resampler` (16 latents).
 
     python benchmarks/scaling.py                     # 7 repeats per point
-    python benchmarks/scaling.py --quick             # 3 repeats per point: about a minute
+    python benchmarks/scaling.py --quick             # 3 repeats per point: a minute or two
     python benchmarks/scaling.py --out DIR           # scaling.png/.json/.csv (default results/)
 
 The model is fixed and small (hidden 256, 4 decoder layers of self-attention → fusion → MLP,
@@ -20,7 +20,11 @@ the caption length; reported in ms/step. Decoding: greedy decoding's loop (`mode
 image encoding (`start`) apart, and the decoding after it in ms per caption, split into its
 first step (which fills the cross-attention K/V cache — and, for the resampler, resamples the
 image into the latents) and the later steps (ms per token per caption). Each figure is the
-median over the repeats after warm-up, the two fusions alternating run by run.
+median over the repeats after warm-up; within an axis every (point, fusion) runs once per
+repeat, in turn, so a shared machine's changing load falls on all points alike. Printed last:
+each fusion's cost at 1024 image tokens over its cost at 16 (decoding, its later steps alone,
+training) — the resampler's text reads 16 latents whatever the image's size, so its later
+decoding steps should stay flat while cross-attention's grow.
 """
 
 from __future__ import annotations
@@ -165,24 +169,32 @@ def decoding_job(model, data, steps: int) -> Callable[[], dict[str, float]]:
     return decode
 
 
-def measure(point: Point, args, dev: torch.device) -> dict[str, dict[str, float]]:
-    """Per fusion: median seconds of each timed part, the fusions alternating after warm-up."""
+def measure(
+    points: list[Point], args, dev: torch.device
+) -> dict[Point, dict[str, dict[str, float]]]:
+    """Per point and fusion: the median seconds of each timed part. All the axis's models are
+    built first and, after their warm-up, run in turn once per repeat, so a load that comes and
+    goes on a shared machine falls on every point alike instead of bending the curve."""
     jobs = {}
-    for fusion in FUSIONS:
-        model = build(fusion, point, args.vision_depth, dev)
+    for point in points:
         data = inputs(point, dev)
-        jobs[fusion] = (training_job(model, data), decoding_job(model, data, point.caption))
+        for fusion in FUSIONS:
+            model = build(fusion, point, args.vision_depth, dev)
+            jobs[point, fusion] = (
+                training_job(model, data),
+                decoding_job(model, data, point.caption),
+            )
     for train, decode in jobs.values():
         for _ in range(args.warmup):
             train(), decode()
-    samples: dict[str, list[dict[str, float]]] = {fusion: [] for fusion in FUSIONS}
+    samples: dict[tuple[Point, str], list[dict[str, float]]] = {key: [] for key in jobs}
     for _ in range(args.repeats):
-        for fusion, (train, decode) in jobs.items():
-            samples[fusion].append({**train(), **decode()})
-    return {
-        fusion: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        for fusion, runs in samples.items()
-    }
+        for key, (train, decode) in jobs.items():
+            samples[key].append({**train(), **decode()})
+    medians: dict[Point, dict[str, dict[str, float]]] = {point: {} for point in points}
+    for (point, fusion), runs in samples.items():
+        medians[point][fusion] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+    return medians
 
 
 def row(axis: str, point: Point, fusion: str, seconds: dict[str, float]) -> dict:
@@ -291,6 +303,8 @@ def main() -> None:
         args.repeats = 3 if args.quick else 7
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be at least 1 and --warmup at least 0")
     dev = device()
     setting = (
         f"hidden {HIDDEN}, {LAYERS} decoder layers, {HEADS} heads, vocab {VOCAB}, ViT patch "
@@ -302,16 +316,12 @@ def main() -> None:
     print(f"median of {args.repeats} repeats after {args.warmup} warm-up(s)\n")
 
     # the process's first runs are slow (allocator, thread pool): spend them on the base point
-    measure(BASE, argparse.Namespace(**{**vars(args), "repeats": 1}), dev)
-    measured: dict[Point, dict[str, dict[str, float]]] = {}
+    measure([BASE], argparse.Namespace(**{**vars(args), "repeats": 1}), dev)
     rows = []
     for axis, (label, points) in AXES.items():
         print(f"by {label}:", flush=True)
-        mine = []
-        for point in points:
-            if point not in measured:
-                measured[point] = measure(point, args, dev)
-            mine += [row(axis, point, f, measured[point][f]) for f in FUSIONS]
+        measured = measure(points, args, dev)
+        mine = [row(axis, p, f, measured[p][f]) for p in points for f in FUSIONS]
         print_table(axis, mine)
         print(flush=True)
         rows += mine
