@@ -33,7 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from matched import SIZES, Size, hf_captioner, parameters, vtfuse_captioner
 
+from vtfuse.config import TrainConfig
 from vtfuse.generation import beam_search, greedy
+from vtfuse.training.trainer import make_optimizer
 
 MODELS = {"vtfuse": vtfuse_captioner, "transformers": hf_captioner}
 
@@ -85,7 +87,7 @@ def inputs(size: Size, batch: int, dev: torch.device) -> dict[str, torch.Tensor]
 
 def vtfuse_job(model, size: Size, work: Workload, data) -> Callable[[], object]:
     if work.train:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = make_optimizer(model, TrainConfig(lr=1e-4))  # what `vtfuse train` uses
         batch = {"images": data["images"], "tokens": data["tokens"]}
         cast = torch.autocast(data["images"].device.type, torch.bfloat16) if work.bf16 else None
 
@@ -106,7 +108,8 @@ def vtfuse_job(model, size: Size, work: Workload, data) -> Callable[[], object]:
 
 def transformers_job(model, size: Size, work: Workload, data) -> Callable[[], object]:
     if work.train:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # transformers' Trainer default with torch >= 2.8: "adamw_torch_fused"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         labels = data["tokens"][:, 1:]  # the model prepends <bos> itself (shift right)
 
         def step():
