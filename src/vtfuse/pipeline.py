@@ -56,9 +56,10 @@ class Pipeline:
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> Pipeline:
+    def load(cls, path: str | Path, device: str = "auto", allow_pickle: bool = False) -> Pipeline:
+        """A run or model folder's model; `allow_pickle`: see `load_pretrained`."""
         resolved = resolve_device(device)
-        model, tokenizer = load_pretrained(resolve_model_folder(path), resolved)
+        model, tokenizer = load_pretrained(resolve_model_folder(path), resolved, allow_pickle)
         return cls(model, tokenizer, resolved)
 
     @property
@@ -300,5 +301,5 @@ class Pipeline:
         return path, text
 
 
-def load(path: str | Path, device: str = "auto") -> Pipeline:
-    return Pipeline.load(path, device)
+def load(path: str | Path, device: str = "auto", allow_pickle: bool = False) -> Pipeline:
+    return Pipeline.load(path, device, allow_pickle)

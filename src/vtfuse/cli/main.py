@@ -35,6 +35,15 @@ def command(name: str, help_text: str):
     return register
 
 
+def _allow_pickle_arg(p: argparse.ArgumentParser, what: str = "the model folder") -> None:
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help=f"let {what} hold pickle weights (pytorch_model.bin, *.pt, ...) instead of "
+        "model.safetensors, read with torch.load(weights_only=True): only for files you trust",
+    )
+
+
 # -- synth ------------------------------------------------------------------------------------
 def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write images and JSONL splits into")
@@ -153,6 +162,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
+    _allow_pickle_arg(p, "--init-from's and --resume's checkpoints")
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
     )
@@ -242,7 +252,15 @@ def run_train(args: argparse.Namespace) -> int:
         return _torchrun(args.nproc, shlex.split(args.command_line)[1:])
     model, config = configs_from_args(args)
     result = train(
-        args.task, args.train, args.out, args.val, model, config, args.resume, args.progress
+        args.task,
+        args.train,
+        args.out,
+        args.val,
+        model,
+        config,
+        args.resume,
+        args.progress,
+        allow_pickle=args.allow_pickle,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(
@@ -271,6 +289,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--confusion-png", help="classify: draw the confusion matrix here")
     p.add_argument("--skip-bad", action="store_true", help="skip examples with a bad image")
+    _allow_pickle_arg(p)
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
     )
@@ -291,6 +310,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.progress,
         blind_text=args.blind_text,
         confusion_png=args.confusion_png,
+        allow_pickle=args.allow_pickle,
     )
     metrics = evaluate(args.run, args.data, options, args.predictions, args.metrics)
     print(format_table(metrics, f"{args.data}{' (blind)' if args.blind else ''}"))
@@ -317,6 +337,7 @@ def _caption_args(p: argparse.ArgumentParser) -> None:
         help="in-context examples before each image (a captioner trained with --lm)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _allow_pickle_arg(p)
 
 
 def _shot(text: str) -> tuple[str, str]:
@@ -330,7 +351,7 @@ def _shot(text: str) -> tuple[str, str]:
 def run_caption(args: argparse.Namespace) -> int:
     from vtfuse.pipeline import Pipeline, Sampling
 
-    pipe = Pipeline.load(args.run, args.device)
+    pipe = Pipeline.load(args.run, args.device, args.allow_pickle)
     sampling = None
     if args.temperature is not None or args.top_p is not None:
         sampling = Sampling(args.temperature or 1.0, args.top_p or 1.0, args.seed)
@@ -354,13 +375,14 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", help="the question, quoted")
     p.add_argument("--top-k", type=int, default=5, help="how many answers to list")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _allow_pickle_arg(p)
 
 
 @command("ask", "answer a question about an image")(_ask_args)
 def run_ask(args: argparse.Namespace) -> int:
     from vtfuse.pipeline import Pipeline
 
-    for answer, probability in Pipeline.load(args.run, args.device).ask(
+    for answer, probability in Pipeline.load(args.run, args.device, args.allow_pickle).ask(
         args.image, args.question, args.top_k
     ):
         print(f"{probability:7.2%}  {answer}")
@@ -374,13 +396,14 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="the text paired with the image")
     p.add_argument("--top-k", type=int, default=5, help="how many labels to list")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _allow_pickle_arg(p)
 
 
 @command("predict", "label an image+text pair with a pair classifier")(_predict_args)
 def run_predict(args: argparse.Namespace) -> int:
     from vtfuse.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.run, args.device)
+    pipe = Pipeline.load(args.run, args.device, args.allow_pickle)
     for label, probability in pipe.predict(args.image, args.text, args.top_k):
         print(f"{probability:6.1%}  {label}")
     return 0
@@ -395,6 +418,7 @@ def _retrieve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--texts", help="file of candidate texts, one per line")
     p.add_argument("--top-k", type=int, default=5, help="how many results to list")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _allow_pickle_arg(p)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -404,7 +428,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def run_retrieve(args: argparse.Namespace) -> int:
     from vtfuse.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.run, args.device)
+    pipe = Pipeline.load(args.run, args.device, args.allow_pickle)
     if args.query:
         if not args.images:
             raise ValueError("--query needs --images DIR, the candidates")
@@ -432,6 +456,7 @@ def _classify_args(p: argparse.ArgumentParser) -> None:
         "--template", default="{}", help='prompt around each label, e.g. "a photo of {}"'
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _allow_pickle_arg(p)
 
 
 @command("classify", "zero-shot classification with a retrieval model")(_classify_args)
@@ -441,7 +466,7 @@ def run_classify(args: argparse.Namespace) -> int:
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if "{}" not in args.template:
         raise ValueError(f"--template needs a {{}} where the label goes, got {args.template!r}")
-    pipe = Pipeline.load(args.run, args.device)
+    pipe = Pipeline.load(args.run, args.device, args.allow_pickle)
     for label, probability in pipe.classify(args.image, labels, args.template):
         print(f"{probability:6.1%}  {label}")
     return 0
@@ -458,13 +483,14 @@ def _attention_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _allow_pickle_arg(p)
 
 
 @command("attention", "draw where the model looked, one panel per token")(_attention_args)
 def run_attention(args: argparse.Namespace) -> int:
     from vtfuse.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.run, args.device)
+    pipe = Pipeline.load(args.run, args.device, args.allow_pickle)
     path, text = pipe.draw_attention(args.image, args.out, args.question, args.layer)
     print(f"{text}\nwrote {path}")
     return 0
@@ -606,6 +632,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--max-queue", type=int, default=256, help="waiting requests before answering 503"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _allow_pickle_arg(p)
 
 
 @command("serve", "an HTTP API and a web page over a trained model")(_serve_args)
@@ -620,7 +647,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     folder = resolve_model_folder(args.run)
     settings = ServeSettings(args.max_batch, args.max_wait_ms, args.max_queue)
-    app = create_app(Pipeline.load(folder, args.device), settings, folder)
+    app = create_app(Pipeline.load(folder, args.device, args.allow_pickle), settings, folder)
     print(f"serving {folder} on http://{args.host}:{args.port}/  (API docs: /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

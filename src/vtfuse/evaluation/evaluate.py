@@ -41,6 +41,7 @@ class EvalOptions:
     rerank_k: int = 16  # retrieval: candidates the matching head re-scores per query
     blind_text: bool = False  # classify / VQA: an empty text (the image-only baseline)
     confusion_png: str | None = None  # classify: draw the confusion matrix here
+    allow_pickle: bool = False  # load a model folder's pickle weights (see load_pretrained)
 
 
 EVALUATORS: Registry[Callable[..., tuple[dict[str, Any], list[str]]]] = Registry("evaluator")
@@ -192,7 +193,7 @@ def evaluate(
     pipe: Pipeline | None = None,
 ) -> dict[str, Any]:
     """Score the model at `model_path` (a run or model folder) on `data_path`."""
-    pipe = pipe or Pipeline.load(model_path)
+    pipe = pipe or Pipeline.load(model_path, allow_pickle=options.allow_pickle)
     records = read_jsonl(data_path, pipe.task)
     data = load_records(
         records, pipe.model.config.vision.image_size, options.skip_bad, options.progress

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vtfuse.models.base import CONFIG_FILE, CheckpointError
+from vtfuse.models.base import CONFIG_FILE, CheckpointError, pickle_files, pickle_refusal
 
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
 
@@ -82,6 +82,11 @@ def resolve_model_folder(path: str | Path) -> Path:
         folder = recover(path / name)
         if folder is not None:
             return folder
+    found = pickle_files(path)
+    if found:  # a model saved with torch.save, not by vtfuse
+        raise CheckpointError(
+            f"{path} is not a vtfuse model folder (no {CONFIG_FILE}); " + pickle_refusal(found[0])
+        )
     raise CheckpointError(f"{path} is neither a vtfuse run folder nor a model folder")
 
 
@@ -161,6 +166,12 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
+    for name in (STATE_TENSORS, STATE_JSON):
+        if not (folder / name).is_file():
+            raise CheckpointError(
+                f"{folder}: no {name}, so training cannot resume exactly from it "
+                f"(it is written as safetensors + JSON with every `last` checkpoint)"
+            )
     tensors = load_file(str(folder / STATE_TENSORS))
     plain = json.loads((folder / STATE_JSON).read_text())
     load_optimizer_state(optimizer, tensors, plain["optimizer"])

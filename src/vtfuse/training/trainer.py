@@ -249,8 +249,10 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    allow_pickle: bool = False,
 ) -> TrainResult:
-    """Train a `task` model on a JSONL file; everything lands in the run folder `out`."""
+    """Train a `task` model on a JSONL file; everything lands in the run folder `out`.
+    `allow_pickle`: `--resume` and `init_from` may read pickle weights (see load_pretrained)."""
     out = Path(out)
     config = config or TrainConfig()
     started = time.monotonic()
@@ -272,7 +274,7 @@ def train(
     if resume and last_dir is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/last to resume from")
     if last_dir is not None:
-        model, tokenizer = load_pretrained(last_dir, device)
+        model, tokenizer = load_pretrained(last_dir, device, allow_pickle)
         model_config = model.config
     else:
         tokenizer = build_tokenizer(task, train_records, model_config)
@@ -287,7 +289,7 @@ def train(
         model = create_model(model_config)
         if config.init_from:
             source = resolve_model_folder(config.init_from)
-            copied = warm_start(model, tokenizer, source)
+            copied = warm_start(model, tokenizer, source, allow_pickle)
             say(
                 f"warm start from {source}: {copied.tensors} weights and {copied.words} word "
                 f"embeddings copied, {len(copied.left)} source weights had no match"
