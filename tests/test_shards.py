@@ -93,7 +93,10 @@ def test_the_command_line_shards_a_folder_and_trains_on_it(data, tmp_path, capsy
     for split in ("train", "val"):
         lines = (data / f"vqa_{split}.jsonl").read_text().replace('"images/', f'"{data}/images/')
         (folder / f"{split}.jsonl").write_text(lines)
-    assert main(["data", "shard", str(folder), "--task", "vqa", "--out", str(tmp_path / "s")]) == 0
+    shard = ["data", "shard", str(folder), "--task", "vqa", "--out", str(tmp_path / "s")]
+    assert main(shard) == 2  # absolute image paths: their folder must be allowed
+    assert "train.jsonl:1: image path" in capsys.readouterr().err
+    assert main([*shard, "--image-root", str(data / "images")]) == 0
     assert "records in 1 shard(s)" in capsys.readouterr().out
     tiny = {
         "model": {
@@ -119,6 +122,8 @@ def test_the_command_line_shards_a_folder_and_trains_on_it(data, tmp_path, capsy
         "--epochs",
         "1",
         "--no-progress",
+        "--image-root",  # the validation file's absolute paths
+        str(data / "images"),
     ]
     assert main(args) == 0
     wrong = ["train", "--task", "caption", "--train", str(tmp_path / "s" / "train")]

@@ -44,6 +44,22 @@ def _allow_pickle_arg(p: argparse.ArgumentParser, what: str = "the model folder"
     )
 
 
+def _image_root_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--image-root",
+        dest="image_roots",
+        action="append",
+        metavar="DIR",
+        help="a folder, besides each JSONL file's own, that its image paths may lead into "
+        "(absolute, or through '..'); repeatable. Without it such paths are refused",
+    )
+
+
+def _given_roots(args: argparse.Namespace) -> tuple[str, ...]:
+    """--image-root folders as absolute paths (a run resumed from elsewhere still finds them)."""
+    return tuple(str(Path(root).resolve()) for root in args.image_roots or ())
+
+
 # -- synth ------------------------------------------------------------------------------------
 def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write images and JSONL splits into")
@@ -163,6 +179,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
     _allow_pickle_arg(p, "--init-from's and --resume's checkpoints")
+    _image_root_arg(p)
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
     )
@@ -209,6 +226,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         saved = read_run_file(args.out)
         base = RunConfig(saved["model"], saved["train_config"])
     overrides = {f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) is not None}
+    if args.image_roots:
+        overrides["image_roots"] = _given_roots(args)
     train_config = dataclasses.replace(base.train, **overrides)
     model = base.model
     if args.vision:
@@ -288,8 +307,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         "--blind-text", action="store_true", help="VQA / classify: empty texts (image only)"
     )
     p.add_argument("--confusion-png", help="classify: draw the confusion matrix here")
-    p.add_argument("--skip-bad", action="store_true", help="skip examples with a bad image")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip examples with a bad image or image path"
+    )
     _allow_pickle_arg(p)
+    _image_root_arg(p)
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
     )
@@ -311,6 +333,7 @@ def run_eval(args: argparse.Namespace) -> int:
         blind_text=args.blind_text,
         confusion_png=args.confusion_png,
         allow_pickle=args.allow_pickle,
+        image_roots=_given_roots(args),
     )
     metrics = evaluate(args.run, args.data, options, args.predictions, args.metrics)
     print(format_table(metrics, f"{args.data}{' (blind)' if args.blind else ''}"))
@@ -573,6 +596,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     shard.add_argument("--task", choices=("caption", "vqa", "retrieval"), required=True)
     shard.add_argument("--out", type=Path, required=True, help="shard folder (one per file)")
     shard.add_argument("--shard-size", type=int, default=1000, help="records per shard")
+    _image_root_arg(shard)
 
 
 @command("data", "import datasets in their official formats; pack JSONL into shards")(_data_args)
@@ -590,13 +614,13 @@ def _run_shard(args: argparse.Namespace) -> int:
     else:
         jobs = [(args.source, args.out)]
     for source, out in jobs:
-        index = write_shards(source, args.task, out, args.shard_size)
+        index = write_shards(source, args.task, out, args.shard_size, _given_roots(args))
         print(f"  {out}  {index['records']} records in {len(index['shards'])} shard(s)")
     return 0
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from vtfuse.data.importers import ImportOptions, import_dataset
+    from vtfuse.data.importers import ImportOptions, import_dataset, outside_image_root
 
     options = ImportOptions(
         annotations=args.annotations,
@@ -611,6 +635,12 @@ def _run_import(args: argparse.Namespace) -> int:
     written, skipped = import_dataset(args.format, options, args.copy_images)
     for path, count in written:
         print(f"  {path}  {count} examples")
+    root = outside_image_root([path for path, _ in written])
+    if root is not None:
+        print(
+            f"the images lie outside {args.out}, under {root}: give --image-root {root} to "
+            "vtfuse train, eval and data shard (or import with --copy-images)"
+        )
     print(f"skipped {len(skipped)} record(s)" + (":" if skipped else ""))
     for reason in skipped[:20]:
         print(f"  {reason}")
@@ -689,6 +719,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--images", type=int, default=3000, help="number of built-in scenes (without --train)"
     )
+    _image_root_arg(p)
     p.add_argument(
         "--caption-warm-start",
         action="store_true",
@@ -736,6 +767,7 @@ def run_compare(args: argparse.Namespace) -> int:
     budget = {
         "max_minutes": args.max_minutes_each,
         **({"epochs": args.epochs} if args.epochs is not None else {}),
+        **({"image_roots": _given_roots(args)} if args.image_roots else {}),
     }
     spec = CompareSpec(  # checks the choices before any data is written
         args.task,

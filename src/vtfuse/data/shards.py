@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -37,11 +37,18 @@ def is_shard_folder(path: str | Path) -> bool:
     return (Path(path) / INDEX).is_file()
 
 
-def write_shards(jsonl: str | Path, task: str, out: str | Path, shard_size: int = 1000) -> dict:
-    """Pack `jsonl` into `out/shard-NNNNNN.tar` plus `out/index.json`; returns the index."""
+def write_shards(
+    jsonl: str | Path,
+    task: str,
+    out: str | Path,
+    shard_size: int = 1000,
+    roots: Sequence[str | Path] = (),
+) -> dict:
+    """Pack `jsonl` into `out/shard-NNNNNN.tar` plus `out/index.json`; returns the index.
+    `roots`: folders besides the JSONL's own its images may come from (see safe_image_path)."""
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
-    records = read_jsonl(jsonl, task)
+    records = read_jsonl(jsonl, task, roots=roots)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pattern = str(out / "shard-%06d.tar")

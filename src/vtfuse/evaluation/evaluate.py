@@ -42,6 +42,7 @@ class EvalOptions:
     blind_text: bool = False  # classify / VQA: an empty text (the image-only baseline)
     confusion_png: str | None = None  # classify: draw the confusion matrix here
     allow_pickle: bool = False  # load a model folder's pickle weights (see load_pretrained)
+    image_roots: tuple[str, ...] = ()  # folders besides the JSONL's own images may come from
 
 
 EVALUATORS: Registry[Callable[..., tuple[dict[str, Any], list[str]]]] = Registry("evaluator")
@@ -194,7 +195,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score the model at `model_path` (a run or model folder) on `data_path`."""
     pipe = pipe or Pipeline.load(model_path, allow_pickle=options.allow_pickle)
-    records = read_jsonl(data_path, pipe.task)
+    records = read_jsonl(data_path, pipe.task, roots=options.image_roots)
     data = load_records(
         records, pipe.model.config.vision.image_size, options.skip_bad, options.progress
     )

@@ -269,7 +269,11 @@ def train(
         raise ValueError(
             "training from shards runs in one process for now; use JSONL with torchrun"
         )
-    train_records = (shard_records if streaming else read_jsonl)(train_path, task)
+    train_records = (
+        shard_records(train_path, task)
+        if streaming
+        else read_jsonl(train_path, task, roots=config.image_roots)
+    )
     last_dir = recover(out / "last") if resume else None
     if resume and last_dir is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/last to resume from")
@@ -311,7 +315,8 @@ def train(
             )
     val_loader = None
     if val_path:
-        val_loaded = load_records(read_jsonl(val_path, task), size, config.skip_bad, progress)
+        val_records = read_jsonl(val_path, task, roots=config.image_roots)
+        val_loaded = load_records(val_records, size, config.skip_bad, progress)
         val_loader = DataLoader(
             task_dataset(task, val_loaded, tokenizer, max_length),
             batch_size=config.eval_batch_size,
