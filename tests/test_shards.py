@@ -134,6 +134,20 @@ def test_the_command_line_shards_a_folder_and_trains_on_it(data, tmp_path, capsy
     assert "shards of task 'vqa', not 'caption'" in capsys.readouterr().err
 
 
+def test_streamed_over_long_texts_are_cut_with_one_warning_naming_the_source(data, tmp_path):
+    from vtfuse.data.dataset import TextTruncated
+
+    jsonl = data / "caption_train.jsonl"
+    write_shards(jsonl, "caption", tmp_path / "s", shard_size=4)
+    tokenizer = Tokenizer.build([c for r in read_jsonl(jsonl, "caption") for c in r.captions])
+    stream = ShardDataset(tmp_path / "s", "caption", tokenizer, 6, 24, shuffle=False)
+    with pytest.warns(TextTruncated) as caught:
+        items = list(stream)
+    cut = [str(w.message) for w in caught if issubclass(w.category, TextTruncated)]
+    assert len(cut) == 1 and f"(the first: {jsonl}:1)" in cut[0]
+    assert max(len(item["tokens"]) for item in items) == 6
+
+
 def test_a_missing_image_is_named_when_sharding(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"image": "nope.png", "caption": "x"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1: cannot read image"):

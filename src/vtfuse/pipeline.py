@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vtfuse.data.dataset import pad_tokens
+from vtfuse.data.dataset import Truncation, pad_tokens
 from vtfuse.data.images import blank_like, image_to_uint8, load_image
 from vtfuse.data.tokenizer import AnyTokenizer
 from vtfuse.generation import Generated, beam_search, greedy, most_likely, nucleus
@@ -150,8 +150,17 @@ class Pipeline:
 
     # -- question answering -------------------------------------------------------------------
     def encode_texts(self, questions: list[str]) -> tuple[Tensor, Tensor]:
-        limit = self.model.config.text.max_length - 1  # one position is the [CLS] token
-        ids = [self.tokenizer.encode(q)[:limit] or [self.tokenizer.unk_id] for q in questions]
+        """Token ids (B, T) and mask of texts as an encoder reads them; a text longer than
+        text.max_length (less one position for [CLS]) is cut, with one TextTruncated warning."""
+        cut = Truncation(self.model.config.text.max_length)
+        ids = [
+            cut.fit(
+                self.tokenizer.encode(q), cut.max_length - 1, f"text {i + 1} of {len(questions)}"
+            )
+            or [self.tokenizer.unk_id]
+            for i, q in enumerate(questions)
+        ]
+        cut.warn()
         tokens, mask = pad_tokens(ids)
         return tokens.to(self.device), mask.to(self.device)
 

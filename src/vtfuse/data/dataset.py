@@ -14,6 +14,7 @@ line.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,36 +307,83 @@ class ImageTextDataset(Dataset):
 Item = tuple[list[int], int | None]  # token ids, and the answer class (VQA) or None
 
 
-def caption_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
-    """One item per reference caption: <bos> words <eos>."""
+class TextTruncated(UserWarning):
+    """Texts longer than the model's text.max_length tokens were cut to fit."""
+
+
+@dataclass
+class Truncation:
+    """Cuts token sequences to the model's `max_length`, counting the texts cut and where the
+    first came from, for one summary warning instead of one per line."""
+
+    max_length: int
+    count: int = 0
+    first: str = ""
+
+    def fit(self, ids: list[int], limit: int, where: str) -> list[int]:
+        """`ids` cut to `limit` tokens (`max_length`, less the positions the model adds)."""
+        if len(ids) > limit:
+            self.count += 1
+            self.first = self.first or where
+        return ids[:limit]
+
+    def where(self, record: Record) -> str:
+        return record.where
+
+    def warn(self, texts: str = "text") -> None:
+        """One warning, if any text was cut: how many, and the first's file:line."""
+        if self.count:
+            warnings.warn(
+                f"{self.count} {texts}(s) longer than the model's text.max_length of "
+                f"{self.max_length} tokens truncated to fit (the first: {self.first})",
+                TextTruncated,
+                stacklevel=2,
+            )
+
+
+TEXTS = {"caption": "caption", "vqa": "question", "retrieval": "caption", "classify": "text"}
+
+
+def caption_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) -> list[Item]:
+    """One item per reference caption: <bos> words <eos> (a caption cut short has no <eos>)."""
     return [
-        (tokenizer.encode(caption, bos=True, eos=True)[:max_length], None)
+        (
+            cut.fit(
+                tokenizer.encode(caption, bos=True, eos=True), cut.max_length, cut.where(record)
+            ),
+            None,
+        )
         for caption in record.captions
     ]
 
 
-def vqa_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
+def vqa_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) -> list[Item]:
     """One item per question; an answer outside the training answers gets label -1 (ignored
     by the loss, always wrong in accuracy). One position is left for [CLS]."""
-    question = tokenizer.encode(record.fields["question"])[: max_length - 1]
+    question = tokenizer.encode(record.fields["question"])
+    question = cut.fit(question, cut.max_length - 1, cut.where(record))
     return [(question, tokenizer.answer_id(record.fields.get("answer", "")))]
 
 
-def retrieval_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
+def retrieval_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) -> list[Item]:
     """One item per caption, as an encoder reads it: no <bos>/<eos>, a slot for [CLS]."""
     return [
-        (tokenizer.encode(caption)[: max_length - 1] or [tokenizer.unk_id], None)
+        (
+            cut.fit(tokenizer.encode(caption), cut.max_length - 1, cut.where(record))
+            or [tokenizer.unk_id],
+            None,
+        )
         for caption in record.captions
     ]
 
 
-def classify_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
+def classify_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) -> list[Item]:
     """The pair's text as an encoder reads it, and its label's class (-1: unseen label)."""
-    text = tokenizer.encode(record.fields["text"])[: max_length - 1]
+    text = cut.fit(tokenizer.encode(record.fields["text"]), cut.max_length - 1, cut.where(record))
     return [(text, tokenizer.answer_id(record.fields.get("label", "")))]
 
 
-ITEMS: dict[str, Callable[[Record, AnyTokenizer, int], list[Item]]] = {
+ITEMS: dict[str, Callable[[Record, AnyTokenizer, Truncation], list[Item]]] = {
     "caption": caption_items,
     "vqa": vqa_items,
     "retrieval": retrieval_items,
@@ -346,14 +394,26 @@ ITEMS: dict[str, Callable[[Record, AnyTokenizer, int], list[Item]]] = {
 def task_dataset(
     task: str, data: LoadedData, tokenizer: AnyTokenizer, max_length: int
 ) -> ImageTextDataset:
-    """The examples of `task` over decoded records: each record's items share its image."""
-    items_of = ITEMS[task]
+    """The examples of `task` over decoded records: each record's items share its image.
+    Texts longer than `max_length` tokens are cut, with one TextTruncated warning."""
+    items_of, cut = ITEMS[task], Truncation(max_length)
     items = [
         (image_id, ids, label)
         for record, image_id in zip(data.records, data.image_ids, strict=True)
-        for ids, label in items_of(record, tokenizer, max_length)
+        for ids, label in items_of(record, tokenizer, cut)
     ]
+    cut.warn(TEXTS[task])
     return ImageTextDataset(data.bank, items)
+
+
+def warn_long_texts(
+    task: str, records: list[Record], tokenizer: AnyTokenizer, max_length: int
+) -> None:
+    """One TextTruncated warning if any of the records' model inputs exceed `max_length`."""
+    items_of, cut = ITEMS[task], Truncation(max_length)
+    for record in records:
+        items_of(record, tokenizer, cut)
+    cut.warn(TEXTS[task])
 
 
 def grouped_order(image_ids: list[int], generator: torch.Generator) -> list[int]:

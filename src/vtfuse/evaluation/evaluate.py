@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vtfuse.data.dataset import LoadedData, load_records, read_jsonl
+from vtfuse.data.dataset import (
+    LoadedData,
+    TextTruncated,
+    load_records,
+    read_jsonl,
+    warn_long_texts,
+)
 from vtfuse.data.images import blank_like
 from vtfuse.data.synth import parse_caption
 from vtfuse.evaluation.grounding import pointing_hits
@@ -199,7 +206,12 @@ def evaluate(
     data = load_records(
         records, pipe.model.config.vision.image_size, options.skip_bad, options.progress
     )
-    metrics, predictions = EVALUATORS.get(pipe.task)(pipe, data, options)
+    if pipe.task != "caption":  # the texts the model reads (references are only scored)
+        max_length = pipe.model.config.text.max_length
+        warn_long_texts(pipe.task, data.records, pipe.tokenizer, max_length)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TextTruncated)  # counted once, above
+        metrics, predictions = EVALUATORS.get(pipe.task)(pipe, data, options)
     metrics = {**metrics, "examples": len(data.records), "skipped": len(data.skipped)}
     if predictions_path:
         with Path(predictions_path).open("w") as handle:
