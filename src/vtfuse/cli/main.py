@@ -170,6 +170,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "weights with matching names and shapes, and shared words' embeddings, are copied",
     )
     p.add_argument(
+        "--grad-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in the backward pass (text blocks, vision layers, a "
+        "pretrained LM's layers): less memory, about a third more compute per step",
+    )
+    p.add_argument(
         "--shuffle",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -198,6 +205,7 @@ TRAIN_FLAGS = (
     "skip_bad",
     "init_from",
     "shuffle",
+    "grad_checkpointing",
 )
 
 

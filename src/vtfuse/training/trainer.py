@@ -37,6 +37,7 @@ from vtfuse.data.dataset import (
 )
 from vtfuse.data.shards import ShardDataset, is_shard_folder, shard_records
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, normalise_answer
+from vtfuse.grad_checkpointing import set_grad_checkpointing
 from vtfuse.models.base import TaskModel, create_model, load_pretrained, warm_start
 from vtfuse.training.checkpoint import (
     atomic_folder,
@@ -299,6 +300,9 @@ def train(
                 f"embeddings copied, {len(copied.left)} source weights had no match"
             )
         model = model.to(device)
+    if config.grad_checkpointing:
+        parts = set_grad_checkpointing(model)
+        say(f"gradient checkpointing in: {', '.join(parts) or 'nothing (no part supports it)'}")
     model.train()
     size, max_length = model_config.vision.image_size, model_config.text.max_length
     if streaming:  # decoded as they stream, once per epoch
