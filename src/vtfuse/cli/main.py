@@ -153,6 +153,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=1,
         help="data-parallel processes: launches torchrun --nproc-per-node N (DDP; gloo on CPU)",
     )
+    p.add_argument(
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --nproc N (or under torchrun): shard weights, gradients and optimiser state "
+        "over the processes (FSDP2) instead of replicating them (DDP); checkpoints gathered "
+        "whole on rank 0; not resumable",
+    )
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing")
     p.add_argument("--seed", type=int, help="random seed")
@@ -206,6 +214,7 @@ TRAIN_FLAGS = (
     "init_from",
     "shuffle",
     "grad_checkpointing",
+    "fsdp",
 )
 
 

@@ -170,7 +170,7 @@ def load_training_state(
         if not (folder / name).is_file():
             raise CheckpointError(
                 f"{folder}: no {name}, so training cannot resume exactly from it "
-                f"(it is written as safetensors + JSON with every `last` checkpoint)"
+                "(every `last` checkpoint has it, as safetensors + JSON, but an --fsdp run's)"
             )
     tensors = load_file(str(folder / STATE_TENSORS))
     plain = json.loads((folder / STATE_JSON).read_text())

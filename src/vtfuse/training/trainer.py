@@ -46,7 +46,7 @@ from vtfuse.training.checkpoint import (
     resolve_model_folder,
     save_training_state,
 )
-from vtfuse.training.distributed import Distributed, TrainingStep
+from vtfuse.training.distributed import DataParallel, Distributed
 
 RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
 
@@ -240,6 +240,15 @@ def validate(
     return {f"val_{k}": v / count for k, v in totals.items()}
 
 
+def _engine(config: TrainConfig) -> type:
+    """How a step runs over the processes: DDP (or one process), or FSDP with --fsdp."""
+    if not config.fsdp:
+        return DataParallel
+    from vtfuse.training.fsdp import FullyShardedParallel
+
+    return FullyShardedParallel
+
+
 def train(
     task: str,
     train_path: str | Path,
@@ -275,6 +284,11 @@ def train(
         if streaming
         else read_jsonl(train_path, task, roots=config.image_roots)
     )
+    if resume and config.fsdp:
+        raise ValueError(
+            "--resume with --fsdp is not supported: an --fsdp run does not save its sharded "
+            "optimiser state (its checkpoints' weights can start a new run: --init-from)"
+        )
     last_dir = recover(out / "last") if resume else None
     if resume and last_dir is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/last to resume from")
@@ -332,6 +346,7 @@ def train(
     batches_per_epoch = micro_batches_per_epoch(len(train_set), config, parallel)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
     total_steps = steps_per_epoch * config.epochs
+    engine = _engine(config)(model, parallel, device)  # FSDP replaces the parameters: first
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config))
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": float("inf")}
@@ -346,19 +361,20 @@ def train(
         (out / LOG_FILE).write_text("")
     total, trainable = model.num_parameters(), model.num_parameters(trainable_only=True)
     processes = f" × {parallel.world} processes" if parallel.enabled else ""
+    processes += " (FSDP)" if config.fsdp else ""
     say(
         f"{task} model: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
         f"{len(train_set)} training examples, {total_steps} steps on {device}{processes}"
     )
-    step_module = parallel.wrap(TrainingStep(model), device)
 
-    def save(name: str) -> None:
-        if not parallel.main:
+    def save(name: str, whole: TaskModel | None) -> None:
+        """Write checkpoint `name` from `whole` (`engine.full_model()`: None off rank 0)."""
+        if whole is None:
             return
         with atomic_folder(out / name) as folder:
             trained = {"step": state["step"], "epoch": state["epoch"]}
-            model.save_pretrained(folder, tokenizer, trained)
-            if name == "last":
+            whole.save_pretrained(folder, tokenizer, trained)
+            if name == "last" and engine.saves_training_state:
                 save_training_state(folder, optimizer, scheduler, state)
 
     def write_log(entry: dict[str, Any]) -> None:
@@ -389,17 +405,16 @@ def train(
                     or state["batch_in_epoch"] == batches_per_epoch
                 )
                 # micro-batches before the last of a step keep their gradients to themselves
-                quiet = parallel.enabled and not steps_now
-                with step_module.no_sync() if quiet else nullcontext():
+                with engine.accumulating() if not steps_now else nullcontext():
                     with autocast(device, config.precision):
-                        loss = step_module(batch, config.label_smoothing)
+                        loss = engine.step(batch, config.label_smoothing)
                     (loss / accumulate).backward()
                 seen += batch["tokens"].shape[0] * parallel.world
                 if not steps_now:
                     continue
                 # the global gradient norm (clipped if asked): non-finite → skip the step
                 limit = config.grad_clip if config.grad_clip > 0 else math.inf
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+                norm = engine.clip_grad_norm(limit)
                 if torch.isfinite(norm):
                     optimizer.step()
                     scheduler.step()
@@ -437,7 +452,7 @@ def train(
                     stopped = True
                     break
                 if config.save_every and state["step"] % config.save_every == 0:
-                    save("last")
+                    save("last", engine.full_model())
             bar.close()
             if not stopped:
                 state["epoch"] += 1
@@ -447,13 +462,14 @@ def train(
                 "epoch": epoch + 1,
                 "train_loss": loss.item(),
             }
-            if val_loader is not None and not stopped and parallel.main:
-                entry.update(validate(model, val_loader, device, config.precision))
+            whole = engine.full_model()  # every rank, together; the model on rank 0
+            if val_loader is not None and not stopped and whole is not None:
+                entry.update(validate(whole, val_loader, device, config.precision))
                 if entry["val_loss"] < state["best_val_loss"]:
                     state["best_val_loss"] = entry["val_loss"]
-                    save("best")
-            elif not stopped:
-                save("best")  # no validation data: the latest weights are the best we know
+                    save("best", whole)
+            elif val_loader is None and not stopped:
+                save("best", whole)  # no validation data: the latest weights are the best known
             history.append(entry)
             write_log(entry)
             say(
@@ -461,9 +477,9 @@ def train(
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
                 )
             )
-            save("last")
-    if parallel.main and recover(out / "best") is None:
-        save("best")
+            save("last", whole)
+    if parallel.any(parallel.main and recover(out / "best") is None):
+        save("best", engine.full_model())
     say(f"run folder: {out}  ({time.monotonic() - started:.0f}s)")
     parallel.close()
     return TrainResult(
