@@ -158,6 +158,13 @@ def assert_close_weights(a: Path, b: Path) -> None:
             torch.testing.assert_close(second[name], first[name], atol=1e-3, rtol=0, msg=name)
 
 
+def zero_gradient_in_exact_arithmetic(name: str) -> bool:
+    """Key biases (softmax ignores a shift of every logit) and conv biases before a
+    GroupNorm: Adam turns their rounding-noise gradients into steps of size lr (see
+    assert_same_model), so they match nothing but a bit-identical run."""
+    return name.endswith("to_kv.bias") or (name.startswith("vision.stem.") and "bias" in name)
+
+
 def test_fsdp_two_processes_step_as_one_with_twice_the_batch(questions, tmp_path, capfd):
     base = ["train", "--task", "vqa", "--train", str(questions / "train.jsonl")]
     base += ["--config", str(questions / "tiny.json"), "--epochs", "2", "--lr", "0.003"]
@@ -171,10 +178,16 @@ def test_fsdp_two_processes_step_as_one_with_twice_the_batch(questions, tmp_path
     assert run["train_config"]["fsdp"] is True
     log = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
     assert json.loads(log[-1])["step"] == 8
-    assert not (tmp_path / "two" / "last" / "training_state.safetensors").exists()
-    capfd.readouterr()
-    assert main([*sharded, "--fsdp", "--resume"]) != 0  # each rank exits with 2
-    assert "--resume with --fsdp is not supported" in capfd.readouterr().err
+    # stopped after its first step, then resumed: the steps of the run never stopped
+    resumed = [*base, "--out", str(tmp_path / "resumed"), "--batch-size", "8", "--nproc", "2"]
+    assert main([*resumed, "--fsdp", "--max-minutes", "0.0000001"]) == 0
+    assert "stopped at step 1" in capfd.readouterr().out
+    assert main([*resumed, "--resume"]) == 0  # the run's own config: --fsdp
+    assert "resumed from" in capfd.readouterr().out
+    uninterrupted, continued = weights(tmp_path / "two"), weights(tmp_path / "resumed")
+    for name, weight in uninterrupted.items():
+        if not zero_gradient_in_exact_arithmetic(name):
+            torch.testing.assert_close(continued[name], weight, atol=1e-6, rtol=0, msg=name)
 
 
 def test_fsdp_needs_several_processes(questions, tmp_path, capsys):
@@ -204,7 +217,7 @@ def test_fsdp_with_a_frozen_pretrained_lm(questions, gpt2_folder, tmp_path):
     assert replicated.keys() == sharded.keys()
     assert not any(name.startswith("lm.transformer.h.0.layer.") for name in sharded)  # frozen
     for name, weight in replicated.items():
-        if weight.dim() != 1:  # vectors: some have zero gradients in exact arithmetic
+        if not zero_gradient_in_exact_arithmetic(name):
             torch.testing.assert_close(sharded[name], weight, atol=1e-5, rtol=1e-5, msg=name)
     gates = [n for n in sharded if n.endswith("attn_gate")]
     assert gates and all(sharded[n].abs() > 0 for n in gates)  # trained, from 0

@@ -159,7 +159,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="with --nproc N (or under torchrun): shard weights, gradients and optimiser state "
         "over the processes (FSDP2) instead of replicating them (DDP); checkpoints gathered "
-        "whole on rank 0; not resumable",
+        "whole on rank 0",
     )
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing")

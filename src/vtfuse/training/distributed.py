@@ -98,8 +98,6 @@ class DataParallel:
     """One process, or DDP: every rank holds the whole model and the gradients are averaged
     in the backward pass."""
 
-    saves_training_state = True  # the optimiser's state is whole on rank 0
-
     def __init__(self, model: nn.Module, parallel: Distributed, device: torch.device):
         self.model, self.parallel = model, parallel
         self.step = parallel.wrap(TrainingStep(model), device)
@@ -116,3 +114,12 @@ class DataParallel:
         """The whole model, with the current weights, on the main rank (None elsewhere), to
         validate and save; every rank calls this at the same point."""
         return self.model if self.parallel.main else None
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """The optimiser's whole state dict on the main rank (None elsewhere); every rank
+        calls this at the same point."""
+        return optimizer.state_dict() if self.parallel.main else None
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Restore a whole state dict (as `optimizer_state` gave); every rank calls this."""
+        optimizer.load_state_dict(state)

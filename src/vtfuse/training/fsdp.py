@@ -12,8 +12,8 @@ so N processes with batch B take the steps of one process with batch N·B.
 
 Checkpoints: every rank takes part in gathering the trainable weights whole (a full state
 dict) onto rank 0, which loads them into its unsharded copy of the model to validate it and
-write `best`/`last` as usual. The sharded optimiser state is not saved: an --fsdp run cannot
-be resumed exactly.
+write `best`/`last` as usual; the optimiser state is gathered whole too, into the same files
+as without FSDP, and cut back into shards on `--resume`, so a run resumes exactly.
 """
 
 from __future__ import annotations
@@ -26,13 +26,19 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from vtfuse.training.distributed import Distributed, TrainingStep
 
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 # A fusion block returns the image stream it was given, a view: FSDP2 warns that an in-place
 # op on it would skip a hook. vtfuse's layers change no activation in place.
@@ -54,8 +60,6 @@ def shard_units(root: nn.Module, model: nn.Module, keep_whole: set[nn.Parameter]
 
 class FullyShardedParallel:
     """`DataParallel`'s interface over FSDP2 (see the module's docstring)."""
-
-    saves_training_state = False  # the optimiser's state lives in shards
 
     def __init__(self, model: nn.Module, parallel: Distributed, device: torch.device):
         if not parallel.enabled:
@@ -103,6 +107,40 @@ class FullyShardedParallel:
         if unexpected:
             raise RuntimeError(f"gathered weights the model does not have: {unexpected[:5]}")
         return self.copy
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """Gather the optimiser's state whole onto rank 0 (every rank calls this); → it as
+        `optimizer.state_dict()` would give it unsharded (parameters by index), None elsewhere."""
+        whole = get_optimizer_state_dict(self.step, optimizer, options=WHOLE)
+        if not self.parallel.main:
+            return None
+        index = {name: i for i, name in enumerate(_names(whole))}
+        return {
+            "state": {index[name]: slots for name, slots in whole["state"].items()},
+            "param_groups": [
+                {**group, "params": [index[name] for name in group["params"]]}
+                for group in whole["param_groups"]
+            ],
+        }
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Cut a whole state dict (parameters by index, as saved) into this rank's shards;
+        every rank calls this, with the same `state`."""
+        names = _names(get_optimizer_state_dict(self.step, optimizer, options=WHOLE))
+        by_name = {
+            "state": {names[int(i)]: slots for i, slots in state["state"].items()},
+            "param_groups": [
+                {**group, "params": [names[i] for i in group["params"]]}
+                for group in state["param_groups"]
+            ],
+        }
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.step, optimizer, by_name, options=options)
+
+
+def _names(whole: dict) -> list[str]:
+    """The parameters' names in the optimiser's order: its groups', one after the other."""
+    return [name for group in whole["param_groups"] for name in group["params"]]
 
 
 def _global_norm(grads: list[Tensor], device: torch.device) -> Tensor:

@@ -284,11 +284,6 @@ def train(
         if streaming
         else read_jsonl(train_path, task, roots=config.image_roots)
     )
-    if resume and config.fsdp:
-        raise ValueError(
-            "--resume with --fsdp is not supported: an --fsdp run does not save its sharded "
-            "optimiser state (its checkpoints' weights can start a new run: --init-from)"
-        )
     last_dir = recover(out / "last") if resume else None
     if resume and last_dir is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/last to resume from")
@@ -351,7 +346,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config))
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": float("inf")}
     if last_dir is not None:
-        state = load_training_state(last_dir, optimizer, scheduler)
+        state = load_training_state(last_dir, optimizer, scheduler, engine.load_optimizer_state)
         say(f"resumed from {last_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
     elif parallel.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -368,14 +363,16 @@ def train(
     )
 
     def save(name: str, whole: TaskModel | None) -> None:
-        """Write checkpoint `name` from `whole` (`engine.full_model()`: None off rank 0)."""
+        """Write checkpoint `name` from `whole` (`engine.full_model()`: None off rank 0); every
+        rank calls this (`last` gathers the optimiser's state)."""
+        optimizer_state = engine.optimizer_state(optimizer) if name == "last" else None
         if whole is None:
             return
         with atomic_folder(out / name) as folder:
             trained = {"step": state["step"], "epoch": state["epoch"]}
             whole.save_pretrained(folder, tokenizer, trained)
-            if name == "last" and engine.saves_training_state:
-                save_training_state(folder, optimizer, scheduler, state)
+            if optimizer_state is not None:
+                save_training_state(folder, optimizer_state, scheduler, state)
 
     def write_log(entry: dict[str, Any]) -> None:
         if parallel.main:
