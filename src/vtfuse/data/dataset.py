@@ -63,12 +63,12 @@ def safe_image_path(written: str, folder: Path, roots: Sequence[Path], where: st
     if any(target.is_relative_to(root) for root in allowed):
         return path
     raise ImagePathRefused(
-        f"{where}: image path {written!r} {_escape(written, folder)}; images must lie under "
+        f"{where}: image path {written!r} {_escape(written)}; images must lie under "
         f"the JSONL file's folder ({folder}) unless allowed: {ALLOW_HINT}"
     )
 
 
-def _escape(written: str, folder: Path) -> str:
+def _escape(written: str) -> str:
     """How a refused path leaves the data folder, for the message."""
     if Path(written).is_absolute():
         return "is absolute"

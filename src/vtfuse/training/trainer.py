@@ -341,7 +341,7 @@ def train(
     batches_per_epoch = micro_batches_per_epoch(len(train_set), config, parallel)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
     total_steps = steps_per_epoch * config.epochs
-    engine = _engine(config)(model, parallel, device)  # FSDP replaces the parameters: first
+    engine = _engine(config)(model, parallel, device)  # before the optimiser: FSDP swaps params
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config))
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": float("inf")}
