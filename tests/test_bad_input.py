@@ -1,6 +1,9 @@
 """Bad input loses nothing: generated JSONL lines and image files of every broken kind either
 load as documented or raise a clear error naming the file and line — never anything else.
 
+Image paths that leave the data folder (absolute, through `..` or a symbolic link) are refused
+with file:line unless their folder is allowed.
+
 Hypothesis generates the cases (well over 1000 in all, counted by `CASES`)."""
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import io
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vtfuse.data.dataset import DataError, load_records, read_jsonl
+from vtfuse.data.dataset import DataError, ImagePathRefused, load_records, read_jsonl
 from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image
 
-CASES = {"jsonl": 0, "images": 0}
+CASES = {"jsonl": 0, "images": 0, "paths": 0}
 FAST = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 
 json_values = st.recursive(
@@ -156,8 +160,93 @@ def test_bad_images_in_a_dataset_are_named_or_skipped_and_counted(tmp_path):
     assert all("data.jsonl:" in reason for reason in loaded.skipped)
 
 
+# -- image paths outside the data folder -------------------------------------------------------
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """tree/{outside.png, allowed/pic.png, data/{in.png, sub/in.png, link_in → sub,
+    link_out → ../allowed}}: the JSONL files live in data/."""
+    root = tmp_path_factory.mktemp("pathtree")
+    (root / "data" / "sub").mkdir(parents=True)
+    (root / "allowed").mkdir()
+    for name in ("outside.png", "allowed/pic.png", "data/in.png", "data/sub/in.png"):
+        (root / name).write_bytes(IMAGES["png"])
+    (root / "data" / "link_in").symlink_to("sub")
+    (root / "data" / "link_out").symlink_to(root / "allowed")
+    return root
+
+
+LINKS = {("data", "link_in"): ["data", "sub"], ("data", "link_out"): ["allowed"]}
+SEGMENTS = ["..", ".", "", "data", "sub", "allowed", "link_in", "link_out", "in.png", "pic.png"]
+SEGMENTS += ["nowhere", "nul\x00byte"]
+
+
+def landing(written: str, parts: list[str], absolute: bool) -> list[str] | None:
+    """Where a path lands, as folders under the tree (symbolic links followed as the OS does,
+    '..' after a link leaving the link's target); None: outside the tree (from above it, or
+    from the file system's root, the names below never lead back in)."""
+    if written.startswith("/") and not absolute:  # a leading '' part: "/..." from the root
+        return None
+    at = [] if absolute else ["data"]
+    for part in parts:
+        if part == "..":
+            if not at:
+                return None
+            at = at[:-1]
+        elif part not in ("", "."):
+            at = LINKS.get((*at, part), [*at, part])
+    return at
+
+
+@pytest.mark.parametrize("allow", [False, True], ids=["no-root", "image-root"])
+@FAST
+@given(absolute=st.booleans(), parts=st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=6))
+def test_image_paths_outside_the_data_folder_are_refused_unless_allowed(
+    tree, allow, absolute, parts
+):
+    CASES["paths"] += 1
+    written = (f"{tree}/" if absolute else "") + "/".join(parts)
+    jsonl = tree / "data" / "data.jsonl"
+    jsonl.write_text(json.dumps({"image": written, "caption": "a thing"}) + "\n")
+    (record,) = read_jsonl(jsonl, "caption", roots=[tree / "allowed"] if allow else [])
+    at = landing(written, parts, absolute)
+    relative = not written.startswith("/")
+    inside = (
+        at is not None
+        and "\x00" not in written
+        and ((at[:1] == ["data"] and relative) or (allow and at[:1] == ["allowed"]))
+    )
+    try:
+        path = record.image_path
+    except ImagePathRefused as error:
+        assert not inside, (written, str(error))
+        assert str(error).startswith(f"{jsonl}:1: image path {written!r}"), str(error)
+        return
+    assert inside, written
+    assert path.resolve().is_relative_to(tree / ("allowed" if at[:1] == ["allowed"] else "data"))
+
+
+def test_refused_image_paths_are_skipped_and_counted_with_the_reason(tree):
+    jsonl = tree / "data" / "mixed.jsonl"
+    names = ["in.png", "../outside.png", str(tree / "allowed" / "pic.png"), "link_out/pic.png"]
+    jsonl.write_text("".join(json.dumps({"image": n, "caption": "x"}) + "\n" for n in names))
+    records = read_jsonl(jsonl, "caption")
+    with pytest.raises(ImagePathRefused, match=r"mixed\.jsonl:2: image path '\.\./outside\.png'"):
+        load_records(records, 8, progress=False)
+    loaded = load_records(records, 8, skip_bad=True, progress=False)
+    assert [r.line for r in loaded.records] == [1]
+    reasons = ["through '..'", "is absolute", "through a symbolic link"]
+    for line, (skipped, reason) in enumerate(zip(loaded.skipped, reasons, strict=True), 2):
+        assert skipped.startswith(f"{jsonl}:{line}: image path ") and reason in skipped
+        assert "--image-root" in skipped
+    allowed = read_jsonl(jsonl, "caption", roots=[tree / "allowed"])
+    loaded = load_records(allowed, 8, skip_bad=True, progress=False)
+    assert [r.line for r in loaded.records] == [1, 3, 4] and len(loaded.skipped) == 1
+    with pytest.raises(DataError, match=r"--image-root .*nowhere: no such folder"):
+        read_jsonl(jsonl, "caption", roots=[tree / "nowhere"])
+
+
 def test_the_suite_ran_over_a_thousand_cases():
     """Runs last in this file: the generated cases above, counted."""
     if CASES["jsonl"] == 0:
         pytest.skip("run with the whole file")
-    assert CASES["jsonl"] + CASES["images"] >= 1000, CASES
+    assert sum(CASES.values()) >= 1000, CASES

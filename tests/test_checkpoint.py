@@ -326,15 +326,110 @@ def test_invalid_json_config_is_refused(tmp_path):
         load_pretrained(folder)
 
 
-def test_pickle_weights_are_refused(tmp_path):
+def pickled_folder(tmp_path, name: str = "pytorch_model.bin") -> Path:
+    """A saved captioner whose weights were written by torch.save instead of safetensors."""
     folder = saved_folder(tmp_path)
-    torch.manual_seed(0)
-    torch.save(create_model(tiny_config("caption")).state_dict(), folder / "pytorch_model.bin")
+    model, _ = load_pretrained(folder)
+    torch.save(model.trainable_state_dict(), folder / name)
     (folder / "model.safetensors").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "weights.pth", "run.ckpt"])
+def test_pickle_weights_are_refused_naming_the_file_and_the_way_in(tmp_path, name):
+    folder = pickled_folder(tmp_path, name)
     with pytest.raises(CheckpointError) as info:
         load_pretrained(folder)
-    assert "safetensors" in str(info.value)
-    assert "model.safetensors" in str(info.value)
+    message = str(info.value)
+    assert str(folder / name) in message and "model.safetensors" in message
+    assert "pickle" in message and "run any code" in message  # why
+    assert "--allow-pickle" in message and "allow_pickle=True" in message  # how to opt in
+
+
+def test_allow_pickle_loads_the_same_weights(tmp_path):
+    folder = pickled_folder(tmp_path)
+    expected, _ = load_pretrained(saved_folder(tmp_path / "again"))
+    loaded, _ = load_pretrained(folder, allow_pickle=True)
+    for (name, a), b in zip(
+        expected.state_dict().items(), loaded.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_allow_pickle_reads_with_weights_only(tmp_path, monkeypatch):
+    folder = pickled_folder(tmp_path)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    load_pretrained(folder, allow_pickle=True)
+    assert calls == [True]
+
+
+class _Payload:
+    """A pickle that runs code when loaded: `exec` writes a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_pickle_that_runs_code_is_refused_even_when_allowed(tmp_path):
+    folder = saved_folder(tmp_path)
+    marker = tmp_path / "code-ran.txt"
+    torch.save({"text.norm.weight": _Payload(marker)}, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: torch\.load\(weights_only"):
+        load_pretrained(folder, allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_a_pickle_of_something_else_than_tensors_is_refused(tmp_path):
+    folder = saved_folder(tmp_path)
+    torch.save([1, 2, 3], folder / "model.pt")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.pt: expected a mapping of weight names"):
+        load_pretrained(folder, allow_pickle=True)
+
+
+def test_the_cli_refuses_pickle_weights_unless_allowed(tmp_path, capsys):
+    from PIL import Image
+
+    from vtfuse.cli.main import main
+
+    folder = pickled_folder(tmp_path)
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(image)
+    assert main(["caption", str(folder), str(image), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "pytorch_model.bin" in error and "--allow-pickle" in error
+    command = ["caption", str(folder), str(image), "--device", "cpu", "--allow-pickle"]
+    assert main(command) == 0
+    assert capsys.readouterr().out.startswith(str(image))
+
+
+def test_warm_start_from_pickle_weights_needs_allow_pickle(tmp_path):
+    folder = pickled_folder(tmp_path)
+    model = create_model(tiny_config("caption"))
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        warm_start(model, tokenizer(), folder)
+    assert warm_start(model, tokenizer(), folder, allow_pickle=True).tensors > 0
+
+
+def test_a_run_folder_holding_only_a_pickle_names_it(tmp_path):
+    from vtfuse.training.checkpoint import resolve_model_folder
+
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    torch.save({"w": torch.zeros(2)}, folder / "model.ckpt")
+    with pytest.raises(CheckpointError, match=r"model\.ckpt is a pickle file"):
+        resolve_model_folder(folder)
 
 
 def test_folder_with_only_a_pickle_is_refused(tmp_path):
@@ -343,6 +438,74 @@ def test_folder_with_only_a_pickle_is_refused(tmp_path):
     torch.manual_seed(0)
     torch.save(create_model(tiny_config("caption")), folder / "model.pt")
     with pytest.raises(CheckpointError, match=r"not a vtfuse model folder: no config\.json"):
+        load_pretrained(folder)
+
+
+def edit_config(folder: Path, edit) -> Path:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_weights_of_another_shape_name_the_weight_and_both_shapes(tmp_path):
+    folder = saved_folder(tmp_path)
+    edit_config(folder, lambda c: c["model"]["text"].update(mlp_ratio=2.0))  # saved: 4.0
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(folder)
+    message = str(info.value)
+    assert str(folder / "model.safetensors") in message and "does not match its config" in message
+    assert "text.blocks.0.mlp.net.0.weight: (128, 32) in the file, (64, 32) from the config" in (
+        message
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda c: c["model"]["text"].update(dim="32"),
+            r"model\.text\.dim: expected int, got '32'",
+        ),
+        (lambda c: c["model"]["vision"].update(channels=[8, "x", 16]), r"model\.vision\.channels"),
+        (lambda c: c["model"]["lm"].update(freeze=1), r"model\.lm\.freeze: expected bool"),
+        (lambda c: c["model"].update(vision=[]), r"model\.vision: expected an object"),
+        (lambda c: c.update(tokenizer="bpe"), r"unknown field\(s\) tokenizer"),
+        (lambda c: c.pop("model"), r"field 'model' must be an object"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_or_unknown_are_named(tmp_path, edit, expected):
+    folder = saved_folder(tmp_path)
+    path = edit_config(folder, edit)
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_pretrained(folder)
+    assert str(path) in str(info.value)
+
+
+def test_a_newer_versions_config_says_which_version_wrote_it(tmp_path):
+    folder = saved_folder(tmp_path)
+
+    def newer(config):
+        config["vtfuse_version"] = "9.0.0"
+        config["model"]["text"]["rotary"] = True
+
+    edit_config(folder, newer)
+    with pytest.raises(ConfigError, match=r"model\.text: unknown field\(s\) rotary.*9\.0\.0"):
+        load_pretrained(folder)
+
+
+def test_a_config_the_models_cannot_build_names_the_file(tmp_path):
+    folder = saved_folder(tmp_path)
+    path = edit_config(folder, lambda c: c["model"].update(task="segment"))
+    with pytest.raises(CheckpointError, match=rf"{path}: unknown task 'segment'"):
+        load_pretrained(folder)
+
+
+def test_a_vocabulary_larger_than_the_embedding_is_refused(tmp_path):
+    folder = saved_folder(tmp_path)
+    Tokenizer.build([" ".join(f"w{i}" for i in range(30))]).save(folder)
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json has 34 words.*vocab_size is 20"):
         load_pretrained(folder)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -196,6 +197,35 @@ def test_corrupt_image_is_named_or_skipped_and_counted(workspace, tmp_path, caps
     assert f"train.jsonl:{bad_line}" in err and "000001.png" in err
     assert main([*args, "--skip-bad"]) == 0
     assert "skipped 1 training example" in capsys.readouterr().out
+
+
+def test_image_paths_outside_the_data_folder_need_an_image_root(workspace, tmp_path, capsys):
+    """A JSONL file kept apart from its images (as `vtfuse data import` writes them without
+    --copy-images): refused line by line until the images' folder is allowed."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    images = workspace / "data" / "images"
+    for split in ("train", "val"):
+        lines = (workspace / "data" / f"caption_{split}.jsonl").read_text()
+        relative = Path(os.path.relpath(images, lists))
+        moved = lines.replace('"images/', f'"{relative.as_posix()}/')
+        (lists / f"{split}.jsonl").write_text(moved)
+    args = ["train", "--task", "caption", "--train", str(lists / "train.jsonl")]
+    args += ["--out", str(tmp_path / "run"), "--config", str(workspace / "tiny.json")]
+    args += ["--epochs", "1", "--no-progress"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert f"train.jsonl:1: image path '{relative.as_posix()}/" in error
+    assert "leaves the data folder through '..'" in error and "--image-root" in error
+    assert main([*args, "--image-root", str(images)]) == 0
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["train_config"]["image_roots"] == [str(images.resolve())]  # for --resume
+    evaluation = ["eval", str(tmp_path / "run"), "--data", str(lists / "val.jsonl")]
+    assert main([*evaluation, "--no-progress"]) == 2
+    assert "val.jsonl:1: image path" in capsys.readouterr().err
+    assert main([*evaluation, "--no-progress", "--skip-bad"]) == 2  # every line skipped
+    assert "no example has a readable image" in capsys.readouterr().err
+    assert main([*evaluation, "--no-progress", "--image-root", str(images)]) == 0
 
 
 def test_unknown_option_and_bad_config_are_clear(tmp_path, capsys):

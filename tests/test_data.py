@@ -13,6 +13,7 @@ from PIL import Image
 
 from vtfuse.data.dataset import (
     DataError,
+    TextTruncated,
     collate,
     grouped_order,
     load_records,
@@ -389,6 +390,73 @@ def test_caption_and_vqa_datasets(tmp_path):
     batch = collate([questions_set[0], questions_set[1]])
     assert batch["images"].shape == (1, 3, SIZE, SIZE)
     assert batch["image_index"].tolist() == [0, 0]
+
+
+# -- over-long texts ---------------------------------------------------------------------------
+LONG = " ".join(["red"] * 30) + "."
+
+
+@pytest.mark.parametrize(
+    ("task", "line", "limit", "texts"),
+    [
+        ("caption", {"captions": ["a red one.", LONG]}, 8, "caption"),
+        ("retrieval", {"caption": LONG}, 7, "caption"),
+        ("vqa", {"question": LONG, "answer": "red"}, 7, "question"),
+        ("classify", {"text": LONG, "label": "true"}, 7, "text"),
+    ],
+)
+def test_over_long_texts_are_cut_with_one_summary_warning(tmp_path, task, line, limit, texts):
+    save_image(tmp_path / "a.png")
+    short = {k: (["red."] if isinstance(v, list) else "red.") for k, v in line.items()}
+    short |= {k: v for k, v in line.items() if k in ("answer", "label")}
+    lines = [{"image": "a.png", **short}, *[{"image": "a.png", **line}] * 3]
+    data = load_records(
+        read_jsonl(write_jsonl(tmp_path / "d.jsonl", lines), task), SIZE, progress=False
+    )
+    tokenizer = Tokenizer.build([LONG, "a red one."], answers=["red", "true"])
+    with pytest.warns(TextTruncated) as caught:
+        dataset = task_dataset(task, data, tokenizer, max_length=8)
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, TextTruncated)]
+    assert f"3 {texts}(s) longer than the model's text.max_length of 8 tokens" in message
+    assert f"the first: {tmp_path / 'd.jsonl'}:2" in message
+    assert max(len(item["tokens"]) for item in dataset) == limit
+
+
+def test_texts_that_fit_raise_no_warning(tmp_path, recwarn):
+    save_image(tmp_path / "a.png")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"image": "a.png", "caption": "a red one."}])
+    data = load_records(read_jsonl(path, "caption"), SIZE, progress=False)
+    task_dataset("caption", data, Tokenizer.build(["a red one."]), max_length=6)
+    assert not [w for w in recwarn if issubclass(w.category, TextTruncated)]
+
+
+def test_an_over_long_question_is_answered_and_evaluated_with_one_warning(tmp_path):
+    from vtfuse.config import ModelConfig, TextConfig, VisionConfig
+    from vtfuse.evaluation import EvalOptions, evaluate
+    from vtfuse.models import create_model
+    from vtfuse.pipeline import Pipeline
+
+    tokenizer = Tokenizer.build([LONG, "what colour?"], answers=["red", "blue"])
+    config = ModelConfig(
+        task="vqa",
+        vision=VisionConfig(image_size=24, channels=(8, 8, 16), dim=32, depth=1, heads=2),
+        text=TextConfig(vocab_size=len(tokenizer), dim=32, depth=1, heads=2, max_length=8),
+        num_answers=2,
+    )
+    create_model(config).save_pretrained(tmp_path / "model", tokenizer)
+    pipe = Pipeline.load(tmp_path / "model", "cpu")
+    image = save_image(tmp_path / "a.png")
+    with pytest.warns(TextTruncated, match=r"1 text\(s\) longer .* of 8 tokens"):
+        assert len(pipe.ask(image, LONG, top_k=2)) == 2
+    lines = [{"image": "a.png", "question": q, "answer": "red"} for q in ("what colour?", LONG)]
+    path = write_jsonl(tmp_path / "q.jsonl", lines * 40)  # several batches
+    with pytest.warns(TextTruncated) as caught:
+        metrics = evaluate(tmp_path / "model", path, EvalOptions(batch_size=8, progress=False))
+    assert metrics["examples"] == 80
+    assert [str(w.message) for w in caught if issubclass(w.category, TextTruncated)] == [
+        "40 question(s) longer than the model's text.max_length of 8 tokens truncated to fit "
+        f"(the first: {path}:2)"
+    ]
 
 
 # -- synthetic data ----------------------------------------------------------------------------

@@ -141,3 +141,83 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(questions, tmp_path, mon
             progress=False,
             log=lambda _: None,
         )
+
+
+# -- FSDP --------------------------------------------------------------------------------------
+def assert_close_weights(a: Path, b: Path) -> None:
+    """Matrices within 0.1 % of their norm, and the scalars (gates, temperatures: kept whole
+    under FSDP, their gradients averaged by hand) within 1e-3. Vectors are left out: some get
+    a zero gradient in exact arithmetic (see assert_same_model)."""
+    first, second = weights(a), weights(b)
+    assert first.keys() == second.keys() and first
+    for name in first:
+        if first[name].dim() >= 2:
+            error = (first[name] - second[name]).norm() / first[name].norm()
+            assert error < 1e-3, (name, error.item())
+        elif first[name].dim() == 0:
+            torch.testing.assert_close(second[name], first[name], atol=1e-3, rtol=0, msg=name)
+
+
+def zero_gradient_in_exact_arithmetic(name: str) -> bool:
+    """Key biases (softmax ignores a shift of every logit) and conv biases before a
+    GroupNorm: Adam turns their rounding-noise gradients into steps of size lr (see
+    assert_same_model), so they match nothing but a bit-identical run."""
+    return name.endswith("to_kv.bias") or (name.startswith("vision.stem.") and "bias" in name)
+
+
+def test_fsdp_two_processes_step_as_one_with_twice_the_batch(questions, tmp_path, capfd):
+    base = ["train", "--task", "vqa", "--train", str(questions / "train.jsonl")]
+    base += ["--config", str(questions / "tiny.json"), "--epochs", "2", "--lr", "0.003"]
+    base += ["--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "one"), "--batch-size", "16"]) == 0
+    sharded = [*base, "--out", str(tmp_path / "two"), "--batch-size", "8", "--nproc", "2"]
+    assert main([*sharded, "--fsdp"]) == 0
+    assert_same_model(tmp_path / "one", tmp_path / "two", questions / "train.jsonl")
+    assert_close_weights(tmp_path / "one", tmp_path / "two")
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["train_config"]["fsdp"] is True
+    log = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
+    assert json.loads(log[-1])["step"] == 8
+    # stopped after its first step, then resumed: the steps of the run never stopped
+    resumed = [*base, "--out", str(tmp_path / "resumed"), "--batch-size", "8", "--nproc", "2"]
+    assert main([*resumed, "--fsdp", "--max-minutes", "0.0000001"]) == 0
+    assert "stopped at step 1" in capfd.readouterr().out
+    assert main([*resumed, "--resume"]) == 0  # the run's own config: --fsdp
+    assert "resumed from" in capfd.readouterr().out
+    uninterrupted, continued = weights(tmp_path / "two"), weights(tmp_path / "resumed")
+    for name, weight in uninterrupted.items():
+        if not zero_gradient_in_exact_arithmetic(name):
+            torch.testing.assert_close(continued[name], weight, atol=1e-6, rtol=0, msg=name)
+
+
+def test_fsdp_needs_several_processes(questions, tmp_path, capsys):
+    args = ["train", "--task", "vqa", "--train", str(questions / "train.jsonl"), "--fsdp"]
+    args += ["--config", str(questions / "tiny.json"), "--out", str(tmp_path / "r")]
+    assert main([*args, "--no-progress"]) == 2
+    assert "--fsdp shards the model over several processes" in capsys.readouterr().err
+
+
+def test_fsdp_with_a_frozen_pretrained_lm(questions, gpt2_folder, tmp_path):
+    """GPT-2 frozen (its parameters sharded, no gradient reduced for them), the gated blocks
+    trained (their scalar gates kept whole on every rank): the same weights as DDP. (Not as one
+    process: a caption loss is a mean over each rank's tokens, and DDP averages the ranks'
+    means, which differ from the mean over all tokens when the ranks hold different lengths.)"""
+    records = read_jsonl(questions / "caption_train.jsonl", "caption")
+    pairs = [{"image": r.fields["image"], "caption": c} for r in records for c in r.captions]
+    assert len(pairs) >= 32  # whole batches: 2 × 2 of 8
+    lines = [json.dumps(pair) for pair in pairs[:32]]
+    (questions / "captions.jsonl").write_text("\n".join(lines) + "\n")  # beside the images
+    base = ["train", "--task", "caption", "--train", str(questions / "captions.jsonl")]
+    base += ["--lm", str(gpt2_folder), "--config", str(questions / "tiny.json")]
+    base += ["--epochs", "2", "--lr", "0.01", "--no-progress", "--batch-size", "8"]
+    base += ["--nproc", "2"]
+    assert main([*base, "--out", str(tmp_path / "ddp")]) == 0
+    assert main([*base, "--out", str(tmp_path / "fsdp"), "--fsdp"]) == 0
+    replicated, sharded = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
+    assert replicated.keys() == sharded.keys()
+    assert not any(name.startswith("lm.transformer.h.0.layer.") for name in sharded)  # frozen
+    for name, weight in replicated.items():
+        if not zero_gradient_in_exact_arithmetic(name):
+            torch.testing.assert_close(sharded[name], weight, atol=1e-5, rtol=1e-5, msg=name)
+    gates = [n for n in sharded if n.endswith("attn_gate")]
+    assert gates and all(sharded[n].abs() > 0 for n in gates)  # trained, from 0

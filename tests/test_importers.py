@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from vtfuse.cli.main import main
-from vtfuse.data.dataset import DataError, read_jsonl
-from vtfuse.data.importers import ImportOptions, import_dataset
+from vtfuse.data.dataset import DataError, ImagePathRefused, load_records, read_jsonl
+from vtfuse.data.importers import ImportOptions, import_dataset, outside_image_root
 
 
 def image(path: Path) -> Path:
@@ -31,11 +31,15 @@ def coco_images(tmp_path) -> Path:
 
 
 def run(format_name: str, tmp_path: Path, **options) -> tuple[dict[str, list], list[str]]:
+    """Import into tmp_path/out and read the files back, allowing the images' own folder
+    (they stay where they were, outside out/, as `--image-root` allows)."""
     out = tmp_path / "out"
     written, skipped = import_dataset(format_name, ImportOptions(out=out, **options))
     task = "vqa" if format_name == "vqav2" else "caption"
+    roots = [options.get("images") or tmp_path]
     read = {
-        p.stem: [r.fields | {"path": r.image_path} for r in read_jsonl(p, task)] for p, _ in written
+        p.stem: [r.fields | {"path": r.image_path} for r in read_jsonl(p, task, roots=roots)]
+        for p, _ in written
     }
     return read, skipped
 
@@ -166,3 +170,36 @@ def test_the_command_line_reports_counts_and_skips(coco_images, tmp_path, capsys
     path.write_text("{not json")
     assert main([*args, "--out", str(out)]) == 2
     assert "dataset_coco.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_imported_paths_outside_the_output_need_their_folder_allowed(coco_images, tmp_path):
+    """The importer keeps the images where they are (reached through '..'); the loader refuses
+    them until their folder is given as an image root, which `outside_image_root` finds."""
+    data = {"images": [{"filename": "COCO_val2014_000000000042.jpg", "cocoid": 42,
+                        "split": "val", "sentences": [{"raw": "A cat."}]}]}  # fmt: skip
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(data))
+    options = ImportOptions(out=tmp_path / "out", annotations=[path], images=coco_images)
+    written, _ = import_dataset("coco-karpathy", options)
+    files = [p for p, _ in written]
+    assert json.loads(files[0].read_text())["image"].startswith("../coco/")
+    assert outside_image_root(files) == (coco_images / "val2014").resolve()
+    records = read_jsonl(files[0], "caption")
+    with pytest.raises(ImagePathRefused, match=r"val\.jsonl:1: image path '\.\./coco/"):
+        load_records(records, 8, progress=False)
+    allowed = read_jsonl(files[0], "caption", roots=[outside_image_root(files)])
+    assert len(load_records(allowed, 8, progress=False).records) == 1
+    copied = import_dataset("coco-karpathy", options, copy_images=True)[0]
+    assert outside_image_root([p for p, _ in copied]) is None
+
+
+def test_the_command_line_names_the_image_root_to_allow(coco_images, tmp_path, capsys):
+    data = {"images": [{"filename": "COCO_val2014_000000000042.jpg", "cocoid": 42,
+                        "split": "val", "sentences": [{"raw": "A cat."}]}]}  # fmt: skip
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "imported"
+    args = ["data", "import", "coco-karpathy", "--annotations", str(path)]
+    assert main([*args, "--images", str(coco_images), "--out", str(out)]) == 0
+    root = (coco_images / "val2014").resolve()
+    assert f"--image-root {root}" in capsys.readouterr().out

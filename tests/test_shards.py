@@ -93,7 +93,10 @@ def test_the_command_line_shards_a_folder_and_trains_on_it(data, tmp_path, capsy
     for split in ("train", "val"):
         lines = (data / f"vqa_{split}.jsonl").read_text().replace('"images/', f'"{data}/images/')
         (folder / f"{split}.jsonl").write_text(lines)
-    assert main(["data", "shard", str(folder), "--task", "vqa", "--out", str(tmp_path / "s")]) == 0
+    shard = ["data", "shard", str(folder), "--task", "vqa", "--out", str(tmp_path / "s")]
+    assert main(shard) == 2  # absolute image paths: their folder must be allowed
+    assert "train.jsonl:1: image path" in capsys.readouterr().err
+    assert main([*shard, "--image-root", str(data / "images")]) == 0
     assert "records in 1 shard(s)" in capsys.readouterr().out
     tiny = {
         "model": {
@@ -119,6 +122,8 @@ def test_the_command_line_shards_a_folder_and_trains_on_it(data, tmp_path, capsy
         "--epochs",
         "1",
         "--no-progress",
+        "--image-root",  # the validation file's absolute paths
+        str(data / "images"),
     ]
     assert main(args) == 0
     wrong = ["train", "--task", "caption", "--train", str(tmp_path / "s" / "train")]
@@ -127,6 +132,20 @@ def test_the_command_line_shards_a_folder_and_trains_on_it(data, tmp_path, capsy
         == 2
     )
     assert "shards of task 'vqa', not 'caption'" in capsys.readouterr().err
+
+
+def test_streamed_over_long_texts_are_cut_with_one_warning_naming_the_source(data, tmp_path):
+    from vtfuse.data.dataset import TextTruncated
+
+    jsonl = data / "caption_train.jsonl"
+    write_shards(jsonl, "caption", tmp_path / "s", shard_size=4)
+    tokenizer = Tokenizer.build([c for r in read_jsonl(jsonl, "caption") for c in r.captions])
+    stream = ShardDataset(tmp_path / "s", "caption", tokenizer, 6, 24, shuffle=False)
+    with pytest.warns(TextTruncated) as caught:
+        items = list(stream)
+    cut = [str(w.message) for w in caught if issubclass(w.category, TextTruncated)]
+    assert len(cut) == 1 and f"(the first: {jsonl}:1)" in cut[0]
+    assert max(len(item["tokens"]) for item in items) == 6
 
 
 def test_a_missing_image_is_named_when_sharding(tmp_path):

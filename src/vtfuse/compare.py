@@ -175,10 +175,13 @@ def training_speed(run_dir: Path, fallback: float) -> float:
     return math.fsum(rates) / len(rates) if rates else fallback
 
 
-def latency_ms(pipe: Pipeline, test: Path, count: int = LATENCY_IMAGES) -> float:
+def latency_ms(
+    pipe: Pipeline, test: Path, count: int = LATENCY_IMAGES, roots: tuple[str, ...] = ()
+) -> float:
     """Milliseconds per image at batch size 1 — one caption, or one question answered — over up
     to `count` distinct test images, after one warm-up call; images are decoded beforehand."""
-    records = list({r.image_path: r for r in read_jsonl(test, pipe.task)}.values())[: count + 1]
+    records = read_jsonl(test, pipe.task, roots=roots)
+    records = list({r.image_path: r for r in records}.values())[: count + 1]
     inputs = [(load_image(r.image_path), r.fields.get("question", "")) for r in records]
 
     def infer(image: Image.Image, question: str) -> None:
@@ -233,7 +236,8 @@ def run_one(spec: CompareSpec, files: DataFiles, fusion: str, seed: int, out: Pa
         spec.task, (files.train, files.val), run_dir, model, config, spec.progress
     )
     pipe = Pipeline.load(run_dir)
-    metrics = evaluate(run_dir, files.test, EvalOptions(progress=spec.progress), pipe=pipe)
+    options = EvalOptions(progress=spec.progress, image_roots=spec.train.image_roots)
+    metrics = evaluate(run_dir, files.test, options, pipe=pipe)
     return RunResult(
         fusion,
         seed,
@@ -242,7 +246,7 @@ def run_one(spec: CompareSpec, files: DataFiles, fusion: str, seed: int, out: Pa
         pipe.model.num_parameters(),
         pipe.model.num_parameters(trainable_only=True),
         speed,
-        latency_ms(pipe, files.test),
+        latency_ms(pipe, files.test, roots=spec.train.image_roots),
         round(seconds, 1),
     )
 

@@ -105,6 +105,9 @@ class TrainConfig:
     skip_bad: bool = False  # skip (and count) examples whose image is missing or corrupt
     eval_batch_size: int = 128
     init_from: str = ""  # warm start from this run or model folder (matching weights copied)
+    image_roots: tuple[str, ...] = ()  # folders besides the JSONL's own images may come from
+    grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimiser state (FSDP2)
 
 
 @dataclass(frozen=True)

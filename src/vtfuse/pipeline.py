@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vtfuse.data.dataset import pad_tokens
+from vtfuse.data.dataset import Truncation, pad_tokens
 from vtfuse.data.images import blank_like, image_to_uint8, load_image
 from vtfuse.data.tokenizer import AnyTokenizer
 from vtfuse.generation import Generated, beam_search, greedy, most_likely, nucleus
@@ -56,9 +56,10 @@ class Pipeline:
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> Pipeline:
+    def load(cls, path: str | Path, device: str = "auto", allow_pickle: bool = False) -> Pipeline:
+        """A run or model folder's model; `allow_pickle`: see `load_pretrained`."""
         resolved = resolve_device(device)
-        model, tokenizer = load_pretrained(resolve_model_folder(path), resolved)
+        model, tokenizer = load_pretrained(resolve_model_folder(path), resolved, allow_pickle)
         return cls(model, tokenizer, resolved)
 
     @property
@@ -149,8 +150,17 @@ class Pipeline:
 
     # -- question answering -------------------------------------------------------------------
     def encode_texts(self, questions: list[str]) -> tuple[Tensor, Tensor]:
-        limit = self.model.config.text.max_length - 1  # one position is the [CLS] token
-        ids = [self.tokenizer.encode(q)[:limit] or [self.tokenizer.unk_id] for q in questions]
+        """Token ids (B, T) and mask of texts as an encoder reads them; a text longer than
+        text.max_length (less one position for [CLS]) is cut, with one TextTruncated warning."""
+        cut = Truncation(self.model.config.text.max_length)
+        ids = [
+            cut.fit(
+                self.tokenizer.encode(q), cut.max_length - 1, f"text {i + 1} of {len(questions)}"
+            )
+            or [self.tokenizer.unk_id]
+            for i, q in enumerate(questions)
+        ]
+        cut.warn()
         tokens, mask = pad_tokens(ids)
         return tokens.to(self.device), mask.to(self.device)
 
@@ -300,5 +310,5 @@ class Pipeline:
         return path, text
 
 
-def load(path: str | Path, device: str = "auto") -> Pipeline:
-    return Pipeline.load(path, device)
+def load(path: str | Path, device: str = "auto", allow_pickle: bool = False) -> Pipeline:
+    return Pipeline.load(path, device, allow_pickle)

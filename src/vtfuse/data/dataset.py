@@ -5,13 +5,17 @@
     classify:   {"image": ..., "text": "...", "label": "..."}   (image+text pair → label)
     grounding:  "boxes": [{"label": "red", "box": [x0, y0, x1, y1]}]   (optional, pixels)
 
-Image paths are relative to the JSONL file's folder. Every error names the file and line.
+Image paths are relative to the JSONL file's folder, and must stay inside it: an absolute path,
+or one that leaves the folder (through `..` or a symbolic link), is refused unless it lies under
+a folder the user allows (`--image-root DIR`, `image_roots`). Every error names the file and
+line.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +33,62 @@ class DataError(ValueError):
     """A dataset line that does not fit the format; the message names file and line."""
 
 
+class ImagePathRefused(DataError):
+    """An image path leading outside the data's folder and every allowed image root."""
+
+
+ALLOW_HINT = "allow a folder with --image-root DIR (image_roots=[...] in Python)"
+
+
+def image_roots(folders: Sequence[str | Path]) -> tuple[Path, ...]:
+    """The folders (besides each JSONL file's own) images may be read from, resolved."""
+    roots = tuple(Path(folder).resolve() for folder in folders)
+    for given, root in zip(folders, roots, strict=True):
+        if not root.is_dir():
+            raise DataError(f"--image-root {given}: no such folder")
+    return roots
+
+
+def safe_image_path(written: str, folder: Path, roots: Sequence[Path], where: str) -> Path:
+    """The image file a JSONL line names, if it lies (symbolic links followed) under the
+    line's `folder` — for a relative path — or under one of the resolved `roots`; else
+    ImagePathRefused naming `where` and the path as written. `roots` come from the user, never
+    from the data: a file that could allow itself more would allow nothing."""
+    path = folder / written
+    try:
+        target = path.resolve()
+    except (ValueError, OSError) as error:  # an embedded NUL byte, a symbolic-link loop
+        raise ImagePathRefused(f"{where}: image path {written!r} is not usable: {error}") from None
+    allowed = [*([] if Path(written).is_absolute() else [folder.resolve()]), *roots]
+    if any(target.is_relative_to(root) for root in allowed):
+        return path
+    raise ImagePathRefused(
+        f"{where}: image path {written!r} {_escape(written)}; images must lie under "
+        f"the JSONL file's folder ({folder}) unless allowed: {ALLOW_HINT}"
+    )
+
+
+def _escape(written: str) -> str:
+    """How a refused path leaves the data folder, for the message."""
+    if Path(written).is_absolute():
+        return "is absolute"
+    depth = 0
+    for part in Path(written).parts:
+        depth += -1 if part == ".." else part != "."
+        if depth < 0:
+            return "leaves the data folder through '..'"
+    return "leads outside the data folder through a symbolic link"
+
+
 @dataclass
 class Record:
-    """One JSONL line: its fields as written, and where it came from."""
+    """One JSONL line: its fields as written, where it came from, and the folders besides its
+    own that its image may come from (`image_roots`)."""
 
     fields: dict[str, Any]
     file: Path
     line: int
+    roots: tuple[Path, ...] = ()
 
     @property
     def where(self) -> str:
@@ -43,7 +96,8 @@ class Record:
 
     @property
     def image_path(self) -> Path:
-        return self.file.parent / self.fields["image"]
+        """The image file, checked by `safe_image_path` (ImagePathRefused if outside)."""
+        return safe_image_path(self.fields["image"], self.file.parent, self.roots, self.where)
 
     @property
     def captions(self) -> list[str]:
@@ -122,11 +176,15 @@ TASK_CHECKS: dict[str, Callable[[dict[str, Any], bool], str | None]] = {
 }
 
 
-def read_jsonl(path: str | Path, task: str, labelled: bool = True) -> list[Record]:
-    """Read and validate a dataset file; a bad line raises DataError naming file:line."""
+def read_jsonl(
+    path: str | Path, task: str, labelled: bool = True, roots: Sequence[str | Path] = ()
+) -> list[Record]:
+    """Read and validate a dataset file; a bad line raises DataError naming file:line.
+    `roots`: folders besides the file's own its images may come from (see safe_image_path)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
+    allowed = image_roots(roots)
     check = TASK_CHECKS[task]
     records = []
     with path.open("rb") as lines:
@@ -161,7 +219,7 @@ def read_jsonl(path: str | Path, task: str, labelled: bool = True) -> list[Recor
                 problem = _check_boxes(fields["boxes"])
             if problem:
                 raise DataError(f"{path}:{number}: {problem}")
-            records.append(Record(fields, path, number))
+            records.append(Record(fields, path, number, allowed))
     if not records:
         raise DataError(f"{path}: no examples")
     return records
@@ -191,14 +249,15 @@ class LoadedData:
     records: list[Record]  # the records kept, in input order
     image_ids: list[int]  # per kept record, its image in the bank
     bank: ImageBank
-    skipped: list[str]  # one message per record skipped for a bad image
+    skipped: list[str]  # one message per record skipped for a bad image or image path
 
 
 def load_records(
     records: list[Record], image_size: int, skip_bad: bool = False, progress: bool = True
 ) -> LoadedData:
-    """Decode each record's image once. A bad image raises DataError naming the line, or with
-    `skip_bad` drops the record and keeps the reason."""
+    """Decode each record's image once. A bad image, or an image path outside the allowed
+    folders, raises DataError naming the line, or with `skip_bad` drops the record and keeps
+    the reason."""
     bank = ImageBank(image_size)
     kept, image_ids, skipped = [], [], []
     for record in tqdm(
@@ -206,10 +265,12 @@ def load_records(
     ):
         try:
             image_ids.append(bank.add(record.image_path))
-        except ImageLoadError as error:
-            message = f"{record.where}: {error}"
+        except (ImageLoadError, ImagePathRefused) as error:
+            refused = isinstance(error, ImagePathRefused)
+            message = str(error) if refused else f"{record.where}: {error}"
             if not skip_bad:
-                raise DataError(message + " (use --skip-bad to skip such examples)") from None
+                kind = ImagePathRefused if refused else DataError
+                raise kind(message + " (use --skip-bad to skip such examples)") from None
             skipped.append(message)
             continue
         kept.append(record)
@@ -246,36 +307,83 @@ class ImageTextDataset(Dataset):
 Item = tuple[list[int], int | None]  # token ids, and the answer class (VQA) or None
 
 
-def caption_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
-    """One item per reference caption: <bos> words <eos>."""
+class TextTruncated(UserWarning):
+    """Texts longer than the model's text.max_length tokens were cut to fit."""
+
+
+@dataclass
+class Truncation:
+    """Cuts token sequences to the model's `max_length`, counting the texts cut and where the
+    first came from, for one summary warning instead of one per line."""
+
+    max_length: int
+    count: int = 0
+    first: str = ""
+
+    def fit(self, ids: list[int], limit: int, where: str) -> list[int]:
+        """`ids` cut to `limit` tokens (`max_length`, less the positions the model adds)."""
+        if len(ids) > limit:
+            self.count += 1
+            self.first = self.first or where
+        return ids[:limit]
+
+    def where(self, record: Record) -> str:
+        return record.where
+
+    def warn(self, texts: str = "text") -> None:
+        """One warning, if any text was cut: how many, and the first's file:line."""
+        if self.count:
+            warnings.warn(
+                f"{self.count} {texts}(s) longer than the model's text.max_length of "
+                f"{self.max_length} tokens truncated to fit (the first: {self.first})",
+                TextTruncated,
+                stacklevel=2,
+            )
+
+
+TEXTS = {"caption": "caption", "vqa": "question", "retrieval": "caption", "classify": "text"}
+
+
+def caption_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) -> list[Item]:
+    """One item per reference caption: <bos> words <eos> (a caption cut short has no <eos>)."""
     return [
-        (tokenizer.encode(caption, bos=True, eos=True)[:max_length], None)
+        (
+            cut.fit(
+                tokenizer.encode(caption, bos=True, eos=True), cut.max_length, cut.where(record)
+            ),
+            None,
+        )
         for caption in record.captions
     ]
 
 
-def vqa_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
+def vqa_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) -> list[Item]:
     """One item per question; an answer outside the training answers gets label -1 (ignored
     by the loss, always wrong in accuracy). One position is left for [CLS]."""
-    question = tokenizer.encode(record.fields["question"])[: max_length - 1]
+    question = tokenizer.encode(record.fields["question"])
+    question = cut.fit(question, cut.max_length - 1, cut.where(record))
     return [(question, tokenizer.answer_id(record.fields.get("answer", "")))]
 
 
-def retrieval_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
+def retrieval_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) -> list[Item]:
     """One item per caption, as an encoder reads it: no <bos>/<eos>, a slot for [CLS]."""
     return [
-        (tokenizer.encode(caption)[: max_length - 1] or [tokenizer.unk_id], None)
+        (
+            cut.fit(tokenizer.encode(caption), cut.max_length - 1, cut.where(record))
+            or [tokenizer.unk_id],
+            None,
+        )
         for caption in record.captions
     ]
 
 
-def classify_items(record: Record, tokenizer: AnyTokenizer, max_length: int) -> list[Item]:
+def classify_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) -> list[Item]:
     """The pair's text as an encoder reads it, and its label's class (-1: unseen label)."""
-    text = tokenizer.encode(record.fields["text"])[: max_length - 1]
+    text = cut.fit(tokenizer.encode(record.fields["text"]), cut.max_length - 1, cut.where(record))
     return [(text, tokenizer.answer_id(record.fields.get("label", "")))]
 
 
-ITEMS: dict[str, Callable[[Record, AnyTokenizer, int], list[Item]]] = {
+ITEMS: dict[str, Callable[[Record, AnyTokenizer, Truncation], list[Item]]] = {
     "caption": caption_items,
     "vqa": vqa_items,
     "retrieval": retrieval_items,
@@ -286,14 +394,26 @@ ITEMS: dict[str, Callable[[Record, AnyTokenizer, int], list[Item]]] = {
 def task_dataset(
     task: str, data: LoadedData, tokenizer: AnyTokenizer, max_length: int
 ) -> ImageTextDataset:
-    """The examples of `task` over decoded records: each record's items share its image."""
-    items_of = ITEMS[task]
+    """The examples of `task` over decoded records: each record's items share its image.
+    Texts longer than `max_length` tokens are cut, with one TextTruncated warning."""
+    items_of, cut = ITEMS[task], Truncation(max_length)
     items = [
         (image_id, ids, label)
         for record, image_id in zip(data.records, data.image_ids, strict=True)
-        for ids, label in items_of(record, tokenizer, max_length)
+        for ids, label in items_of(record, tokenizer, cut)
     ]
+    cut.warn(TEXTS[task])
     return ImageTextDataset(data.bank, items)
+
+
+def warn_long_texts(
+    task: str, records: list[Record], tokenizer: AnyTokenizer, max_length: int
+) -> None:
+    """One TextTruncated warning if any of the records' model inputs exceed `max_length`."""
+    items_of, cut = ITEMS[task], Truncation(max_length)
+    for record in records:
+        items_of(record, tokenizer, cut)
+    cut.warn(TEXTS[task])
 
 
 def grouped_order(image_ids: list[int], generator: torch.Generator) -> list[int]:

@@ -3,8 +3,10 @@
 Each importer reads its source into `Imported` — examples per split, and every record it had
 to skip with the reason — and `write_splits` writes `DIR/<split>.jsonl` (`DIR/data.jsonl`
 where the source has no split). Image paths are kept (written relative to DIR), not copied,
-unless asked. A malformed record is reported and skipped; with `strict` it stops the import,
-naming the file and the record.
+unless asked. Images outside DIR are then reached through `..`, which the loader refuses unless
+their folder is allowed with `--image-root` (`outside_image_root` finds it, the command says
+so). A malformed record is reported and skipped; with `strict` it stops the import, naming the
+file and the record.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vtfuse.data.dataset import DataError
+from vtfuse.data.dataset import DataError, ImagePathRefused, safe_image_path
 from vtfuse.registry import Registry
 
 IMPORTERS: Registry[Callable[..., Imported]] = Registry("dataset format")
@@ -346,3 +348,18 @@ def import_dataset(
         skipped = len(imported.skipped)
         raise DataError(f"{format_name}: no example could be imported ({skipped} skipped)")
     return list(write_splits(imported, options.out, copy_images)), imported.skipped
+
+
+def outside_image_root(files: list[Path]) -> Path | None:
+    """The folder to allow (`--image-root`) for the written files' images that lie outside
+    their own folder — the deepest one holding them all — or None if all lie inside."""
+    outside = []
+    for path in files:
+        with path.open() as lines:
+            for number, line in enumerate(lines, start=1):
+                written = json.loads(line)["image"]
+                try:
+                    safe_image_path(written, path.parent, (), f"{path}:{number}")
+                except ImagePathRefused:
+                    outside.append(str((path.parent / written).resolve().parent))
+    return Path(os.path.commonpath(outside)) if outside else None

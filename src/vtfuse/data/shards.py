@@ -12,13 +12,13 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vtfuse.data.dataset import ITEMS, DataError, Record, read_jsonl
+from vtfuse.data.dataset import ITEMS, TEXTS, DataError, Record, Truncation, read_jsonl
 from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image
 from vtfuse.data.tokenizer import AnyTokenizer
 
@@ -37,11 +37,18 @@ def is_shard_folder(path: str | Path) -> bool:
     return (Path(path) / INDEX).is_file()
 
 
-def write_shards(jsonl: str | Path, task: str, out: str | Path, shard_size: int = 1000) -> dict:
-    """Pack `jsonl` into `out/shard-NNNNNN.tar` plus `out/index.json`; returns the index."""
+def write_shards(
+    jsonl: str | Path,
+    task: str,
+    out: str | Path,
+    shard_size: int = 1000,
+    roots: Sequence[str | Path] = (),
+) -> dict:
+    """Pack `jsonl` into `out/shard-NNNNNN.tar` plus `out/index.json`; returns the index.
+    `roots`: folders besides the JSONL's own its images may come from (see safe_image_path)."""
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
-    records = read_jsonl(jsonl, task)
+    records = read_jsonl(jsonl, task, roots=roots)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pattern = str(out / "shard-%06d.tar")
@@ -84,6 +91,13 @@ def _samples(folder: Path, shards: list[str]) -> Iterator[tuple[Record, bytes]]:
         yield record, sample["image"]
 
 
+class ShardTruncation(Truncation):
+    """Names a cut text by the JSONL file and line its record was packed from."""
+
+    def where(self, record: Record) -> str:
+        return record.fields.get("source", record.where)
+
+
 def shard_records(folder: str | Path, task: str) -> list[Record]:
     """Every record's fields, without decoding images (to build a vocabulary, count items)."""
     index = read_index(folder, task)
@@ -116,9 +130,9 @@ class ShardDataset(IterableDataset):
     def __len__(self) -> int:
         """Examples per epoch (counted once, from the records' text)."""
         if self._length is None:
-            items = ITEMS[self.task]
+            items, uncounted = ITEMS[self.task], Truncation(self.max_length)
             self._length = sum(
-                len(items(r, self.tokenizer, self.max_length))
+                len(items(r, self.tokenizer, uncounted))
                 for r in shard_records(self.folder, self.task)
             )
         return self._length
@@ -135,17 +149,19 @@ class ShardDataset(IterableDataset):
         yield from self._shuffled(examples, rng) if self.shuffle else examples
 
     def _examples(self, shards: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-        items_of = ITEMS[self.task]
+        """Each record's examples; texts cut to max_length are reported once per pass."""
+        items_of, cut = ITEMS[self.task], ShardTruncation(self.max_length)
         for record, image_bytes in _samples(self.folder, shards):
             try:
                 image = image_to_uint8(load_image(io.BytesIO(image_bytes)), self.image_size)
             except ImageLoadError as error:
                 raise DataError(f"{record.fields.get('source', record.where)}: {error}") from None
-            for ids, label in items_of(record, self.tokenizer, self.max_length):
+            for ids, label in items_of(record, self.tokenizer, cut):
                 item = {"image_id": record.line, "images": image, "tokens": torch.tensor(ids)}
                 if label is not None:
                     item["answers"] = torch.tensor(label)
                 yield item
+        cut.warn(TEXTS[self.task])
 
     def _shuffled(self, examples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         """A shuffle buffer: keep `buffer` examples, emit a random one as each arrives."""

@@ -7,6 +7,7 @@ recurrent stack under the blocks (`lstm`, `gru`), whose blocks are then fusion â
 state cached during generation); `causal=False` makes it a question encoder. With a
 single-stream strategy (`concat`) the projected image tokens open the sequence and the blocks
 have no fusion step.
+With `grad_checkpointing` the blocks recompute their activations in the backward pass.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from vtfuse.blocks import DecoderCache, FusionBlock, LayerCache
 from vtfuse.config import FusionConfig, TextConfig
 from vtfuse.encoders.context import CONTEXTUALISERS, embedding_scale
 from vtfuse.fusion import FUSIONS
+from vtfuse.grad_checkpointing import Checkpointable
 
 
-class FusedTextTransformer(nn.Module):
+class FusedTextTransformer(Checkpointable, nn.Module):
     def __init__(self, config: TextConfig, image_dim: int, fusion: FusionConfig, causal: bool):
         super().__init__()
         self.config = config
@@ -91,7 +93,8 @@ class FusedTextTransformer(nn.Module):
                 token_mask = torch.cat([opened, token_mask], dim=1)
         all_weights = []
         for i, block in enumerate(self.blocks):
-            x, image, weights = block(
+            x, image, weights = self.run_layer(
+                block,
                 x,
                 image,
                 token_mask=token_mask,

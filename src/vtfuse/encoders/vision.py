@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from vtfuse.blocks import SelfAttentionBlock
 from vtfuse.config import VisionConfig
+from vtfuse.grad_checkpointing import Checkpointable
 from vtfuse.registry import Registry
 
 VISION_ENCODERS: Registry[VisionEncoder] = Registry("vision encoder")
@@ -36,8 +37,9 @@ class PositionEmbedding2D(nn.Module):
         return tokens + (self.row + self.col).flatten(0, 1)  # (B, rows·cols, dim)
 
 
-class VisionEncoder(nn.Module):
-    """Base class: subclasses implement `tokenise`; this adds positions and the Transformer."""
+class VisionEncoder(Checkpointable, nn.Module):
+    """Base class: subclasses implement `tokenise`; this adds positions and the Transformer
+    (its layers checkpointed with `grad_checkpointing`)."""
 
     # VisionConfig fields an encoder needs (e.g. a pretrained model's input size), set by the
     # command line's `--vision NAME` (see `vision_preset`)
@@ -89,7 +91,7 @@ class VisionEncoder(nn.Module):
         """images (B, 3, H, W), normalised → tokens (B, h·w, dim), row-major over the grid."""
         x = self.positions(self.pool(self.tokenise(images)))
         for layer in self.layers:
-            x = layer(x)
+            x = self.run_layer(layer, x)
         return self.norm(x)
 
 

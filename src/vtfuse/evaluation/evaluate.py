@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vtfuse.data.dataset import LoadedData, load_records, read_jsonl
+from vtfuse.data.dataset import (
+    LoadedData,
+    TextTruncated,
+    load_records,
+    read_jsonl,
+    warn_long_texts,
+)
 from vtfuse.data.images import blank_like
 from vtfuse.data.synth import parse_caption
 from vtfuse.evaluation.grounding import pointing_hits
@@ -41,6 +48,8 @@ class EvalOptions:
     rerank_k: int = 16  # retrieval: candidates the matching head re-scores per query
     blind_text: bool = False  # classify / VQA: an empty text (the image-only baseline)
     confusion_png: str | None = None  # classify: draw the confusion matrix here
+    allow_pickle: bool = False  # load a model folder's pickle weights (see load_pretrained)
+    image_roots: tuple[str, ...] = ()  # folders besides the JSONL's own images may come from
 
 
 EVALUATORS: Registry[Callable[..., tuple[dict[str, Any], list[str]]]] = Registry("evaluator")
@@ -192,12 +201,17 @@ def evaluate(
     pipe: Pipeline | None = None,
 ) -> dict[str, Any]:
     """Score the model at `model_path` (a run or model folder) on `data_path`."""
-    pipe = pipe or Pipeline.load(model_path)
-    records = read_jsonl(data_path, pipe.task)
+    pipe = pipe or Pipeline.load(model_path, allow_pickle=options.allow_pickle)
+    records = read_jsonl(data_path, pipe.task, roots=options.image_roots)
     data = load_records(
         records, pipe.model.config.vision.image_size, options.skip_bad, options.progress
     )
-    metrics, predictions = EVALUATORS.get(pipe.task)(pipe, data, options)
+    if pipe.task != "caption":  # the texts the model reads (references are only scored)
+        max_length = pipe.model.config.text.max_length
+        warn_long_texts(pipe.task, data.records, pipe.tokenizer, max_length)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TextTruncated)  # counted once, above
+        metrics, predictions = EVALUATORS.get(pipe.task)(pipe, data, options)
     metrics = {**metrics, "examples": len(data.records), "skipped": len(data.skipped)}
     if predictions_path:
         with Path(predictions_path).open("w") as handle:

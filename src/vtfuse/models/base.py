@@ -5,14 +5,17 @@ tokenizer.json)."""
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from vtfuse.config import FORMAT_VERSION, ModelConfig, TextConfig, from_dict, to_dict
+from vtfuse.config import FORMAT_VERSION, ConfigError, ModelConfig, TextConfig, from_dict, to_dict
 from vtfuse.data.images import normalise
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
 from vtfuse.encoders.vision import create_vision_encoder
@@ -21,6 +24,9 @@ from vtfuse.registry import Registry
 
 TASKS: Registry[TaskModel] = Registry("task")
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+# torch.save / pickle weight files: pytorch_model.bin, *.pt, *.pth, *.ckpt, ...
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+CONFIG_HEADER = ("format_version", "vtfuse_version", "model", "trained")  # config.json's keys
 
 
 class CheckpointError(ValueError):
@@ -108,16 +114,28 @@ class TaskModel(nn.Module):
     def save_weights(self, path: Path) -> None:
         save_file({n: t.contiguous() for n, t in self.trainable_state_dict().items()}, str(path))
 
-    def load_weights(self, path: Path, format_version: int = FORMAT_VERSION):
-        """Load saved weights (written in `format_version`); returns the (missing, unexpected)
-        names."""
-        saved, expected = load_file(str(path)), set(self.trainable_state_dict())
+    def load_weights(
+        self, path: Path, allow_pickle: bool = False, format_version: int = FORMAT_VERSION
+    ) -> tuple[list[str], list[str]]:
+        """Load saved weights (see `read_weights`) written in `format_version` (an older format
+        is upgraded, see `UPGRADES`); returns the (missing, unexpected) names. A weight whose
+        shape differs from this model's raises CheckpointError naming it."""
+        saved, expected = read_weights(path, allow_pickle), set(self.trainable_state_dict())
         for version in range(format_version, FORMAT_VERSION):
             saved = UPGRADES[version](self, saved)
         aliases = _tied_names(self)  # a file written with the other name of a tied weight
         saved = {
             aliases.get(n, n) if aliases.get(n) in expected else n: t for n, t in saved.items()
         }
+        mismatched = _shape_mismatches(self.state_dict(), saved)
+        if mismatched:
+            shown = "; ".join(mismatched[:5]) + (
+                f"; and {len(mismatched) - 5} more" if len(mismatched) > 5 else ""
+            )
+            raise CheckpointError(
+                f"{path} does not match its config: {len(mismatched)} weight(s) have another "
+                f"shape than the config builds: {shown}"
+            )
         self.load_state_dict(saved, strict=False)
         return sorted(expected - set(saved)), sorted(set(saved) - expected)
 
@@ -152,15 +170,113 @@ def _from_format_2(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tens
 UPGRADES = {2: _from_format_2}
 
 
+def _shape_mismatches(own: dict[str, Tensor], saved: dict[str, Tensor]) -> list[str]:
+    """ "name: (file shape) in the file, (model shape) from the config" for each weight both
+    have with different shapes."""
+    return [
+        f"{name}: {tuple(tensor.shape)} in the file, {tuple(own[name].shape)} from the config"
+        for name, tensor in saved.items()
+        if name in own and own[name].shape != tensor.shape
+    ]
+
+
+def pickle_files(folder: str | Path) -> list[Path]:
+    """The files in `folder` that `torch.save` (pickle) writes: pytorch_model.bin, *.pt..."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def pickle_refusal(path: Path) -> str:
+    """Why a pickle file is not loaded, and how to opt in."""
+    return (
+        f"{path} is a pickle file (torch.save), and vtfuse loads weights only from "
+        f"safetensors ({WEIGHTS_FILE}) with a JSON config: unpickling a file can run any code "
+        "its author put in it. If you trust this file, pass --allow-pickle (in Python: "
+        "allow_pickle=True): its tensors are then read with torch.load(weights_only=True), "
+        "which refuses anything but tensors and plain containers"
+    )
+
+
+def _pickle_note(folder: Path) -> str:
+    found = pickle_files(folder)
+    return f" (it holds {found[0].name}, a pickle file: vtfuse reads safetensors)" if found else ""
+
+
+def weights_file(folder: str | Path, allow_pickle: bool = False) -> Path:
+    """The weights of a model folder: model.safetensors; without it, a pickle file (e.g.
+    pytorch_model.bin) only if `allow_pickle`, else CheckpointError saying why."""
+    folder = Path(folder)
+    safe = folder / WEIGHTS_FILE
+    if safe.is_file():
+        return safe
+    found = pickle_files(folder)
+    if not found:
+        raise CheckpointError(
+            f"{folder}: no {WEIGHTS_FILE} (vtfuse loads weights from safetensors only)"
+        )
+    if not allow_pickle:
+        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE}; " + pickle_refusal(found[0]))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} and several pickle files ({names})")
+    return found[0]
+
+
+def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """Tensors by name from a safetensors file or, with `allow_pickle`, from a pickle file
+    read by `torch.load(weights_only=True)` (a flat {name: tensor} or {"state_dict": ...})."""
+    path = Path(path)
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
+    if not allow_pickle:
+        raise CheckpointError(pickle_refusal(path))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise CheckpointError(
+            f"{path}: torch.load(weights_only=True) refused it: {first_line}"
+        ) from None
+    return _tensors_by_name(loaded, path)
+
+
+def _tensors_by_name(loaded: Any, path: Path) -> dict[str, Tensor]:
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]  # a Lightning-style checkpoint
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in loaded.items()
+    ):
+        raise CheckpointError(
+            f"{path}: expected a mapping of weight names to tensors, got {_describe(loaded)}"
+        )
+    return loaded
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        kinds = sorted({type(v).__name__ for v in value.values()})
+        return f"a dict of {len(value)} entries ({', '.join(kinds)})"
+    return type(value).__name__
+
+
 def read_model_config(folder: str | Path) -> ModelConfig:
     return read_checkpoint_config(folder)[0]
 
 
 def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, int]:
-    """A model folder's config and the format its weights were written in."""
+    """config.json's model config and the format its weights were written in. A checkpoint
+    of a format this version cannot read, a field it does not know or a value of the wrong
+    type raises an error naming the field."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        raise CheckpointError(f"{folder} is not a vtfuse model folder: no {CONFIG_FILE}")
+        raise CheckpointError(
+            f"{folder} is not a vtfuse model folder: no {CONFIG_FILE}{_pickle_note(Path(folder))}"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -174,7 +290,28 @@ def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, int]:
             f"{data.get('vtfuse_version', '?')}); this vtfuse reads formats "
             f"{sorted({*UPGRADES, FORMAT_VERSION})}"
         )
-    return from_dict(ModelConfig, data.get("model", {}), where=f"{path}: model"), version
+    unknown = sorted(set(data) - set(CONFIG_HEADER))
+    if unknown or not isinstance(data.get("model"), dict):
+        problem = (
+            f"unknown field(s) {', '.join(unknown)}"
+            if unknown
+            else "field 'model' must be an object"
+        )
+        raise ConfigError(f"{path}: {problem}{_written_by(data)}")
+    try:
+        return from_dict(ModelConfig, data["model"], where=f"{path}: model"), version
+    except ConfigError as error:
+        raise ConfigError(f"{error}{_written_by(data)}") from None
+
+
+def _written_by(data: dict[str, Any]) -> str:
+    """ " (written by vtfuse X; this is vtfuse Y)" when the versions differ."""
+    from vtfuse import __version__
+
+    written = data.get("vtfuse_version")
+    if written is None or written == __version__:
+        return ""
+    return f" (written by vtfuse {written}; this is vtfuse {__version__})"
 
 
 def create_model(config: ModelConfig) -> TaskModel:
@@ -189,24 +326,36 @@ def create_model(config: ModelConfig) -> TaskModel:
 
 
 def load_pretrained(
-    folder: str | Path, device: str | torch.device = "cpu"
+    folder: str | Path, device: str | torch.device = "cpu", allow_pickle: bool = False
 ) -> tuple[TaskModel, AnyTokenizer]:
-    """Load a model folder written by `save_pretrained` (weights from safetensors only)."""
+    """Load a model folder written by `save_pretrained`: config.json and model.safetensors.
+    A folder with a pickle file instead (pytorch_model.bin, *.pt, ...) is refused unless
+    `allow_pickle`, and then read with `torch.load(weights_only=True)`."""
     folder = Path(folder)
     config, version = read_checkpoint_config(folder)
-    model = create_model(config)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(
-            f"{folder}: no {WEIGHTS_FILE} (vtfuse loads weights from safetensors only)"
-        )
-    missing, unexpected = model.load_weights(weights, version)
+    weights = weights_file(folder, allow_pickle)
+    try:
+        model = create_model(config)
+    except ValueError as error:  # e.g. an unknown task, or sizes that do not fit together
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {error}") from None
+    missing, unexpected = model.load_weights(weights, allow_pickle, version)
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not match its config: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    return model.to(device).eval(), load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    _check_vocabulary(config, tokenizer, folder)
+    return model.to(device).eval(), tokenizer
+
+
+def _check_vocabulary(config: ModelConfig, tokenizer: AnyTokenizer, folder: Path) -> None:
+    """A word vocabulary larger than the embedding would index past it at the first rare word."""
+    if isinstance(tokenizer, Tokenizer) and len(tokenizer) > config.text.vocab_size:
+        raise CheckpointError(
+            f"{folder}: {Tokenizer.FILE} has {len(tokenizer)} words but {CONFIG_FILE}'s "
+            f"model.text.vocab_size is {config.text.vocab_size}"
+        )
 
 
 @dataclass
@@ -239,12 +388,14 @@ def _shared_words(tokenizer: AnyTokenizer, source: AnyTokenizer) -> list[tuple[i
     ]
 
 
-def warm_start(model: TaskModel, tokenizer: AnyTokenizer, folder: str | Path) -> WarmStart:
+def warm_start(
+    model: TaskModel, tokenizer: AnyTokenizer, folder: str | Path, allow_pickle: bool = False
+) -> WarmStart:
     """Initialise `model` from another vtfuse model, e.g. a VQA model from a captioner, as
     captioning pretraining does for VirTex (Desai & Johnson 2021) and BLIP: every weight with
     the same name and shape is copied, and the token embedding row by row for the words the
     two vocabularies share. The rest (a VQA answer head, say) keeps its initialisation."""
-    source, source_tokenizer = load_pretrained(folder)
+    source, source_tokenizer = load_pretrained(folder, allow_pickle=allow_pickle)
     target, weights = model.state_dict(), source.state_dict()
     by_block = {_fusion_block_key(name): name for name in target if _fusion_block_key(name)}
     embedding, tied_head = "text.token_embedding.weight", "lm_head.weight"

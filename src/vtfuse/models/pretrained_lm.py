@@ -30,6 +30,7 @@ from vtfuse.data.tokenizer import LMTokenizer
 from vtfuse.fusion import FUSIONS
 from vtfuse.fusion.base import gather_images
 from vtfuse.fusion.resampler import PerceiverResampler
+from vtfuse.grad_checkpointing import train_checkpointing_layers
 from vtfuse.models.base import TASKS, TaskModel
 from vtfuse.models.vqa import AnswerClassifier, answer_head, masked_mean
 
@@ -309,10 +310,12 @@ class PretrainedTextModel(TaskModel):
         return self.read_images(images)[0]
 
     def train(self, mode: bool = True) -> PretrainedTextModel:
-        """A frozen LM stays in eval mode (no dropout): it computes what it was trained to."""
+        """A frozen LM stays in eval mode (no dropout): it computes what it was trained to
+        (its layers still checkpoint, if asked: see `train_checkpointing_layers`)."""
         super().train(mode)
         if self.config.lm.freeze:
             self.lm.eval()
+            train_checkpointing_layers(self.lm, mode)
             for block in self.inserted:
                 block.fusion.train(mode)
         return self
@@ -425,7 +428,9 @@ class LMCaptioner(PretrainedTextModel):
         interleaved, _ = self.interleaving(tokens, images_per_row)
         image, latent_map = self.read_images(images)
         with self.seeing(image, image_index, None, need_weights, interleaved, latent_map) as seen:
-            logits = self.lm(input_ids=tokens, attention_mask=attention_mask).logits
+            logits = self.lm(
+                input_ids=tokens, attention_mask=attention_mask, use_cache=False
+            ).logits  # teacher forcing keeps no cache (nor would a checkpointed layer)
         return logits, seen.weights
 
     def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:

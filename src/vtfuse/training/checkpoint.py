@@ -11,7 +11,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vtfuse.models.base import CONFIG_FILE, CheckpointError
+from vtfuse.models.base import CONFIG_FILE, CheckpointError, pickle_files, pickle_refusal
 
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
 
@@ -82,6 +82,11 @@ def resolve_model_folder(path: str | Path) -> Path:
         folder = recover(path / name)
         if folder is not None:
             return folder
+    found = pickle_files(path)
+    if found:  # a model saved with torch.save, not by vtfuse
+        raise CheckpointError(
+            f"{path} is not a vtfuse model folder (no {CONFIG_FILE}); " + pickle_refusal(found[0])
+        )
     raise CheckpointError(f"{path} is neither a vtfuse run folder nor a model folder")
 
 
@@ -110,9 +115,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> No
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+Optimizer = torch.optim.Optimizer
+OptimizerState = dict[str, Any]  # an optimiser's `state_dict()`: parameters by index
+
+
+def optimizer_state(state: OptimizerState) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimiser state dict into tensors (for safetensors) and the rest (for JSON)."""
-    state = optimizer.state_dict()
     tensors, plain = {}, {}
     for index, slots in state["state"].items():
         for name, value in slots.items():
@@ -123,9 +131,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": state["param_groups"], "scalars": plain}
 
 
-def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict
-) -> None:
+def read_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict) -> OptimizerState:
+    """The optimiser state dict `optimizer_state` split."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -134,17 +141,19 @@ def load_optimizer_state(
     for key, value in plain["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+    return {"state": state, "param_groups": plain["param_groups"]}
 
 
 def save_training_state(
     folder: Path,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer | OptimizerState,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: dict[str, Any],
 ) -> None:
-    """Everything beyond the weights that exact resumption needs."""
-    opt_tensors, opt_plain = optimizer_state(optimizer)
+    """Everything beyond the weights that exact resumption needs. `optimizer`: the optimiser,
+    or its whole state dict (under FSDP, gathered from the shards)."""
+    whole = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    opt_tensors, opt_plain = optimizer_state(whole)
     rng_tensors, rng_plain = rng_state()
     save_file({**opt_tensors, **rng_tensors}, str(folder / STATE_TENSORS))
     plain = {
@@ -158,12 +167,21 @@ def save_training_state(
 
 def load_training_state(
     folder: Path,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    restore: Callable[[Optimizer, OptimizerState], None] = Optimizer.load_state_dict,
 ) -> dict[str, Any]:
+    """Restore the optimiser (through `restore`: under FSDP, into its shards), the scheduler
+    and the random generators; → the saved progress."""
+    for name in (STATE_TENSORS, STATE_JSON):
+        if not (folder / name).is_file():
+            raise CheckpointError(
+                f"{folder}: no {name}, so training cannot resume exactly from it "
+                "(every `last` checkpoint has it, as safetensors + JSON)"
+            )
     tensors = load_file(str(folder / STATE_TENSORS))
     plain = json.loads((folder / STATE_JSON).read_text())
-    load_optimizer_state(optimizer, tensors, plain["optimizer"])
+    restore(optimizer, read_optimizer_state(tensors, plain["optimizer"]))
     scheduler.load_state_dict(plain["scheduler"])
     set_rng_state(tensors, plain["rng"])
     return plain["progress"]

@@ -5,11 +5,16 @@ process group (gloo on CPU, nccl on CUDA). Every rank computes the same shuffled
 examples; each global batch of `world × batch_size` is cut into one slice per rank, so N
 processes with batch B take exactly the steps one process with batch N·B would (DDP averages
 the gradients). Decisions that end a loop (time limit, a signal) are agreed by all ranks.
+
+How a step runs over the processes is a `DataParallel` here (one process, or DDP: every rank
+holds the whole model) or a `FullyShardedParallel` (training/fsdp.py: each rank a shard of it);
+the training loop sees only their common interface.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -87,3 +92,34 @@ class TrainingStep(nn.Module):
 
     def forward(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
         return self.model.training_loss(batch, label_smoothing)
+
+
+class DataParallel:
+    """One process, or DDP: every rank holds the whole model and the gradients are averaged
+    in the backward pass."""
+
+    def __init__(self, model: nn.Module, parallel: Distributed, device: torch.device):
+        self.model, self.parallel = model, parallel
+        self.step = parallel.wrap(TrainingStep(model), device)
+
+    def accumulating(self) -> AbstractContextManager:
+        """Around a micro-batch before the last of a step: its gradients stay local."""
+        return self.step.no_sync() if self.parallel.enabled else nullcontext()
+
+    def clip_grad_norm(self, limit: float) -> Tensor:
+        """The step's gradients, complete on every rank, clipped to `limit`: → their norm."""
+        return nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+
+    def full_model(self) -> nn.Module | None:
+        """The whole model, with the current weights, on the main rank (None elsewhere), to
+        validate and save; every rank calls this at the same point."""
+        return self.model if self.parallel.main else None
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """The optimiser's whole state dict on the main rank (None elsewhere); every rank
+        calls this at the same point."""
+        return optimizer.state_dict() if self.parallel.main else None
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Restore a whole state dict (as `optimizer_state` gave); every rank calls this."""
+        optimizer.load_state_dict(state)

@@ -37,6 +37,7 @@ from vtfuse.data.dataset import (
 )
 from vtfuse.data.shards import ShardDataset, is_shard_folder, shard_records
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, normalise_answer
+from vtfuse.grad_checkpointing import set_grad_checkpointing
 from vtfuse.models.base import TaskModel, create_model, load_pretrained, warm_start
 from vtfuse.training.checkpoint import (
     atomic_folder,
@@ -45,7 +46,7 @@ from vtfuse.training.checkpoint import (
     resolve_model_folder,
     save_training_state,
 )
-from vtfuse.training.distributed import Distributed, TrainingStep
+from vtfuse.training.distributed import DataParallel, Distributed
 
 RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
 
@@ -244,6 +245,15 @@ def validate(
     return {f"val_{k}": v / count for k, v in totals.items()}
 
 
+def _engine(config: TrainConfig) -> type:
+    """How a step runs over the processes: DDP (or one process), or FSDP with --fsdp."""
+    if not config.fsdp:
+        return DataParallel
+    from vtfuse.training.fsdp import FullyShardedParallel
+
+    return FullyShardedParallel
+
+
 def train(
     task: str,
     train_path: str | Path,
@@ -254,8 +264,10 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    allow_pickle: bool = False,
 ) -> TrainResult:
-    """Train a `task` model on a JSONL file; everything lands in the run folder `out`."""
+    """Train a `task` model on a JSONL file; everything lands in the run folder `out`.
+    `allow_pickle`: `--resume` and `init_from` may read pickle weights (see load_pretrained)."""
     out = Path(out)
     config = config or TrainConfig()
     started = time.monotonic()
@@ -272,12 +284,16 @@ def train(
         raise ValueError(
             "training from shards runs in one process for now; use JSONL with torchrun"
         )
-    train_records = (shard_records if streaming else read_jsonl)(train_path, task)
+    train_records = (
+        shard_records(train_path, task)
+        if streaming
+        else read_jsonl(train_path, task, roots=config.image_roots)
+    )
     last_dir = recover(out / "last") if resume else None
     if resume and last_dir is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/last to resume from")
     if last_dir is not None:
-        model, tokenizer = load_pretrained(last_dir, device)
+        model, tokenizer = load_pretrained(last_dir, device, allow_pickle)
         model_config = model.config
     else:
         tokenizer = build_tokenizer(task, train_records, model_config)
@@ -292,12 +308,15 @@ def train(
         model = create_model(model_config)
         if config.init_from:
             source = resolve_model_folder(config.init_from)
-            copied = warm_start(model, tokenizer, source)
+            copied = warm_start(model, tokenizer, source, allow_pickle)
             say(
                 f"warm start from {source}: {copied.tensors} weights and {copied.words} word "
                 f"embeddings copied, {len(copied.left)} source weights had no match"
             )
         model = model.to(device)
+    if config.grad_checkpointing:
+        parts = set_grad_checkpointing(model)
+        say(f"gradient checkpointing in: {', '.join(parts) or 'nothing (no part supports it)'}")
     model.train()
     size, max_length = model_config.vision.image_size, model_config.text.max_length
     if streaming:  # decoded as they stream, once per epoch
@@ -314,7 +333,8 @@ def train(
             )
     val_loader = None
     if val_path:
-        val_loaded = load_records(read_jsonl(val_path, task), size, config.skip_bad, progress)
+        val_records = read_jsonl(val_path, task, roots=config.image_roots)
+        val_loaded = load_records(val_records, size, config.skip_bad, progress)
         val_loader = DataLoader(
             task_dataset(task, val_loaded, tokenizer, max_length),
             batch_size=config.eval_batch_size,
@@ -326,11 +346,12 @@ def train(
     batches_per_epoch = micro_batches_per_epoch(len(train_set), config, parallel)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
     total_steps = steps_per_epoch * config.epochs
+    engine = _engine(config)(model, parallel, device)  # before the optimiser: FSDP swaps params
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config))
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": float("inf")}
     if last_dir is not None:
-        state = load_training_state(last_dir, optimizer, scheduler)
+        state = load_training_state(last_dir, optimizer, scheduler, engine.load_optimizer_state)
         say(f"resumed from {last_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
     elif parallel.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -340,20 +361,23 @@ def train(
         (out / LOG_FILE).write_text("")
     total, trainable = model.num_parameters(), model.num_parameters(trainable_only=True)
     processes = f" × {parallel.world} processes" if parallel.enabled else ""
+    processes += " (FSDP)" if config.fsdp else ""
     say(
         f"{task} model: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
         f"{len(train_set)} training examples, {total_steps} steps on {device}{processes}"
     )
-    step_module = parallel.wrap(TrainingStep(model), device)
 
-    def save(name: str) -> None:
-        if not parallel.main:
+    def save(name: str, whole: TaskModel | None) -> None:
+        """Write checkpoint `name` from `whole` (`engine.full_model()`: None off rank 0); every
+        rank calls this (`last` gathers the optimiser's state)."""
+        optimizer_state = engine.optimizer_state(optimizer) if name == "last" else None
+        if whole is None:
             return
         with atomic_folder(out / name) as folder:
             trained = {"step": state["step"], "epoch": state["epoch"]}
-            model.save_pretrained(folder, tokenizer, trained)
-            if name == "last":
-                save_training_state(folder, optimizer, scheduler, state)
+            whole.save_pretrained(folder, tokenizer, trained)
+            if optimizer_state is not None:
+                save_training_state(folder, optimizer_state, scheduler, state)
 
     def write_log(entry: dict[str, Any]) -> None:
         if parallel.main:
@@ -383,17 +407,16 @@ def train(
                     or state["batch_in_epoch"] == batches_per_epoch
                 )
                 # micro-batches before the last of a step keep their gradients to themselves
-                quiet = parallel.enabled and not steps_now
-                with step_module.no_sync() if quiet else nullcontext():
+                with engine.accumulating() if not steps_now else nullcontext():
                     with autocast(device, config.precision):
-                        loss = step_module(batch, config.label_smoothing)
+                        loss = engine.step(batch, config.label_smoothing)
                     (loss / accumulate).backward()
                 seen += batch["tokens"].shape[0] * parallel.world
                 if not steps_now:
                     continue
                 # the global gradient norm (clipped if asked): non-finite → skip the step
                 limit = config.grad_clip if config.grad_clip > 0 else math.inf
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+                norm = engine.clip_grad_norm(limit)
                 if torch.isfinite(norm):
                     optimizer.step()
                     scheduler.step()
@@ -431,7 +454,7 @@ def train(
                     stopped = True
                     break
                 if config.save_every and state["step"] % config.save_every == 0:
-                    save("last")
+                    save("last", engine.full_model())
             bar.close()
             if not stopped:
                 state["epoch"] += 1
@@ -441,13 +464,14 @@ def train(
                 "epoch": epoch + 1,
                 "train_loss": loss.item(),
             }
-            if val_loader is not None and not stopped and parallel.main:
-                entry.update(validate(model, val_loader, device, config.precision))
+            whole = engine.full_model()  # every rank, together; the model on rank 0
+            if val_loader is not None and not stopped and whole is not None:
+                entry.update(validate(whole, val_loader, device, config.precision))
                 if entry["val_loss"] < state["best_val_loss"]:
                     state["best_val_loss"] = entry["val_loss"]
-                    save("best")
-            elif not stopped:
-                save("best")  # no validation data: the latest weights are the best we know
+                    save("best", whole)
+            elif val_loader is None and not stopped:
+                save("best", whole)  # no validation data: the latest weights are the best known
             history.append(entry)
             write_log(entry)
             say(
@@ -455,9 +479,9 @@ def train(
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
                 )
             )
-            save("last")
-    if parallel.main and recover(out / "best") is None:
-        save("best")
+            save("last", whole)
+    if parallel.any(parallel.main and recover(out / "best") is None):
+        save("best", engine.full_model())
     say(f"run folder: {out}  ({time.monotonic() - started:.0f}s)")
     parallel.close()
     return TrainResult(
