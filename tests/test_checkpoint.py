@@ -456,7 +456,8 @@ def test_weights_of_another_shape_name_the_weight_and_both_shapes(tmp_path):
         load_pretrained(folder)
     message = str(info.value)
     assert str(folder / "model.safetensors") in message and "does not match its config" in message
-    assert "text.blocks.0.mlp.net.0.weight: (128, 32) in the file, (64, 32) from the config" in (
+    # vtfuse.linear.Linear stores (in, out)
+    assert "text.blocks.0.mlp.net.0.weight: (32, 128) in the file, (32, 64) from the config" in (
         message
     )
 
