@@ -165,6 +165,52 @@ def zero_gradient_in_exact_arithmetic(name: str) -> bool:
     return name.endswith("to_kv.bias") or (name.startswith("vision.stem.") and "bias" in name)
 
 
+KILLED_RANK = """
+import os, signal, sys, torch
+from vtfuse.cli.main import main
+real, steps = torch.optim.AdamW.step, {{"n": 0}}
+
+def step(self, *args, **kwargs):
+    steps["n"] += 1
+    if steps["n"] == {kill_at} and os.environ["RANK"] == "0":
+        os.kill(os.getpid(), signal.SIGKILL)  # rank 0 dies mid-run: no handler, no goodbye
+    return real(self, *args, **kwargs)
+
+torch.optim.AdamW.step = step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_two_process_run_killed_with_sigkill_resumes_to_identical_weights(
+    questions, tmp_path
+):
+    """DDP over 2 processes; rank 0 is SIGKILLed at step 7 (the last checkpoint: step 6);
+    torchrun takes the other down; `--resume --nproc 2` ends bit for bit where a run never
+    interrupted ends."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY, "train": {"save_every": 2}}))
+    args = ["train", "--task", "vqa", "--train", str(questions / "train.jsonl")]
+    args += ["--config", str(config), "--epochs", "3", "--batch-size", "8", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "straight"), "--nproc", "2"]) == 0
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLED_RANK.format(kill_at=7))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = [*launcher, "--nproc-per-node=2", str(killer), *args]
+    killed = subprocess.run(
+        [*command, "--out", str(tmp_path / "killed")], capture_output=True, check=False
+    )
+    assert killed.returncode != 0, killed.stderr.decode()[-2000:]
+    state = json.loads((tmp_path / "killed" / "last" / "training_state.json").read_text())
+    assert state["progress"]["step"] == 6
+    assert main([*args, "--out", str(tmp_path / "killed"), "--nproc", "2", "--resume"]) == 0
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
 def test_fsdp_two_processes_step_as_one_with_twice_the_batch(questions, tmp_path, capfd):
     base = ["train", "--task", "vqa", "--train", str(questions / "train.jsonl")]
     base += ["--config", str(questions / "tiny.json"), "--epochs", "2", "--lr", "0.003"]
