@@ -349,6 +349,9 @@ def main() -> None:
             ratio = bf16_training(size, repeats, dev)
             results[name]["train_b32_bf16_over_fp32"] = ratio
             print(f"  vtfuse train_b32 bf16 autocast over fp32: {ratio:.2f}x")
+    for path in (args.markdown, args.json):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if args.markdown:
         Path(args.markdown).write_text(markdown(results, peak) + "\n")
     if args.json and "small" in results:
