@@ -152,15 +152,18 @@ def _distance(a: SceneObject, b: SceneObject) -> float:
     return math.dist(a.center, b.center)
 
 
-def statements(objects: list[SceneObject], rng: random.Random) -> list[dict]:
+def statements(
+    objects: list[SceneObject], rng: random.Random, shapes: tuple[str, ...] = SHAPES
+) -> list[dict]:
     """Image+text pairs to classify: statements about the scene, true or false with equal
     chance — an object's shape or its place, stated rightly or wrongly. Only the image can
-    tell which."""
+    tell which: a wrong shape is drawn from the shapes the scenes use (`shapes`), so no
+    wording is always false (naming a shape no scene has would be)."""
     pairs = []
     for obj in rng.sample(objects, min(2, len(objects))):
         true = rng.random() < 0.5
         if rng.random() < 0.5:
-            shape = obj.shape if true else rng.choice([s for s in SHAPES if s != obj.shape])
+            shape = obj.shape if true else rng.choice([s for s in shapes if s != obj.shape])
             text = f"the {obj.colour} object is a {shape}."
         else:
             place = (
@@ -280,7 +283,9 @@ def generate(
             described = captions(objects)
             lines = {"caption": [{**scene, "captions": described}]}
             lines["retrieval"] = [{"image": name, "captions": described}]
-            lines["classify"] = [{"image": name, **pair} for pair in statements(objects, rng)]
+            lines["classify"] = [
+                {"image": name, **pair} for pair in statements(objects, rng, spec.shapes)
+            ]
             lines["vqa"] = [
                 {"image": name, **q, "objects": scene["objects"]}
                 for q in questions(objects, rng, spec.questions_per_kind, spec.size)
