@@ -74,6 +74,17 @@ def test_hard_negatives_are_never_positives():
         assert (owner[texts[:, 0] - 4] != owner).all()
 
 
+def test_the_training_losses_name_each_term_beside_their_sum():
+    m = model().eval()
+    batch = {"images": solid(COLOURS[:3]), "tokens": torch.randint(4, 20, (5, 6))}
+    batch["image_index"] = torch.tensor([0, 0, 1, 2, 2])
+    with torch.no_grad():
+        losses, terms = m.training_losses(batch), m.losses(batch)
+    assert list(losses) == ["loss", "loss_itc", "loss_itm"]
+    torch.testing.assert_close(losses["loss"], terms["itc"] + terms["itm"])
+    torch.testing.assert_close(m.training_loss(batch), losses["loss"])
+
+
 def test_a_single_image_batch_has_no_matching_loss():
     batch = {"images": solid(COLOURS[:1]), "tokens": torch.randint(4, 20, (3, 5))}
     batch["image_index"] = torch.zeros(3, dtype=torch.long)
@@ -137,7 +148,9 @@ def test_retrieval_through_the_command_line(tmp_path, capsys):
     args = ["train", "--task", "retrieval", "--train", str(data / "retrieval_train.jsonl")]
     args += ["--val", str(data / "retrieval_val.jsonl"), "--out", str(run)]
     assert main([*args, "--config", str(tmp_path / "tiny.json"), "--no-progress"]) == 0
-    assert "val_itc" in (run / "log.jsonl").read_text()
+    epochs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    for entry in epochs:  # each term beside the loss, in training and in validation
+        assert {"train_loss", "train_loss_itc", "train_loss_itm", "val_itc"} <= set(entry)
     metrics_file = tmp_path / "metrics.json"
     test = str(data / "retrieval_test.jsonl")
     assert (

@@ -65,6 +65,22 @@ def test_loss_falls_and_best_and_last_are_written(data, tmp_path, task):
     assert not list((tmp_path / task).glob(".*.tmp"))
 
 
+def test_each_loss_term_is_logged_beside_the_loss(data, tmp_path):
+    """A model whose loss has terms (retrieval: itc + itm) logs each, every 50 steps and every
+    epoch; a captioner logs its one loss as before."""
+    run(data, tmp_path / "retrieval", "retrieval", epochs=25, batch_size=16)
+    lines = (tmp_path / "retrieval" / "log.jsonl").read_text().splitlines()
+    log = [json.loads(line) for line in lines]
+    steps = [entry for entry in log if "loss" in entry]
+    assert steps and all({"loss_itc", "loss_itm"} <= set(entry) for entry in steps)
+    for entry in steps:
+        assert entry["loss"] == pytest.approx(entry["loss_itc"] + entry["loss_itm"], rel=1e-5)
+    epochs = [entry for entry in log if "train_loss" in entry]
+    assert all({"train_loss_itc", "train_loss_itm"} <= set(entry) for entry in epochs)
+    result = run(data, tmp_path / "caption", "caption", epochs=1)
+    assert set(result.history[0]) == {"step", "epoch", "train_loss", "val_loss"}
+
+
 def test_loss_falls_over_a_few_steps_on_one_batch(data, tmp_path):
     """Many passes over 16 captions: the loss must drop well below its starting value."""
     result = run(data, tmp_path / "overfit", "caption", epochs=60, batch_size=64, lr=3e-3)

@@ -75,12 +75,15 @@ class LMConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    task: str = "caption"  # registered task model: "caption" or "vqa"
+    task: str = "caption"  # registered task model: caption, vqa, retrieval, classify, joint
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     num_answers: int = 0  # VQA: size of the answer vocabulary (filled from the training data)
+    # joint: the loss terms (itc, itm, lm) and their weights; () = all three, each weight 1
+    losses: tuple[str, ...] = ()
+    loss_weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

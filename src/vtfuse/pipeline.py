@@ -66,8 +66,12 @@ class Pipeline:
     def task(self) -> str:
         return self.model.task
 
+    def serves(self, task: str) -> bool:
+        """Whether the model can be used for `task` (a joint model: caption and retrieval)."""
+        return task in self.model.capabilities
+
     def _require(self, *tasks: str) -> None:
-        if self.task not in tasks:
+        if not any(self.serves(task) for task in tasks):
             wanted = " or ".join(repr(t) for t in tasks)
             raise ValueError(f"this is a {self.task!r} model; that needs a {wanted} model")
 

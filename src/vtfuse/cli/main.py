@@ -103,9 +103,24 @@ def run_synth(args: argparse.Namespace) -> int:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
-        choices=("caption", "vqa", "retrieval", "classify"),
-        required=True,
-        help="what to train",
+        choices=("caption", "vqa", "retrieval", "classify", "joint"),
+        help="what to train (joint: one model on a weighted sum of losses, see --losses; "
+        "the default when --losses is given)",
+    )
+    p.add_argument(
+        "--losses",
+        type=_names,
+        metavar="TERMS",
+        help="--task joint: the loss terms, comma-separated, among itc (image-text "
+        "contrastive), itm (image-text matching, hard negatives), lm (captioning); default all "
+        "three. The model captions and retrieves whichever it was trained on",
+    )
+    p.add_argument(
+        "--loss-weights",
+        type=_weights,
+        metavar="W",
+        help="with --losses: one weight per term, comma-separated (default 1 each): "
+        "loss = Σ w_k · L_k",
     )
     p.add_argument(
         "--train", required=True, help="training JSONL file, or a shard folder (vtfuse data shard)"
@@ -246,6 +261,42 @@ TRAIN_FLAGS = (
 FREEZABLE = ("lm", "vision")
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(weight) for weight in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,0.5,1, got {text!r}") from None
+
+
+def _task_and_losses(args: argparse.Namespace, model: ModelConfig) -> ModelConfig:
+    """`model` with the task (--task; joint when only --losses is given) and the joint model's
+    loss terms and weights, checked (`vtfuse.models.joint.loss_weights`)."""
+    from vtfuse.models.joint import loss_weights
+
+    losses, weights = args.losses, args.loss_weights
+    task = args.task or ("joint" if losses is not None or weights is not None else None)
+    if task is None:
+        raise ValueError("give --task (caption, vqa, retrieval, classify or joint)")
+    if task != "joint" and (losses is not None or weights is not None):
+        raise ValueError(
+            f"--losses and --loss-weights choose the joint model's terms: use --task joint "
+            f"(or leave --task out); --task {task} has its own loss"
+        )
+    if weights is not None and losses is None and not model.losses:
+        raise ValueError("--loss-weights needs --losses, the terms they weigh")
+    if losses is not None:  # new terms: their weights are the given ones (or 1 each)
+        model = dataclasses.replace(model, losses=losses, loss_weights=weights or ())
+    elif weights is not None:
+        model = dataclasses.replace(model, loss_weights=weights)
+    if task == "joint":
+        loss_weights(model.losses, model.loss_weights)  # a clear error before any data loads
+    return dataclasses.replace(model, task=task)
+
+
 def _freeze_parts(text: str) -> set[str]:
     parts = set() if text == "none" else {p.strip() for p in text.split(",")}
     unknown = parts - set(FREEZABLE)
@@ -271,7 +322,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     if args.image_roots:
         overrides["image_roots"] = _given_roots(args)
     train_config = dataclasses.replace(base.train, **overrides)
-    model = base.model
+    model = _task_and_losses(args, base.model)
     if args.vision:
         preset = vision_preset(args.vision)
         vision = dataclasses.replace(model.vision, name=args.vision, **preset)
@@ -335,7 +386,7 @@ def _torchrun(processes: int, argv: list[str]) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-@command("train", "train a captioning, VQA or retrieval model")(_train_args)
+@command("train", "train a captioning, VQA, retrieval, classify or joint model")(_train_args)
 def run_train(args: argparse.Namespace) -> int:
     from vtfuse.training import train
 
@@ -343,7 +394,7 @@ def run_train(args: argparse.Namespace) -> int:
         return _torchrun(args.nproc, shlex.split(args.command_line)[1:])
     model, config = configs_from_args(args)
     result = train(
-        args.task,
+        model.task,
         args.train,
         args.out,
         args.val,

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image
-from vtfuse.data.tokenizer import AnyTokenizer
+from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer
 
 
 class DataError(ValueError):
@@ -173,6 +173,7 @@ TASK_CHECKS: dict[str, Callable[[dict[str, Any], bool], str | None]] = {
     "vqa": _check_vqa,
     "retrieval": _check_caption,  # images with their captions
     "classify": _check_classify,  # image + text → label
+    "joint": _check_caption,  # captioned images: captioning and retrieval from one file
 }
 
 
@@ -341,7 +342,13 @@ class Truncation:
             )
 
 
-TEXTS = {"caption": "caption", "vqa": "question", "retrieval": "caption", "classify": "text"}
+TEXTS = {
+    "caption": "caption",
+    "vqa": "question",
+    "retrieval": "caption",
+    "classify": "text",
+    "joint": "caption",
+}
 
 
 def caption_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) -> list[Item]:
@@ -377,6 +384,16 @@ def retrieval_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) ->
     ]
 
 
+def encoder_view(tokens: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Batched caption items (`caption_items`: <bos> words <eos> <pad>...) as an encoder reads
+    them (`retrieval_items`: the words, a slot left for [CLS]): <bos> dropped, <eos> masked
+    out as padding → tokens (B, T - 1) and token_mask. vtfuse's word vocabulary."""
+    if token_mask is None:
+        token_mask = tokens != Tokenizer.pad_id
+    words = tokens[:, 1:]
+    return words, token_mask[:, 1:] & (words != Tokenizer.eos_id)
+
+
 def classify_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) -> list[Item]:
     """The pair's text as an encoder reads it, and its label's class (-1: unseen label)."""
     text = cut.fit(tokenizer.encode(record.fields["text"]), cut.max_length - 1, cut.where(record))
@@ -388,6 +405,7 @@ ITEMS: dict[str, Callable[[Record, AnyTokenizer, Truncation], list[Item]]] = {
     "vqa": vqa_items,
     "retrieval": retrieval_items,
     "classify": classify_items,
+    "joint": caption_items,  # the encoder reads them through `encoder_view`
 }
 
 

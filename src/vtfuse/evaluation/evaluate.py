@@ -192,6 +192,18 @@ def _directional(by_image, by_text, owner) -> dict[str, float]:
     return {k: (from_images if k.startswith("i2t") else from_texts)[k] for k in from_images}
 
 
+def _score(
+    pipe: Pipeline, data: LoadedData, options: EvalOptions, task: str
+) -> tuple[dict[str, Any], list[Any]]:
+    """The metrics and per-record predictions of `task`'s evaluator."""
+    if task != "caption":  # the texts the model reads (references are only scored)
+        max_length = pipe.model.config.text.max_length
+        warn_long_texts(task, data.records, pipe.tokenizer, max_length)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TextTruncated)  # counted once, above
+        return EVALUATORS.get(task)(pipe, data, options)
+
+
 def evaluate(
     model_path: str | Path,
     data_path: str | Path,
@@ -200,18 +212,22 @@ def evaluate(
     metrics_path: str | Path | None = None,
     pipe: Pipeline | None = None,
 ) -> dict[str, Any]:
-    """Score the model at `model_path` (a run or model folder) on `data_path`."""
+    """Score the model at `model_path` (a run or model folder) on `data_path`. A model with
+    several capabilities (a joint model: caption and retrieval) is scored as each, its
+    metrics and each record's predictions nested under the task's name."""
     pipe = pipe or Pipeline.load(model_path, allow_pickle=options.allow_pickle)
     records = read_jsonl(data_path, pipe.task, roots=options.image_roots)
     data = load_records(
         records, pipe.model.config.vision.image_size, options.skip_bad, options.progress
     )
-    if pipe.task != "caption":  # the texts the model reads (references are only scored)
-        max_length = pipe.model.config.text.max_length
-        warn_long_texts(pipe.task, data.records, pipe.tokenizer, max_length)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TextTruncated)  # counted once, above
-        metrics, predictions = EVALUATORS.get(pipe.task)(pipe, data, options)
+    tasks = pipe.model.capabilities
+    scored = {task: _score(pipe, data, options, task) for task in tasks}
+    if len(tasks) == 1:
+        metrics, predictions = scored[tasks[0]]
+    else:
+        metrics = {task: task_metrics for task, (task_metrics, _) in scored.items()}
+        by_task = [task_predictions for _, task_predictions in scored.values()]
+        predictions = [dict(zip(tasks, row, strict=True)) for row in zip(*by_task, strict=True)]
     metrics = {**metrics, "examples": len(data.records), "skipped": len(data.skipped)}
     if predictions_path:
         with Path(predictions_path).open("w") as handle:

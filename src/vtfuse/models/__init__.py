@@ -1,7 +1,9 @@
-"""Task models, built by name from a `ModelConfig` (`create_model`) or loaded from a folder."""
+"""Task models (caption, vqa, retrieval, classify, joint), built by name from a `ModelConfig`
+(`create_model`) or loaded from a folder."""
 
 from vtfuse.models.base import TASKS, CheckpointError, TaskModel, create_model, load_pretrained
 from vtfuse.models.captioner import Captioner
+from vtfuse.models.joint import JointModel
 from vtfuse.models.pretrained_lm import LMCaptioner, LMQuestionAnswerer
 from vtfuse.models.retrieval import RetrievalModel
 from vtfuse.models.vqa import VQAModel
@@ -10,6 +12,7 @@ __all__ = [
     "TASKS",
     "Captioner",
     "CheckpointError",
+    "JointModel",
     "LMCaptioner",
     "LMQuestionAnswerer",
     "RetrievalModel",

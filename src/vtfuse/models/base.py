@@ -67,8 +67,26 @@ class TaskModel(nn.Module):
     def grid_size(self) -> tuple[int, int]:
         return self.vision.grid_size
 
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """The tasks this model can be used for (pipelines, evaluators): its own; a joint
+        model (`vtfuse.models.joint`) captions and retrieves."""
+        return (self.task,)
+
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """Some trainable parameters get no gradient from the training loss (DDP must look)."""
+        return False
+
     def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
         raise NotImplementedError
+
+    def training_losses(
+        self, batch: dict[str, Tensor], label_smoothing: float = 0.0
+    ) -> dict[str, Tensor]:
+        """`loss`, the training loss, and beside it the terms it is made of (`loss_itc`,
+        ...; each unweighted), which the training log records."""
+        return {"loss": self.training_loss(batch, label_smoothing)}
 
     def validation_metrics(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """Per-batch means reported during training (`loss` picks the best checkpoint)."""
@@ -321,6 +339,11 @@ def create_model(config: ModelConfig) -> TaskModel:
         raise ValueError(
             f"text.encoder {config.text.encoder!r} chooses vtfuse's own text side, which the "
             f"pretrained lm.name {config.lm.name!r} replaces: give one of the two"
+        )
+    if (config.losses or config.loss_weights) and config.task != "joint":
+        raise ValueError(
+            f"losses and loss_weights choose the terms of the joint model (task 'joint'); "
+            f"task {config.task!r} has its own loss"
         )
     return TASKS.get(f"{config.task}_lm" if config.lm.name else config.task)(config)
 

@@ -11,18 +11,17 @@ from vtfuse.encoders.text import FusedTextTransformer
 from vtfuse.models.base import TASKS, TaskModel
 
 
-@TASKS.register("caption")
-class Captioner(TaskModel):
-    task = "caption"
+class CaptionDecoding:
+    """Captioning on a task model with a `decoder` (a causal `FusedTextTransformer`) and an
+    `lm_head` (and TaskModel's `encode_image`): teacher-forced logits, the language-modelling
+    loss, and the incremental decoding `vtfuse.generation` drives. Shared by the `Captioner`,
+    whose decoder is its whole text side, and the joint model (`vtfuse.models.joint`), whose
+    decoder sits beside an encoder."""
 
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
-        self.text = FusedTextTransformer(config.text, self.vision.dim, config.fusion, causal=True)
-        self.lm_head = nn.Linear(config.text.dim, config.text.vocab_size, bias=False)
-        self.lm_head.weight = self.text.token_embedding.weight  # weight tying (Press & Wolf 2017)
-        self.init_weights()
+    decoder: FusedTextTransformer
+    lm_head: nn.Linear
 
-    def forward(
+    def caption_logits(
         self,
         images: Tensor,
         tokens: Tensor,
@@ -31,14 +30,15 @@ class Captioner(TaskModel):
     ) -> tuple[Tensor, list[Tensor]]:
         """Teacher forcing: logits (B, T, vocab) for the token after each of `tokens`."""
         image = self.encode_image(images)
-        hidden, weights = self.text(
+        hidden, weights = self.decoder(
             tokens, image, need_weights=need_weights, image_index=image_index
         )
         return self.lm_head(hidden), weights
 
-    def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+    def caption_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+        """Next-token cross-entropy over <bos> words <eos>, padding (id 0) left out."""
         tokens = batch["tokens"]  # (B, T): <bos> words <eos> <pad>...
-        logits, _ = self(batch["images"], tokens[:, :-1], batch.get("image_index"))
+        logits, _ = self.caption_logits(batch["images"], tokens[:, :-1], batch.get("image_index"))
         targets = tokens[:, 1:].masked_fill(tokens[:, 1:] == 0, -100)  # no loss on padding
         return F.cross_entropy(
             logits.flatten(0, 1),
@@ -50,12 +50,42 @@ class Captioner(TaskModel):
     # -- incremental decoding, used by vtfuse.generation ------------------------------------
     def start(self, images: Tensor) -> tuple[Tensor, DecoderCache]:
         """Encode the images once and open empty caches for decoding."""
-        return self.encode_image(images), self.text.new_cache()
+        return self.encode_image(images), self.decoder.new_cache()
 
     def step(
         self, tokens: Tensor, image: Tensor, caches: DecoderCache, need_weights: bool = False
     ) -> tuple[Tensor, list[Tensor]]:
         """Feed new tokens (B, t) after the cached ones → next-token logits (B, vocab).
         The image's cross-attention K/V are computed on the first step and reused after."""
-        hidden, weights = self.text(tokens, image, caches=caches, need_weights=need_weights)
+        hidden, weights = self.decoder(tokens, image, caches=caches, need_weights=need_weights)
         return self.lm_head(hidden[:, -1]), weights
+
+
+@TASKS.register("caption")
+class Captioner(CaptionDecoding, TaskModel):
+    task = "caption"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.text = FusedTextTransformer(config.text, self.vision.dim, config.fusion, causal=True)
+        self.lm_head = nn.Linear(config.text.dim, config.text.vocab_size, bias=False)
+        self.lm_head.weight = self.text.token_embedding.weight  # weight tying (Press & Wolf 2017)
+        self.init_weights()
+
+    @property
+    def decoder(self) -> FusedTextTransformer:
+        """The whole text side is the decoder (named `text` in checkpoints)."""
+        return self.text
+
+    def forward(
+        self,
+        images: Tensor,
+        tokens: Tensor,
+        image_index: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Teacher forcing: logits (B, T, vocab) for the token after each of `tokens`."""
+        return self.caption_logits(images, tokens, image_index, need_weights)
+
+    def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+        return self.caption_loss(batch, label_smoothing)

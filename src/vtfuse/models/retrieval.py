@@ -108,13 +108,31 @@ class RetrievalModel(TaskModel):
 
     # -- training ----------------------------------------------------------------------------
     def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
-        return sum(self.losses(batch, label_smoothing).values())
+        return self.training_losses(batch, label_smoothing)["loss"]
+
+    def training_losses(
+        self, batch: dict[str, Tensor], label_smoothing: float = 0.0
+    ) -> dict[str, Tensor]:
+        terms = self.losses(batch, label_smoothing)
+        return {"loss": self.combine(terms), **{f"loss_{k}": v for k, v in terms.items()}}
 
     def validation_metrics(self, batch: dict[str, Tensor]) -> dict[str, float]:
-        losses = self.losses(batch)
-        return {"loss": sum(losses.values()).item(), **{k: v.item() for k, v in losses.items()}}
+        terms = self.losses(batch)
+        return {"loss": self.combine(terms).item(), **{k: v.item() for k, v in terms.items()}}
+
+    def combine(self, terms: dict[str, Tensor]) -> Tensor:
+        """The training loss from its terms: here their sum."""
+        return sum(terms.values())
 
     def losses(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> dict[str, Tensor]:
+        """The contrastive (`itc`) and matching (`itm`) losses of a batch."""
+        return self.retrieval_losses(batch, label_smoothing, ("itc", "itm"))
+
+    def retrieval_losses(
+        self, batch: dict[str, Tensor], label_smoothing: float, terms: tuple[str, ...]
+    ) -> dict[str, Tensor]:
+        """`terms` among itc and itm. The contrastive similarities are computed either way:
+        they pick the matching loss's hard negatives. No `itm` for a batch of one image."""
         tokens, mask = batch["tokens"], batch.get("token_mask")
         owner = batch.get("image_index")
         if owner is None:
@@ -122,13 +140,15 @@ class RetrievalModel(TaskModel):
         image_embeddings, image_tokens = self.embed_images(batch["images"])
         text_embeddings = self.embed_texts(tokens, mask)
         logits = self.scale * text_embeddings @ image_embeddings.T  # (B, I)
-        images = torch.arange(logits.shape[1], device=logits.device)
-        positives = (owner[None, :] == images[:, None]).float()  # (I, B)
-        text_to_image = F.cross_entropy(logits, owner, label_smoothing=label_smoothing)
-        targets = positives / positives.sum(dim=1, keepdim=True)
-        image_to_text = -(targets * logits.T.log_softmax(dim=-1)).sum(dim=1).mean()
-        losses = {"itc": (text_to_image + image_to_text) / 2}
-        if logits.shape[1] > 1:  # negatives need a second image
+        losses = {}
+        if "itc" in terms:
+            images = torch.arange(logits.shape[1], device=logits.device)
+            positives = (owner[None, :] == images[:, None]).float()  # (I, B)
+            text_to_image = F.cross_entropy(logits, owner, label_smoothing=label_smoothing)
+            targets = positives / positives.sum(dim=1, keepdim=True)
+            image_to_text = -(targets * logits.T.log_softmax(dim=-1)).sum(dim=1).mean()
+            losses["itc"] = (text_to_image + image_to_text) / 2
+        if "itm" in terms and logits.shape[1] > 1:  # negatives need a second image
             losses["itm"] = self._matching_loss(tokens, mask, image_tokens, owner, logits)
         return losses
 

@@ -208,6 +208,7 @@ def model_info(pipe: Pipeline, folder: Path | None) -> dict[str, Any]:
         trained = json.loads((folder / "config.json").read_text()).get("trained", {})
     return {
         "task": pipe.task,
+        "capabilities": list(pipe.model.capabilities),  # a joint model: caption, retrieval
         "fusion": config.fusion.name,
         "vision": config.vision.name,
         "text": config.lm.name or "vtfuse",
@@ -274,7 +275,7 @@ def create_app(
         return JSONResponse({"error": f"internal error: {type(error).__name__}"}, status_code=500)
 
     def require(task: str) -> None:
-        if pipe.task != task:
+        if not pipe.serves(task):
             raise RequestError(422, f"this server runs a {pipe.task!r} model; that needs {task!r}")
 
     @app.get("/healthz")

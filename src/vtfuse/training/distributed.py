@@ -51,11 +51,14 @@ class Distributed:
         """One GPU per process on CUDA; the CPU is shared."""
         return torch.device("cuda", self.local_rank) if device.type == "cuda" else device
 
-    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
+    def wrap(self, module: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
+        """DDP around `module`; `find_unused`: some parameters may get no gradient."""
         if not self.enabled:
             return module
         ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=ids, find_unused_parameters=find_unused
+        )
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any: a stop must be taken together."""
@@ -84,14 +87,15 @@ class Distributed:
 
 
 class TrainingStep(nn.Module):
-    """The loss as a module's forward, so DistributedDataParallel sees (and synchronises) it."""
+    """The loss as a module's forward, so DistributedDataParallel sees (and synchronises) it:
+    `loss` and the terms it is made of (`TaskModel.training_losses`)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
-        return self.model.training_loss(batch, label_smoothing)
+    def forward(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> dict[str, Tensor]:
+        return self.model.training_losses(batch, label_smoothing)
 
 
 class DataParallel:
@@ -100,7 +104,8 @@ class DataParallel:
 
     def __init__(self, model: nn.Module, parallel: Distributed, device: torch.device):
         self.model, self.parallel = model, parallel
-        self.step = parallel.wrap(TrainingStep(model), device)
+        unused = getattr(model, "leaves_parameters_unused", False)
+        self.step = parallel.wrap(TrainingStep(model), device, find_unused=unused)
 
     def accumulating(self) -> AbstractContextManager:
         """Around a micro-batch before the last of a step: its gradients stay local."""

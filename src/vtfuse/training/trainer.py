@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from vtfuse.config import ModelConfig, TrainConfig, from_dict, to_dict
 from vtfuse.data.dataset import (
+    TEXTS,
     ImageTextDataset,
     collate,
     grouped_order,
@@ -81,7 +82,7 @@ def build_tokenizer(task: str, records, model_config: ModelConfig) -> AnyTokeniz
         from vtfuse.models.pretrained_lm import load_lm_tokenizer
 
         return load_lm_tokenizer(model_config.lm.name, answers)
-    if task in ("caption", "retrieval"):
+    if TEXTS[task] == "caption":  # caption, retrieval, joint
         return Tokenizer.build(c for r in records for c in r.captions)
     text_field = {"vqa": "question", "classify": "text"}[task]
     return Tokenizer.build((r.fields[text_field] for r in records), answers=answers)
@@ -409,7 +410,8 @@ def train(
                 # micro-batches before the last of a step keep their gradients to themselves
                 with engine.accumulating() if not steps_now else nullcontext():
                     with autocast(device, config.precision):
-                        loss = engine.step(batch, config.label_smoothing)
+                        losses = engine.step(batch, config.label_smoothing)
+                    loss = losses["loss"]  # beside it, its terms (see training_losses)
                     (loss / accumulate).backward()
                 seen += batch["tokens"].shape[0] * parallel.world
                 if not steps_now:
@@ -440,7 +442,7 @@ def train(
                         {
                             "step": state["step"],
                             "epoch": epoch + 1,
-                            "loss": loss.item(),
+                            **{name: value.item() for name, value in losses.items()},
                             "lr": scheduler.get_last_lr()[0],
                             "samples_per_s": rate,
                         }
@@ -462,7 +464,7 @@ def train(
             entry: dict[str, Any] = {
                 "step": state["step"],
                 "epoch": epoch + 1,
-                "train_loss": loss.item(),
+                **{f"train_{name}": value.item() for name, value in losses.items()},
             }
             whole = engine.full_model()  # every rank, together; the model on rank 0
             if val_loader is not None and not stopped and whole is not None:
