@@ -203,8 +203,9 @@ def evaluate(
     """Score the model at `model_path` (a run or model folder) on `data_path`."""
     pipe = pipe or Pipeline.load(model_path, allow_pickle=options.allow_pickle)
     records = read_jsonl(data_path, pipe.task, roots=options.image_roots)
+    vision = pipe.model.config.vision
     data = load_records(
-        records, pipe.model.config.vision.image_size, options.skip_bad, options.progress
+        records, vision.image_size, options.skip_bad, options.progress, vision.frames
     )
     if pipe.task != "caption":  # the texts the model reads (references are only scored)
         max_length = pipe.model.config.text.max_length
