@@ -35,6 +35,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     freeze_backbone: bool = True  # a pretrained encoder (efficientnet-lite0) keeps its weights
+    frames: int = 1  # frames read per video clip (1: still images; a clip gives its middle frame)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 pipe = vtfuse.load("runs/caption")          # a run folder (uses best/) or a model folder
 pipe.caption(["cat.png"])                   # → ["a cat on a mat."]
 pipe.ask("scene.png", "what shape is the red object?")   # → [("circle", 0.97), ...]
+pipe.ask("clip.mp4", "which way does the red circle move?")  # a clip model (vision.frames > 1):
+                                            # a video file, a folder of frames or a frame list
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vtfuse.data.clips import Visual, is_still, load_visual
 from vtfuse.data.dataset import Truncation, pad_tokens
-from vtfuse.data.images import blank_like, image_to_uint8, load_image
+from vtfuse.data.images import blank_like, load_image
 from vtfuse.data.tokenizer import AnyTokenizer
 from vtfuse.generation import Generated, beam_search, greedy, most_likely, nucleus
 from vtfuse.models.base import TaskModel, load_pretrained
@@ -23,7 +26,7 @@ from vtfuse.training.checkpoint import resolve_model_folder
 from vtfuse.training.trainer import resolve_device
 from vtfuse.visualisation import save_attention_figure, select_layer, to_grid
 
-ImageLike = str | Path | Image.Image
+ImageLike = Visual  # a still image (path or PIL), a video file, a folder of frames, a frame list
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,20 @@ class Pipeline:
             raise ValueError(f"this is a {self.task!r} model; that needs a {wanted} model")
 
     def images_to_tensor(self, images: list[ImageLike]) -> Tensor:
-        size = self.model.config.vision.image_size
-        pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        return torch.stack([image_to_uint8(im, size) for im in pil]).to(self.device)
+        """uint8 (B, 3, H, W); for a clip model (B, frames, 3, H, W), each clip's frames
+        sampled uniformly and each still image repeated (see vtfuse.data.clips)."""
+        vision = self.model.config.vision
+        loaded = [load_visual(image, vision.image_size, vision.frames) for image in images]
+        return torch.stack(loaded).to(self.device)
+
+    def background(self, image: ImageLike) -> Image.Image:
+        """The picture attention is drawn over: a still image itself, a clip's middle frame."""
+        if isinstance(image, Image.Image):
+            return image
+        if is_still(image):
+            return load_image(image)
+        middle = load_visual(image, self.model.config.vision.image_size, 1)
+        return Image.fromarray(middle.permute(1, 2, 0).numpy())
 
     # -- captioning ---------------------------------------------------------------------------
     def generate(
@@ -292,16 +306,19 @@ class Pipeline:
         question: str | None = None,
         layer: int | None = None,
     ) -> tuple[Path, str]:
-        """Save one panel per generated (or question) token; return the path and the text."""
-        pil = image if isinstance(image, Image.Image) else load_image(image)
+        """Save one panel per generated (or question) token; return the path and the text.
+        A clip's maps are summed over its frames and drawn over its middle frame."""
+        pil = self.background(image)
+        if not isinstance(image, Image.Image) and is_still(image):
+            image = pil  # decoded once
         if self.task in ("vqa", "classify"):
             if not question:
                 raise ValueError(f"a {self.task} model needs --question (its text)")
-            attention = self.question_attention(pil, question)
-            answer, probability = self.ask(pil, question, top_k=1)[0]
+            attention = self.question_attention(image, question)
+            answer, probability = self.ask(image, question, top_k=1)[0]
             text = f"Q: {question}  A: {answer} ({probability:.0%})"
         else:
-            attention = self.caption_attention(pil)
+            attention = self.caption_attention(image)
             text = attention.text
         grids = to_grid(select_layer(attention.maps, layer), attention.grid)
         path = save_attention_figure(

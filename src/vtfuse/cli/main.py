@@ -64,11 +64,26 @@ def _given_roots(args: argparse.Namespace) -> tuple[str, ...]:
 # -- synth ------------------------------------------------------------------------------------
 def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write images and JSONL splits into")
-    p.add_argument("--images", type=int, default=3000, help="number of scenes")
+    p.add_argument("--images", type=int, help="number of scenes (default 3000)")
+    p.add_argument(
+        "--clips",
+        type=int,
+        help="write N video clips of moving shapes instead of still scenes: motion questions "
+        "('which way does the red circle move?'), captions, statements",
+    )
+    p.add_argument("--clip-length", type=int, default=8, help="with --clips: frames per clip")
+    p.add_argument(
+        "--video",
+        action="store_true",
+        help="with --clips: one .mp4 per clip instead of a folder of PNG frames (pip install "
+        '"vtfuse[video]")',
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
     p.add_argument("--size", type=int, default=72, help="image side in pixels")
-    p.add_argument("--min-objects", type=int, default=3, help="fewest objects in a scene")
-    p.add_argument("--max-objects", type=int, default=5, help="most objects in a scene")
+    p.add_argument(
+        "--min-objects", type=int, help="fewest objects in a scene (default 3; a clip: 2)"
+    )
+    p.add_argument("--max-objects", type=int, help="most objects in a scene (default 5; a clip: 3)")
     p.add_argument(
         "--shapes", default="square,circle", help="comma-separated: square,circle,triangle"
     )
@@ -80,20 +95,41 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-@command("synth", "generate the built-in synthetic scenes, captions and questions")(_synth_args)
+@command("synth", "generate the built-in synthetic scenes (or clips), captions and questions")(
+    _synth_args
+)
 def run_synth(args: argparse.Namespace) -> int:
     from vtfuse.data.synth import SynthSpec, generate
+    from vtfuse.data.synth_clips import ClipSpec, generate_clips
 
-    spec = SynthSpec(
-        args.images,
-        args.seed,
-        args.size,
-        args.min_objects,
-        args.max_objects,
-        tuple(s.strip() for s in args.shapes.split(",") if s.strip()),
-        args.questions_per_kind,
-    )
-    counts = generate(args.out, spec)
+    shapes = tuple(s.strip() for s in args.shapes.split(",") if s.strip())
+    given = (("min_objects", args.min_objects), ("max_objects", args.max_objects))
+    objects = {name: value for name, value in given if value is not None}
+    if args.clips is not None:
+        if args.images is not None:
+            raise ValueError("--images (still scenes) and --clips (video clips): give one")
+        clip_spec = ClipSpec(
+            args.clips,
+            args.seed,
+            args.size,
+            args.clip_length,
+            shapes=shapes,
+            video=args.video,
+            **objects,
+        )
+        counts = generate_clips(args.out, clip_spec)
+    else:
+        if args.video:
+            raise ValueError("--video writes clips: give --clips N")
+        spec = SynthSpec(
+            images=3000 if args.images is None else args.images,
+            seed=args.seed,
+            size=args.size,
+            shapes=shapes,
+            questions_per_kind=args.questions_per_kind,
+            **objects,
+        )
+        counts = generate(args.out, spec)
     for name, count in counts.items():
         print(f"  {args.out}/{name}.jsonl  {count} examples")
     return 0
@@ -169,6 +205,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="with --text-encoder lstm|gru: also read right to left (vqa, classify, retrieval; "
         "a caption decoder must not see later words)",
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        metavar="F",
+        help="frames per video clip: F > 1 makes a clip model (each frame encoded, a learned "
+        "temporal embedding added, all frames' tokens fused); default 1, still images",
     )
     p.add_argument("--xattn-every", type=int, help="with --lm: a fusion block every k layers")
     p.add_argument(
@@ -327,6 +370,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         preset = vision_preset(args.vision)
         vision = dataclasses.replace(model.vision, name=args.vision, **preset)
         model = dataclasses.replace(model, vision=vision)
+    if args.frames is not None:
+        vision = dataclasses.replace(model.vision, frames=args.frames)
+        model = dataclasses.replace(model, vision=vision)
     fusion = {k: v for k, v in (("name", args.fusion), ("score", args.score)) if v}
     lm_name, model = _text_side(args, model)
     if lm_name:
@@ -466,7 +512,11 @@ def run_eval(args: argparse.Namespace) -> int:
 # -- caption / ask ----------------------------------------------------------------------------
 def _caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder or model folder of a captioning model")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument(
+        "images",
+        nargs="+",
+        help="image files (a clip model: also video files or folders of frames)",
+    )
     p.add_argument("--beam-size", type=int, default=1, help="beam width (1 = greedy)")
     p.add_argument("--max-length", type=int, help="longest caption in tokens")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length^penalty")
@@ -517,7 +567,9 @@ def run_caption(args: argparse.Namespace) -> int:
 
 def _ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder or model folder of a VQA model")
-    p.add_argument("image", help="image file")
+    p.add_argument(
+        "image", help="image file (a clip model: also a video file or a folder of frames)"
+    )
     p.add_argument("question", help="the question, quoted")
     p.add_argument("--top-k", type=int, default=5, help="how many answers to list")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -538,7 +590,9 @@ def run_ask(args: argparse.Namespace) -> int:
 # -- attention --------------------------------------------------------------------------------
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder or model folder of a pair classifier (--task classify)")
-    p.add_argument("image", help="image file")
+    p.add_argument(
+        "image", help="image file (a clip model: also a video file or a folder of frames)"
+    )
     p.add_argument("--text", required=True, help="the text paired with the image")
     p.add_argument("--top-k", type=int, default=5, help="how many labels to list")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -620,7 +674,9 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def _attention_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder or model folder")
-    p.add_argument("image", help="image file")
+    p.add_argument(
+        "image", help="image file (a clip model: also a video file or a folder of frames)"
+    )
     p.add_argument("--question", help="for a VQA model: the question whose tokens to show")
     p.add_argument(
         "--layer",

@@ -5,10 +5,14 @@
     classify:   {"image": ..., "text": "...", "label": "..."}   (image+text pair → label)
     grounding:  "boxes": [{"label": "red", "box": [x0, y0, x1, y1]}]   (optional, pixels)
 
-Image paths are relative to the JSONL file's folder, and must stay inside it: an absolute path,
-or one that leaves the folder (through `..` or a symbolic link), is refused unless it lies under
-a folder the user allows (`--image-root DIR`, `image_roots`). Every error names the file and
-line.
+A video clip may stand in for the image: `"video": "clips/1.mp4"` or `"frames": ["clips/1/f0.png",
+"clips/1/f1.png", ...]` (in time order); a clip model samples its `vision.frames` frames from it
+(see vtfuse.data.clips), a still-image model its middle frame.
+
+Image, video and frame paths are relative to the JSONL file's folder, and must stay inside it:
+an absolute path, or one that leaves the folder (through `..` or a symbolic link), is refused
+unless it lies under a folder the user allows (`--image-root DIR`, `image_roots`). Every error
+names the file and line.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image
+from vtfuse.data.clips import load_frames, load_video
+from vtfuse.data.images import ImageLoadError
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer
 
 
@@ -49,21 +54,24 @@ def image_roots(folders: Sequence[str | Path]) -> tuple[Path, ...]:
     return roots
 
 
-def safe_image_path(written: str, folder: Path, roots: Sequence[Path], where: str) -> Path:
-    """The image file a JSONL line names, if it lies (symbolic links followed) under the
-    line's `folder` — for a relative path — or under one of the resolved `roots`; else
-    ImagePathRefused naming `where` and the path as written. `roots` come from the user, never
-    from the data: a file that could allow itself more would allow nothing."""
+def safe_image_path(
+    written: str, folder: Path, roots: Sequence[Path], where: str, what: str = "image"
+) -> Path:
+    """The image file (or `what`: a video, a frame) a JSONL line names, if it lies (symbolic
+    links followed) under the line's `folder` — for a relative path — or under one of the
+    resolved `roots`; else ImagePathRefused naming `where` and the path as written. `roots`
+    come from the user, never from the data: a file that could allow itself more would allow
+    nothing."""
     path = folder / written
     try:
         target = path.resolve()
     except (ValueError, OSError) as error:  # an embedded NUL byte, a symbolic-link loop
-        raise ImagePathRefused(f"{where}: image path {written!r} is not usable: {error}") from None
+        raise ImagePathRefused(f"{where}: {what} path {written!r} is not usable: {error}") from None
     allowed = [*([] if Path(written).is_absolute() else [folder.resolve()]), *roots]
     if any(target.is_relative_to(root) for root in allowed):
         return path
     raise ImagePathRefused(
-        f"{where}: image path {written!r} {_escape(written)}; images must lie under "
+        f"{where}: {what} path {written!r} {_escape(written)}; images must lie under "
         f"the JSONL file's folder ({folder}) unless allowed: {ALLOW_HINT}"
     )
 
@@ -78,6 +86,22 @@ def _escape(written: str) -> str:
         if depth < 0:
             return "leaves the data folder through '..'"
     return "leads outside the data folder through a symbolic link"
+
+
+VISUAL_FIELDS = ("image", "video", "frames")  # one of them gives a line's picture
+
+
+@dataclass(frozen=True)
+class VisualSource:
+    """What a line shows: a still image, a video file, or a clip's frames (paths checked)."""
+
+    kind: Literal["image", "video", "frames"]
+    paths: tuple[Path, ...]
+
+    @property
+    def key(self) -> tuple:
+        """The same picture, however its paths are written: decoded once per bank."""
+        return (self.kind, *(path.resolve() for path in self.paths))
 
 
 @dataclass
@@ -96,8 +120,25 @@ class Record:
 
     @property
     def image_path(self) -> Path:
-        """The image file, checked by `safe_image_path` (ImagePathRefused if outside)."""
-        return safe_image_path(self.fields["image"], self.file.parent, self.roots, self.where)
+        """The image file, checked by `safe_image_path` (ImagePathRefused if outside); a
+        clip's line ("video" or "frames") raises DataError: it has no single image."""
+        if "image" not in self.fields:
+            raise DataError(f"{self.where}: a video clip, where a still image is needed")
+        return self._checked(self.fields["image"], "image")
+
+    @property
+    def visual(self) -> VisualSource:
+        """The line's image, video or frames, each path checked by `safe_image_path`."""
+        if "video" in self.fields:
+            return VisualSource("video", (self._checked(self.fields["video"], "video"),))
+        if "frames" in self.fields:
+            return VisualSource(
+                "frames", tuple(self._checked(f, "frame") for f in self.fields["frames"])
+            )
+        return VisualSource("image", (self.image_path,))
+
+    def _checked(self, written: str, what: str) -> Path:
+        return safe_image_path(written, self.file.parent, self.roots, self.where, what)
 
     @property
     def captions(self) -> list[str]:
@@ -108,6 +149,21 @@ class Record:
 
 def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def _check_visual(fields: dict[str, Any]) -> str | None:
+    """Exactly one of "image" (a path), "video" (a path) or "frames" (a list of paths)."""
+    given = [name for name in VISUAL_FIELDS if name in fields]
+    if not given:
+        return "missing field 'image' (or 'video', or 'frames')"
+    if len(given) > 1:
+        return f"give one of 'image', 'video' and 'frames', not {' and '.join(given)}"
+    if given == ["frames"]:
+        if not _is_str_list(fields["frames"]):
+            return "field 'frames' must be a non-empty list of path strings"
+    elif not isinstance(fields[given[0]], str):
+        return f"'{given[0]}' must be a path string"
+    return None
 
 
 def _check_boxes(boxes: Any) -> str | None:
@@ -208,14 +264,7 @@ def read_jsonl(
                 raise DataError(
                     f"{path}:{number}: expected a JSON object, got {type(fields).__name__}"
                 )
-            problem = None
-            if not isinstance(fields.get("image"), str):
-                problem = (
-                    "missing field 'image'"
-                    if "image" not in fields
-                    else "'image' must be a path string"
-                )
-            problem = problem or check(fields, labelled)
+            problem = _check_visual(fields) or check(fields, labelled)
             if problem is None and "boxes" in fields:
                 problem = _check_boxes(fields["boxes"])
             if problem:
@@ -228,21 +277,32 @@ def read_jsonl(
 
 @dataclass
 class ImageBank:
-    """Decoded images, each stored once as uint8 (3, size, size), shared by all its examples."""
+    """Decoded pictures, each stored once, shared by all its examples: uint8 (3, size, size),
+    or for a clip model (`frames` > 1) its sampled frames (frames, 3, size, size) — a still
+    image as `frames` copies of itself, so every entry has one shape and batches stack."""
 
     size: int
+    frames: int = 1  # the model's vision.frames
     tensors: list[Tensor] = field(default_factory=list)
     original_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height)
-    index: dict[Path, int] = field(default_factory=dict)
+    index: dict[Any, int] = field(default_factory=dict)
 
     def add(self, path: Path) -> int:
-        path = path.resolve()
-        if path not in self.index:
-            image = load_image(path)
-            self.index[path] = len(self.tensors)
-            self.tensors.append(image_to_uint8(image, self.size))
-            self.original_sizes.append(image.size)
-        return self.index[path]
+        """A still image's row."""
+        return self.add_visual(VisualSource("image", (path,)))
+
+    def add_visual(self, source: VisualSource) -> int:
+        """The row of an image, video or frame list, decoded (and sampled) on first sight."""
+        key = source.key
+        if key not in self.index:
+            if source.kind == "video":
+                tensor, original = load_video(source.paths[0], self.size, self.frames)
+            else:  # a still image is a clip of one frame
+                tensor, original = load_frames(list(source.paths), self.size, self.frames)
+            self.index[key] = len(self.tensors)
+            self.tensors.append(tensor)
+            self.original_sizes.append(original)
+        return self.index[key]
 
 
 @dataclass
@@ -254,18 +314,22 @@ class LoadedData:
 
 
 def load_records(
-    records: list[Record], image_size: int, skip_bad: bool = False, progress: bool = True
+    records: list[Record],
+    image_size: int,
+    skip_bad: bool = False,
+    progress: bool = True,
+    frames: int = 1,
 ) -> LoadedData:
-    """Decode each record's image once. A bad image, or an image path outside the allowed
-    folders, raises DataError naming the line, or with `skip_bad` drops the record and keeps
-    the reason."""
-    bank = ImageBank(image_size)
+    """Decode each record's image (or clip: `frames` sampled, see ImageBank) once. A bad image,
+    video or frame, or a path outside the allowed folders, raises DataError naming the line,
+    or with `skip_bad` drops the record and keeps the reason."""
+    bank = ImageBank(image_size, frames)
     kept, image_ids, skipped = [], [], []
     for record in tqdm(
         records, desc="loading images", unit="ex", disable=not progress, leave=False
     ):
         try:
-            image_ids.append(bank.add(record.image_path))
+            image_ids.append(bank.add_visual(record.visual))
         except (ImageLoadError, ImagePathRefused) as error:
             refused = isinstance(error, ImagePathRefused)
             message = str(error) if refused else f"{record.where}: {error}"
@@ -460,8 +524,9 @@ def pad_tokens(sequences: list[Tensor] | list[list[int]]) -> tuple[Tensor, Tenso
 
 
 def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Stack each distinct image once (`images`, with `image_index` mapping every example to its
-    image's row); right-pad token sequences with 0 (<pad>) and add `token_mask`."""
+    """Stack each distinct image (or clip) once (`images`, (I, 3, H, W) or (I, frames, 3, H,
+    W), with `image_index` mapping every example to its image's row); right-pad token sequences
+    with 0 (<pad>) and add `token_mask`."""
     rows: dict[int, int] = {}
     for item in items:
         rows.setdefault(item["image_id"], len(rows))

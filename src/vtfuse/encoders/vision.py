@@ -2,6 +2,10 @@
 
 Both built-ins are a *tokeniser* (a small CNN, or ViT's patch embedding) followed by a 2-D
 position embedding and `depth` Transformer layers over the tokens.
+
+A clip model (`vision.frames` F > 1) encodes each frame on its own, adds a learned temporal
+embedding to every token of frame t and concatenates the frames: a clip (B, F, 3, H, W)
+becomes (B, F·h·w, dim) — Flamingo's video input (Alayrac et al. 2022, §2.1).
 """
 
 from __future__ import annotations
@@ -37,6 +41,27 @@ class PositionEmbedding2D(nn.Module):
         return tokens + (self.row + self.col).flatten(0, 1)  # (B, rows·cols, dim)
 
 
+class TemporalEmbedding(nn.Module):
+    """Learned per-frame vectors, added to every token of frame t (Flamingo's learned temporal
+    embeddings), so the fusion can tell which frame a token came from: without them a clip is
+    a bag of tokens and "moves left" cannot be told from "moves right".
+
+    Zero at initialisation: the model starts blind to frame order, and a clip of one repeated
+    frame then gives the fusion exactly the still image's tokens, repeated — which attention
+    reads as the still image (duplicated keys share their weight; true of cross_attention,
+    resampler and the other fusions that only read the image, not of concat, whose
+    self-attention weighs the copies against the words) — so a still-image model warm-started
+    into a clip model (`--init-from`) starts as that model."""
+
+    def __init__(self, frames: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(frames, dim))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Per-frame tokens (B, frames, N, dim) → one sequence (B, frames·N, dim), frame-major."""
+        return (tokens + self.embedding[:, None]).flatten(1, 2)
+
+
 class VisionEncoder(Checkpointable, nn.Module):
     """Base class: subclasses implement `tokenise`; this adds positions and the Transformer
     (its layers checkpointed with `grad_checkpointing`)."""
@@ -62,6 +87,10 @@ class VisionEncoder(Checkpointable, nn.Module):
         side //= config.pool
         self.grid_size = (side, side)
         self.positions = PositionEmbedding2D(side, side, config.dim)
+        if config.frames < 1:
+            raise ValueError(f"vision.frames must be at least 1, got {config.frames}")
+        # only a clip model has one: a still-image model's weights are as they always were
+        self.temporal = TemporalEmbedding(config.frames, config.dim) if config.frames > 1 else None
         self.layers = nn.ModuleList(
             SelfAttentionBlock(config.dim, config.heads, config.mlp_ratio, config.dropout)
             for _ in range(config.depth)
@@ -93,6 +122,30 @@ class VisionEncoder(Checkpointable, nn.Module):
         for layer in self.layers:
             x = self.run_layer(layer, x)
         return self.norm(x)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """What the fusion reads. Still images (B, 3, H, W) → (B, h·w, dim); for a clip model
+        (vision.frames F > 1) clips (B, F, 3, H, W) → (B, F·h·w, dim): the B·F frames encoded
+        as one batch, then tagged by frame (TemporalEmbedding). A clip model given still images
+        reads each as a clip of F copies of itself (encoded once)."""
+        frames = self.config.frames
+        if self.temporal is None:
+            if images.dim() != 4:
+                raise ValueError(
+                    f"a still-image model takes images (B, 3, H, W), got {tuple(images.shape)}; "
+                    "clips need a clip model (vision.frames > 1, `vtfuse train --frames N`)"
+                )
+            return self(images)
+        if images.dim() == 4:
+            tokens = self(images)[:, None].expand(-1, frames, -1, -1)
+        elif images.dim() == 5 and images.shape[1] == frames:
+            tokens = self(images.flatten(0, 1)).unflatten(0, images.shape[:2])
+        else:
+            raise ValueError(
+                f"a clip model of {frames} frames takes clips (B, {frames}, 3, H, W) or still "
+                f"images (B, 3, H, W), got {tuple(images.shape)}"
+            )
+        return self.temporal(tokens)
 
 
 class ConvStemEncoder(VisionEncoder):

@@ -217,8 +217,9 @@ def evaluate(
     metrics and each record's predictions nested under the task's name."""
     pipe = pipe or Pipeline.load(model_path, allow_pickle=options.allow_pickle)
     records = read_jsonl(data_path, pipe.task, roots=options.image_roots)
+    vision = pipe.model.config.vision
     data = load_records(
-        records, pipe.model.config.vision.image_size, options.skip_bad, options.progress
+        records, vision.image_size, options.skip_bad, options.progress, vision.frames
     )
     tasks = pipe.model.capabilities
     scored = {task: _score(pipe, data, options, task) for task in tasks}

@@ -60,8 +60,16 @@ class TaskModel(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=module.embedding_dim**-0.5)
 
     def encode_image(self, images: Tensor) -> Tensor:
-        """uint8 images (I, 3, H, W) → image tokens (I, h·w, dim)."""
-        return self.vision(normalise(images))
+        """uint8 images (I, 3, H, W) → image tokens (I, h·w, dim); for a clip model
+        (vision.frames F > 1) also clips (I, F, 3, H, W) → (I, F·h·w, dim) (see
+        `VisionEncoder.encode`)."""
+        return self.vision.encode(normalise(images))
+
+    @property
+    def visual_dims(self) -> int:
+        """Dimensions of a batch of what one row sees: 4, images (B, 3, H, W); for a clip model
+        5, clips (B, F, 3, H, W). (A model reading several per row takes one more.)"""
+        return 4 if self.config.vision.frames == 1 else 5
 
     @property
     def grid_size(self) -> tuple[int, int]:

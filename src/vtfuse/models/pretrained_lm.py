@@ -292,14 +292,16 @@ class PretrainedTextModel(TaskModel):
 
     @property
     def tokens_per_image(self) -> int:
-        """How many tokens of each image the blocks read: the grid's, or the latents."""
+        """How many tokens of each image (or clip) the blocks read: the grid's (times the
+        frames of a clip), or the latents."""
         if self.resampler is not None:
             return self.config.lm.resampler_latents
-        return self.grid_size[0] * self.grid_size[1]
+        return self.config.vision.frames * self.grid_size[0] * self.grid_size[1]
 
     def read_images(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        """uint8 (I, 3, H, W) → what the blocks attend to (I, N or M, dim) and, with a
-        resampler, each latent's attention over the image grid (I, M, N) for the maps."""
+        """uint8 (I, 3, H, W) (or clips (I, F, 3, H, W)) → what the blocks attend to
+        (I, N or M, dim) and, with a resampler, each latent's attention over the image's (or
+        clip's) tokens (I, M, N) for the maps."""
         tokens = super().encode_image(images)
         if self.resampler is None:
             return tokens, None
@@ -372,9 +374,10 @@ class LMQuestionAnswerer(AnswerClassifier, PretrainedTextModel):
 class LMCaptioner(PretrainedTextModel):
     """Vision encoder → a pretrained causal LM that cross-attends to the image tokens.
 
-    `images` are (B, 3, H, W), one per sequence, seen by every word; or, interleaved,
-    (B, M, 3, H, W): M images per sequence, the m-th opened by the m-th `lm.image_token_id` in
-    the tokens, each word seeing only its latest image (or all so far: `attend_to_all_images`).
+    `images` are (B, 3, H, W) (a clip model: clips (B, F, 3, H, W)), one per sequence, seen by
+    every word; or, interleaved, (B, M, 3, H, W) (clips: (B, M, F, 3, H, W)): M per sequence,
+    the m-th opened by the m-th `lm.image_token_id` in the tokens, each word seeing only its
+    latest image (or all so far: `attend_to_all_images`).
     The LM comes from `config.lm.name` unless a loaded one is passed.
     """
 
@@ -394,7 +397,7 @@ class LMCaptioner(PretrainedTextModel):
 
     def read_images(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """Also takes interleaved images (B, M, 3, H, W) → (B, M·N, dim), without maps."""
-        if images.dim() == 4:
+        if images.dim() <= self.visual_dims:
             return super().read_images(images)
         if self.image_token_id is None:
             raise ValueError("several images per sequence need the model's lm.image_token_id")
@@ -424,7 +427,7 @@ class LMCaptioner(PretrainedTextModel):
         attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """Teacher forcing: logits (B, T, vocab) and, if asked, each inserted block's map."""
-        images_per_row = images.shape[1] if images.dim() == 5 else 0
+        images_per_row = images.shape[1] if images.dim() > self.visual_dims else 0
         interleaved, _ = self.interleaving(tokens, images_per_row)
         image, latent_map = self.read_images(images)
         with self.seeing(image, image_index, None, need_weights, interleaved, latent_map) as seen:
@@ -453,7 +456,7 @@ class LMCaptioner(PretrainedTextModel):
     # -- incremental decoding, the interface of vtfuse.generation ------------------------------
     def start(self, images: Tensor) -> tuple[Tensor, LMCache]:
         caches = LMCache(None, [KVCache() for _ in self.inserted])
-        if images.dim() == 5:
+        if images.dim() > self.visual_dims:
             caches.images_per_row = images.shape[1]
             caches.images_seen = images.new_zeros(images.shape[0], dtype=torch.long)
         image, caches.latent_map = self.read_images(images)

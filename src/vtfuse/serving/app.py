@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vtfuse.pipeline import Pipeline
 from vtfuse.serving.batching import Busy, MicroBatcher
+from vtfuse.visualisation.maps import select_layer, to_grid
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -145,8 +146,9 @@ def _one_image(files: dict, settings: ServeSettings) -> Image.Image:
 
 # -- the model side: batched calls -------------------------------------------------------------
 def _maps(attention: torch.Tensor, grid: tuple[int, int]) -> list:
-    """(T, layers, heads, N) → per token an h × w map (mean of layers and heads), rounded."""
-    return attention.float().mean(dim=(1, 2)).view(-1, *grid).round(decimals=4).tolist()
+    """(T, layers, heads, N) → per token an h × w map (mean of layers and heads; a clip's
+    summed over its frames), rounded."""
+    return to_grid(select_layer(attention), grid).round(decimals=4).tolist()
 
 
 class Engine:

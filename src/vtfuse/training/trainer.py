@@ -320,12 +320,13 @@ def train(
         say(f"gradient checkpointing in: {', '.join(parts) or 'nothing (no part supports it)'}")
     model.train()
     size, max_length = model_config.vision.image_size, model_config.text.max_length
+    frames = model_config.vision.frames
     if streaming:  # decoded as they stream, once per epoch
         train_set = ShardDataset(
             train_path, task, tokenizer, max_length, size, config.shuffle, config.seed
         )
     else:
-        loaded = load_records(train_records, size, config.skip_bad, progress)
+        loaded = load_records(train_records, size, config.skip_bad, progress, frames)
         train_set = task_dataset(task, loaded, tokenizer, max_length)
         if loaded.skipped:
             say(
@@ -335,7 +336,7 @@ def train(
     val_loader = None
     if val_path:
         val_records = read_jsonl(val_path, task, roots=config.image_roots)
-        val_loaded = load_records(val_records, size, config.skip_bad, progress)
+        val_loaded = load_records(val_records, size, config.skip_bad, progress, frames)
         val_loader = DataLoader(
             task_dataset(task, val_loaded, tokenizer, max_length),
             batch_size=config.eval_batch_size,

@@ -20,17 +20,19 @@ def select_layer(attention: Tensor, layer: int | None = None) -> Tensor:
 
 
 def to_grid(maps: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(T, N) → (T, h, w): image tokens are row-major over the grid."""
-    return maps.reshape(maps.shape[0], *grid)
+    """(T, N) → (T, h, w): image tokens are row-major over the grid. A clip's maps (T, F·h·w),
+    frame-major, are summed over its frames: where in the picture, at any time."""
+    return maps.reshape(maps.shape[0], -1, *grid).sum(dim=1)
 
 
 def peak_point(
     weights: Tensor, grid: tuple[int, int], image_size: tuple[int, int]
 ) -> tuple[float, float]:
     """The centre, in the image's own pixels, of the grid cell with the most attention.
-    (Bilinear upsampling of the map would peak at the same cell centre.)"""
+    (Bilinear upsampling of the map would peak at the same cell centre.) A clip's weights
+    (F·h·w) are summed over its frames first."""
     rows, cols = grid
     width, height = image_size
-    index = int(torch.argmax(weights))
+    index = int(torch.argmax(weights.reshape(-1, rows * cols).sum(dim=0)))
     row, col = divmod(index, cols)
     return (col + 0.5) * width / cols, (row + 0.5) * height / rows
