@@ -181,9 +181,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_two_process_run_killed_with_sigkill_resumes_to_identical_weights(
-    questions, tmp_path
-):
+def test_a_two_process_run_killed_with_sigkill_resumes_to_identical_weights(questions, tmp_path):
     """DDP over 2 processes; rank 0 is SIGKILLed at step 7 (the last checkpoint: step 6);
     torchrun takes the other down; `--resume --nproc 2` ends bit for bit where a run never
     interrupted ends."""
