@@ -246,6 +246,39 @@ def split_of(index: int, total: int) -> str:
     return "train" if index < cut_train else "val" if index < cut_val else "test"
 
 
+def check_shapes(shapes: tuple[str, ...]) -> None:
+    unknown = set(shapes) - set(SHAPES)
+    if unknown:
+        raise ValueError(f"unknown shape(s) {sorted(unknown)}; choose from {SHAPES}")
+
+
+class SplitFiles:
+    """`{task}_{split}.jsonl` in `out`, one open file each; `write(split, lines)` adds one
+    scene's (or clip's) lines for every task and counts them in `counts`."""
+
+    def __init__(self, out: Path):
+        self.files = {
+            (task, split): (out / f"{task}_{split}.jsonl").open("w")
+            for task in TASKS
+            for split in SPLITS
+        }
+        self.counts: dict[str, int] = {}
+
+    def write(self, split: str, lines: dict[str, list[dict]]) -> None:
+        for task, examples in lines.items():
+            for example in examples:
+                self.files[task, split].write(json.dumps(example) + "\n")
+            key = f"{task}_{split}"
+            self.counts[key] = self.counts.get(key, 0) + len(examples)
+
+    def __enter__(self) -> SplitFiles:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+
 def generate(
     out: str | Path, spec: SynthSpec = SynthSpec(), progress: bool = True
 ) -> dict[str, int]:
@@ -255,19 +288,11 @@ def generate(
         raise ValueError(
             f"objects per image must satisfy 1 <= min <= max <= {min(9, len(COLOURS))}"
         )
-    unknown = set(spec.shapes) - set(SHAPES)
-    if unknown:
-        raise ValueError(f"unknown shape(s) {sorted(unknown)}; choose from {SHAPES}")
+    check_shapes(spec.shapes)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(spec.seed)
-    files = {
-        (task, split): (out / f"{task}_{split}.jsonl").open("w")
-        for task in TASKS
-        for split in SPLITS
-    }
-    counts: dict[str, int] = {}
-    try:
+    with SplitFiles(out) as files:
         for i in tqdm(range(spec.images), desc="synth", unit="img", disable=not progress):
             objects = sample_scene(
                 rng, spec.size, rng.randint(spec.min_objects, spec.max_objects), spec.shapes
@@ -290,12 +315,5 @@ def generate(
                 {"image": name, **q, "objects": scene["objects"]}
                 for q in questions(objects, rng, spec.questions_per_kind, spec.size)
             ]
-            for task, examples in lines.items():
-                for example in examples:
-                    files[task, split].write(json.dumps(example) + "\n")
-                key = f"{task}_{split}"
-                counts[key] = counts.get(key, 0) + len(examples)
-    finally:
-        for handle in files.values():
-            handle.close()
-    return counts
+            files.write(split, lines)
+    return files.counts

@@ -9,7 +9,6 @@ tells which way it goes (near an edge it hints at the axis): a model must compar
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from vtfuse.data.clips import write_video
-from vtfuse.data.synth import COLOURS, SHAPES, SPLITS, TASKS, SceneObject, render, split_of
+from vtfuse.data.synth import (
+    COLOURS,
+    SceneObject,
+    SplitFiles,
+    check_shapes,
+    render,
+    split_of,
+)
 
 DIRECTIONS: dict[str, tuple[int, int]] = {
     "left": (-1, 0),
@@ -171,19 +177,11 @@ def generate_clips(
         raise ValueError(f"a clip needs at least 2 frames to show motion, got {spec.length}")
     if spec.video and spec.size % 2:
         raise ValueError(f"--video needs an even --size (MPEG-4 frames), got {spec.size}")
-    unknown = set(spec.shapes) - set(SHAPES)
-    if unknown:
-        raise ValueError(f"unknown shape(s) {sorted(unknown)}; choose from {SHAPES}")
+    check_shapes(spec.shapes)
     out = Path(out)
     (out / "clips").mkdir(parents=True, exist_ok=True)
     rng = random.Random(spec.seed)
-    files = {
-        (task, split): (out / f"{task}_{split}.jsonl").open("w")
-        for task in TASKS
-        for split in SPLITS
-    }
-    counts: dict[str, int] = {}
-    try:
+    with SplitFiles(out) as files:
         for i in tqdm(range(spec.clips), desc="synth clips", unit="clip", disable=not progress):
             movers = sample_clip(rng, spec)
             frames = frames_of(movers, spec)
@@ -208,13 +206,5 @@ def generate_clips(
                 "classify": [{**visual, **pair} for pair in motion_statements(movers, rng)],
                 "vqa": [{**visual, **q} for q in motion_questions(movers, rng)],
             }
-            split = split_of(i, spec.clips)
-            for task, examples in lines.items():
-                for example in examples:
-                    files[task, split].write(json.dumps(example) + "\n")
-                key = f"{task}_{split}"
-                counts[key] = counts.get(key, 0) + len(examples)
-    finally:
-        for handle in files.values():
-            handle.close()
-    return counts
+            files.write(split_of(i, spec.clips), lines)
+    return files.counts
