@@ -162,9 +162,9 @@ def timed(job: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def compare_speed(size: Size, work: Workload, repeats: int, dev) -> dict[str, float]:
-    """Median seconds per call of each model's job, the runs alternating after 2 warm-ups."""
-    jobs = {name: build(name, size, work, dev) for name in MODELS}
+def median_seconds(jobs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each job, the jobs alternating run by run after 2 warm-ups
+    (so a change in the machine's load falls on all of them alike)."""
     for job in jobs.values():
         job(), job()
     times: dict[str, list[float]] = {name: [] for name in jobs}
@@ -174,8 +174,7 @@ def compare_speed(size: Size, work: Workload, repeats: int, dev) -> dict[str, fl
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def count_flops(name: str, size: Size, work: Workload, dev) -> float:
-    job = build(name, size, work, dev)
+def count_flops(job: Callable[[], object]) -> float:
     with FlopCounterMode(display=False) as counter:
         job()
     return counter.get_total_flops()
@@ -235,10 +234,11 @@ def run_size(size: Size, repeats: int, dev, peak: float, probes: int) -> dict[st
     generation unless quick (`probes` == 1)."""
     results = {}
     for work in WORKLOADS:
-        seconds = compare_speed(size, work, repeats, dev)
+        jobs = {name: build(name, size, work, dev) for name in MODELS}
+        seconds = median_seconds(jobs, repeats)
         row = {"ratio": seconds["transformers"] / seconds["vtfuse"]}
-        for name in MODELS:
-            flops = count_flops(name, size, work, dev)
+        for name, job in jobs.items():
+            flops = count_flops(job)
             row[name] = {
                 work.unit: per_unit(work, seconds[name]),
                 "peak_share": flops / seconds[name] / peak,
@@ -259,15 +259,12 @@ def run_size(size: Size, repeats: int, dev, peak: float, probes: int) -> dict[st
 
 def bf16_training(size: Size, repeats: int, dev) -> float:
     """vtfuse's training step under bf16 autocast over its own fp32 step (samples/s ratio)."""
-    fp32 = build("vtfuse", size, Workload("train_b32", 32, train=True), dev)
-    bf16 = build("vtfuse", size, Workload("train_b32", 32, train=True, bf16=True), dev)
-    for job in (fp32, bf16):
-        job(), job()
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    for _ in range(repeats):
-        times["fp32"].append(timed(fp32))
-        times["bf16"].append(timed(bf16))
-    return statistics.median(times["fp32"]) / statistics.median(times["bf16"])
+    jobs = {
+        "fp32": build("vtfuse", size, Workload("train_b32", 32, train=True), dev),
+        "bf16": build("vtfuse", size, Workload("train_b32", 32, train=True, bf16=True), dev),
+    }
+    seconds = median_seconds(jobs, repeats)
+    return seconds["fp32"] / seconds["bf16"]
 
 
 def _line(work: Workload, row: dict) -> str:
