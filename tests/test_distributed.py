@@ -265,3 +265,56 @@ def test_fsdp_with_a_frozen_pretrained_lm(questions, gpt2_folder, tmp_path):
             torch.testing.assert_close(sharded[name], weight, atol=1e-5, rtol=1e-5, msg=name)
     gates = [n for n in sharded if n.endswith("attn_gate")]
     assert gates and all(sharded[n].abs() > 0 for n in gates)  # trained, from 0
+
+
+@pytest.fixture(scope="module")
+def captions(questions) -> Path:
+    """15 images with two captions each: in every global batch of 10 (5 images, each image's
+    captions together), the third image's captions fall one into each rank's half."""
+    lines = (questions / "caption_train.jsonl").read_text().splitlines()[:15]
+    (questions / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return questions / "captions.jsonl"
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_contrastive_training_over_two_processes_contrasts_the_whole_global_batch(
+    captions, questions, tmp_path, engine
+):
+    """Every rank's texts against every rank's images (gathered with their gradients, an image
+    split over two ranks counted once): 2 × batch 5 steps as 1 × batch 10. Contrasting within
+    each rank's own batch would not (nor would it with a shared image counted twice)."""
+    base = ["train", "--task", "joint", "--losses", "itc", "--train", str(captions)]
+    base += ["--config", str(questions / "tiny.json"), "--epochs", "2", "--lr", "0.003"]
+    base += ["--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "one"), "--batch-size", "10"]) == 0
+    two = [*base, "--out", str(tmp_path / "two"), "--batch-size", "5", "--nproc", "2"]
+    assert main(two + (["--fsdp"] if engine == "fsdp" else [])) == 0
+    assert_close_weights(tmp_path / "one", tmp_path / "two")
+    log = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
+    assert json.loads(log[-1])["step"] == 6  # 30 examples / (5 × 2) per epoch, 2 epochs
+
+
+def test_an_image_split_over_ranks_is_one_image_of_the_global_batch():
+    """The loss's bookkeeping on one process: gathering is the identity, and the image ids
+    fold repeated images into one column, as the collated batch of all ranks would have."""
+    from vtfuse.models.contrastive import contrastive_loss
+
+    torch.manual_seed(0)
+    texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    images = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    owner, scale = torch.tensor([0, 0, 1, 1]), torch.tensor(5.0)
+    once = contrastive_loss(texts, images, owner, scale, image_ids=torch.tensor([7, 9]))
+    # image 7 again as a third row (another rank's copy): the same loss
+    repeated = torch.cat([images, images[:1]])
+    twice = contrastive_loss(
+        texts, repeated, torch.tensor([0, 2, 1, 1]), scale, image_ids=torch.tensor([7, 9, 7])
+    )
+    torch.testing.assert_close(twice, once)
+    logits = scale * texts @ images.T
+    by_hand = (
+        torch.nn.functional.cross_entropy(logits, owner)
+        - (torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]]) * logits.T.log_softmax(-1))
+        .sum(1)
+        .mean()
+    ) / 2
+    torch.testing.assert_close(once, by_hand)

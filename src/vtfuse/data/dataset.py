@@ -525,7 +525,8 @@ def pad_tokens(sequences: list[Tensor] | list[list[int]]) -> tuple[Tensor, Tenso
 
 def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Stack each distinct image (or clip) once (`images`, (I, 3, H, W) or (I, frames, 3, H,
-    W), with `image_index` mapping every example to its image's row); right-pad token sequences
+    W), with `image_index` mapping every example to its image's row and `image_ids` naming each
+    row's image in the bank); right-pad token sequences
     with 0 (<pad>) and add `token_mask`."""
     rows: dict[int, int] = {}
     for item in items:
@@ -534,6 +535,7 @@ def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     batch = {
         "images": torch.stack([firsts[image_id] for image_id in rows]),
         "image_index": torch.tensor([rows[item["image_id"]] for item in items]),
+        "image_ids": torch.tensor(list(rows)),  # each image row's id in the bank
     }
     batch["tokens"], batch["token_mask"] = pad_tokens([item["tokens"] for item in items])
     if "answers" in items[0]:

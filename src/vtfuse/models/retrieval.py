@@ -6,7 +6,8 @@
 
       L_itc = ½ [CE(s · T Iᵀ, image of each text) + CE(s · I Tᵀ, the image's texts)]
 
-  An image with several captions in a batch has them all as positives (uniform target).
+  An image with several captions in a batch has them all as positives (uniform target); under
+  data parallelism the batch is every rank's (`vtfuse.models.contrastive`).
 * A matching head for precise re-ranking: the *same* text encoder with its fusion steps on
   (cross-attention to the image tokens) says whether text and image belong together. It is
   trained on each positive pair plus, per pair, a hard negative image and a hard negative
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from vtfuse.config import ModelConfig
 from vtfuse.encoders.text import FusedTextTransformer
 from vtfuse.models.base import TASKS, TaskModel
+from vtfuse.models.contrastive import contrastive_loss
 from vtfuse.models.vqa import masked_mean
 
 
@@ -131,24 +133,26 @@ class RetrievalModel(TaskModel):
     def retrieval_losses(
         self, batch: dict[str, Tensor], label_smoothing: float, terms: tuple[str, ...]
     ) -> dict[str, Tensor]:
-        """`terms` among itc and itm. The contrastive similarities are computed either way:
-        they pick the matching loss's hard negatives. No `itm` for a batch of one image."""
+        """`terms` among itc and itm. The matching loss's hard negatives are picked by the
+        contrastive similarities within this rank's batch. No `itm` for a batch of one image."""
         tokens, mask = batch["tokens"], batch.get("token_mask")
         owner = batch.get("image_index")
         if owner is None:
             owner = torch.arange(tokens.shape[0], device=tokens.device)
         image_embeddings, image_tokens = self.embed_images(batch["images"])
         text_embeddings = self.embed_texts(tokens, mask)
-        logits = self.scale * text_embeddings @ image_embeddings.T  # (B, I)
         losses = {}
-        if "itc" in terms:
-            images = torch.arange(logits.shape[1], device=logits.device)
-            positives = (owner[None, :] == images[:, None]).float()  # (I, B)
-            text_to_image = F.cross_entropy(logits, owner, label_smoothing=label_smoothing)
-            targets = positives / positives.sum(dim=1, keepdim=True)
-            image_to_text = -(targets * logits.T.log_softmax(dim=-1)).sum(dim=1).mean()
-            losses["itc"] = (text_to_image + image_to_text) / 2
-        if "itm" in terms and logits.shape[1] > 1:  # negatives need a second image
+        if "itc" in terms:  # over all ranks' batches when data-parallel
+            losses["itc"] = contrastive_loss(
+                text_embeddings,
+                image_embeddings,
+                owner,
+                self.scale,
+                label_smoothing,
+                batch.get("image_ids"),
+            )
+        if "itm" in terms and len(image_embeddings) > 1:  # negatives need a second image
+            logits = self.scale * text_embeddings @ image_embeddings.T  # (B, I), this rank's
             losses["itm"] = self._matching_loss(tokens, mask, image_tokens, owner, logits)
         return losses
 

@@ -6,6 +6,13 @@ examples; each global batch of `world × batch_size` is cut into one slice per r
 processes with batch B take exactly the steps one process with batch N·B would (DDP averages
 the gradients). Decisions that end a loop (time limit, a signal) are agreed by all ranks.
 
+Exactly, for losses that are means over examples (VQA, classification) and for the contrastive
+loss, which contrasts every rank's texts with every rank's images (`models/contrastive.py`).
+Two are per rank: the captioning loss is each rank's mean over its tokens (the global batch's
+token mean only when the ranks hold as many tokens), and the matching loss draws its hard
+negatives from the rank's own batch. With `--grad-accum`, each micro-batch is a batch of its
+own for these two and for the contrastive loss.
+
 How a step runs over the processes is a `DataParallel` here (one process, or DDP: every rank
 holds the whole model) or a `FullyShardedParallel` (training/fsdp.py: each rank a shard of it);
 the training loop sees only their common interface.
@@ -82,7 +89,12 @@ class Distributed:
         ]
 
     def close(self) -> None:
+        """Leave the process group together. The barrier first: gloo's barrier waits for every
+        collective this rank still has in flight (FSDP's last gathers are asynchronous); a rank
+        that tears the group down under them aborts at exit ("terminate called without an
+        active exception")."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -47,15 +48,36 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 
 def shard_units(root: nn.Module, model: nn.Module, keep_whole: set[nn.Parameter]) -> nn.Module:
     """`fully_shard` every member of `model`'s ModuleLists (children before parents), then
-    `root`, which owns the rest; the parameters in `keep_whole` are left alone."""
+    `root`, which owns the rest; the parameters in `keep_whole` are left alone. A member that
+    shares parameters with a unit outside its own line (the joint model's decoder blocks share
+    all but their self-attention with the encoder's) is no unit of its own: FSDP gives each
+    parameter one owner, so the shared ones stay with the root."""
     order = {id(module): i for i, module in enumerate(model.modules())}
-    units = {
+    candidates = {
         id(m): m for stack in model.modules() if isinstance(stack, nn.ModuleList) for m in stack
     }
-    for unit in sorted(units.values(), key=lambda m: -order[id(m)]):
+    for unit in sorted(_disjoint(list(candidates.values())), key=lambda m: -order[id(m)]):
         fully_shard(unit, ignored_params=keep_whole)
     fully_shard(root, ignored_params=keep_whole)
     return root
+
+
+def _disjoint(units: list[nn.Module]) -> list[nn.Module]:
+    """The units whose parameters no other unit holds, but one inside them or around them."""
+    inside = {id(unit): {id(m) for m in unit.modules()} for unit in units}
+    holders: dict[int, set[int]] = defaultdict(set)
+    for unit in units:
+        for parameter in unit.parameters():
+            holders[id(parameter)].add(id(unit))
+
+    def related(a: int, b: int) -> bool:
+        return b in inside[a] or a in inside[b]
+
+    return [
+        unit
+        for unit in units
+        if all(related(id(unit), other) for p in unit.parameters() for other in holders[id(p)])
+    ]
 
 
 class FullyShardedParallel:

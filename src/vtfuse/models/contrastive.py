@@ -1,0 +1,103 @@
+"""The symmetric image-text contrastive loss (InfoNCE; Radford et al. 2021), over every rank's
+batch when training data-parallel.
+
+Contrasting each rank's texts only with its own images would make N processes × batch B a
+weaker objective than one process × batch N·B (B − 1 negatives instead of N·B − 1). So while
+training under torch.distributed, the embeddings of all ranks are gathered — with their
+gradients, which flow back to the rank that computed them (open_clip's `gather_with_grad`) —
+and each rank's loss covers its own rows against all columns, scaled so that the mean DDP/FSDP
+takes over the ranks is the one-process loss of the whole global batch:
+
+    L_itc = ½ [ Σ_local texts CE(s · t Iᵀ, its image) / B_all
+              + Σ_local images CE(s · i Tᵀ, its texts) / I_all ] · N
+
+In one process (N = 1, nothing gathered) this is the plain batch mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def contrastive_loss(
+    text_embeddings: Tensor,
+    image_embeddings: Tensor,
+    owner: Tensor,
+    scale: Tensor,
+    label_smoothing: float = 0.0,
+    image_ids: Tensor | None = None,
+) -> Tensor:
+    """Texts (B, d) and images (I, d), unit rows; `owner` (B,) the image of each text. An image
+    with several texts has them all as positives (a uniform target). `image_ids` (I,) name the
+    images across ranks: an image whose texts fell into several ranks' batches is one column
+    and one row, as it would be in one process's batch of them all."""
+    ranks = _world() if text_embeddings.requires_grad else 1  # gather while training only
+    texts, images, first_image = text_embeddings, image_embeddings, 0
+    ids = torch.arange(len(images), device=owner.device) if image_ids is None else image_ids
+    owner_everywhere = owner
+    if ranks > 1:
+        texts, _ = gather_rows(text_embeddings)
+        images, first_image = gather_rows(image_embeddings)
+        ids = gather_rows(ids if image_ids is not None else ids + first_image)[0]
+        owner = owner + first_image
+        owner_everywhere = gather_rows(owner)[0]
+
+    # One column per distinct image: `column[j]` for every gathered image row j.
+    first = (ids[:, None] == ids[None, :]).int().argmax(dim=1)  # the first row with j's id
+    distinct = first == torch.arange(len(ids), device=ids.device)
+    column = (distinct.cumsum(0) - 1)[first]
+    text_to_image = F.cross_entropy(
+        scale * text_embeddings @ images[distinct].T,
+        column[owner],
+        label_smoothing=label_smoothing,
+        reduction="sum",
+    )
+    mine = torch.arange(len(image_embeddings), device=ids.device) + first_image
+    rows = distinct[mine]  # this rank's images that are not another rank's too
+    positives = (column[owner_everywhere][None, :] == column[mine[rows]][:, None]).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    logits = scale * image_embeddings[rows] @ texts.T  # (own distinct images, B_all)
+    image_to_text = -(targets * logits.log_softmax(dim=-1)).sum()
+    return ranks * (text_to_image / len(texts) + image_to_text / int(distinct.sum())) / 2
+
+
+def gather_rows(rows: Tensor) -> tuple[Tensor, int]:
+    """Every rank's `rows` (n_r, ...) concatenated in rank order (n_r may differ), and where
+    this rank's start. Differentiable: a gathered row's gradient is summed over the ranks and
+    returned to the rank it came from."""
+    sizes = torch.tensor([rows.shape[0]], device=rows.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(_world())]
+    dist.all_gather(all_sizes, sizes)
+    counts = [int(size) for size in all_sizes]
+    start = sum(counts[: dist.get_rank()])
+    padded = F.pad(rows, (0,) * 2 * (rows.dim() - 1) + (0, max(counts) - rows.shape[0]))
+    if not rows.is_floating_point():  # indices: nothing to differentiate
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+    else:
+        parts = _AllGather.apply(padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)]), start
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather forward; backward, every rank's gradient for all parts summed (all_reduce,
+    which gloo has, unlike reduce_scatter) and this rank's part kept."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor) -> tuple[Tensor, ...]:
+        parts = [torch.empty_like(rows) for _ in range(_world())]
+        dist.all_gather(parts, rows.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> Tensor:
+        summed = torch.stack(grads).contiguous()
+        dist.all_reduce(summed)
+        return summed[dist.get_rank()]
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
