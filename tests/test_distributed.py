@@ -101,6 +101,27 @@ def test_accumulated_batches_step_as_one_big_batch(questions, tmp_path):
     assert_same_model(tmp_path / "big", tmp_path / "accumulated", questions / "train.jsonl")
 
 
+def test_accumulated_captions_step_as_one_batch_of_all_their_tokens(captions, tmp_path):
+    """Captions of unequal length: 3 micro-batches of 4 (then 4 + 2 at the end of an epoch of
+    30) step as batches of 12 (then 6), each token weighing the same, not each micro-batch's
+    own token mean."""
+    config = TrainConfig(epochs=2, lr=3e-3, save_every=0)
+    runs = {"big": (12, 1), "accumulated": (4, 3)}
+    for name, (batch, accumulate) in runs.items():
+        settings = TrainConfig(**{**config.__dict__, "batch_size": batch, "grad_accum": accumulate})
+        train(
+            "caption",
+            captions,
+            tmp_path / name,
+            None,
+            MODEL,
+            settings,
+            progress=False,
+            log=lambda _: None,
+        )
+    assert_close_weights(tmp_path / "big", tmp_path / "accumulated")
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(questions, tmp_path, monkeypatch):
     real = VQAModel.training_loss
     calls = {"n": 0}
@@ -243,9 +264,9 @@ def test_fsdp_needs_several_processes(questions, tmp_path, capsys):
 
 def test_fsdp_with_a_frozen_pretrained_lm(questions, gpt2_folder, tmp_path):
     """GPT-2 frozen (its parameters sharded, no gradient reduced for them), the gated blocks
-    trained (their scalar gates kept whole on every rank): the same weights as DDP. (Not as one
-    process: a caption loss is a mean over each rank's tokens, and DDP averages the ranks'
-    means, which differ from the mean over all tokens when the ranks hold different lengths.)"""
+    trained (their scalar gates kept whole on every rank): the same weights as DDP, and both
+    as one process with the global batch (the caption loss divides by the step's tokens, not
+    each rank's own: the ranks hold captions of different lengths)."""
     records = read_jsonl(questions / "caption_train.jsonl", "caption")
     pairs = [{"image": r.fields["image"], "caption": c} for r in records for c in r.captions]
     assert len(pairs) >= 32  # whole batches: 2 × 2 of 8
@@ -254,9 +275,12 @@ def test_fsdp_with_a_frozen_pretrained_lm(questions, gpt2_folder, tmp_path):
     base = ["train", "--task", "caption", "--train", str(questions / "captions.jsonl")]
     base += ["--lm", str(gpt2_folder), "--config", str(questions / "tiny.json")]
     base += ["--epochs", "2", "--lr", "0.01", "--no-progress", "--batch-size", "8"]
+    one = [*base[:-2], "--batch-size", "16", "--out", str(tmp_path / "one")]
+    assert main(one) == 0
     base += ["--nproc", "2"]
     assert main([*base, "--out", str(tmp_path / "ddp")]) == 0
     assert main([*base, "--out", str(tmp_path / "fsdp"), "--fsdp"]) == 0
+    assert_close_weights(tmp_path / "one", tmp_path / "ddp")
     replicated, sharded = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
     assert replicated.keys() == sharded.keys()
     assert not any(name.startswith("lm.transformer.h.0.layer.") for name in sharded)  # frozen
@@ -272,20 +296,28 @@ def captions(questions) -> Path:
     """15 images with two captions each: in every global batch of 10 (5 images, each image's
     captions together), the third image's captions fall one into each rank's half."""
     lines = (questions / "caption_train.jsonl").read_text().splitlines()[:15]
-    (questions / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    return questions / "captions.jsonl"
+    (questions / "split_captions.jsonl").write_text("\n".join(lines) + "\n")
+    return questions / "split_captions.jsonl"
+
+
+LOSSES_OF_THE_GLOBAL_BATCH = {
+    # every rank's texts against every rank's images, an image split over two ranks once
+    "contrastive": ["--task", "joint", "--losses", "itc"],
+    # the mean over all ranks' caption tokens, whichever rank holds the longer captions
+    "captioning": ["--task", "caption"],
+}
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_contrastive_training_over_two_processes_contrasts_the_whole_global_batch(
-    captions, questions, tmp_path, engine
+@pytest.mark.parametrize("loss", LOSSES_OF_THE_GLOBAL_BATCH)
+def test_losses_of_the_whole_global_batch_step_as_one_process(
+    captions, questions, tmp_path, loss, engine
 ):
-    """Every rank's texts against every rank's images (gathered with their gradients, an image
-    split over two ranks counted once): 2 × batch 5 steps as 1 × batch 10. Contrasting within
-    each rank's own batch would not (nor would it with a shared image counted twice)."""
-    base = ["train", "--task", "joint", "--losses", "itc", "--train", str(captions)]
-    base += ["--config", str(questions / "tiny.json"), "--epochs", "2", "--lr", "0.003"]
-    base += ["--no-progress"]
+    """2 × batch 5 steps as 1 × batch 10 for the losses that are not a mean over examples of
+    equal count per rank (see vtfuse.models.across_ranks). Contrasting within each rank's own
+    batch, or averaging each rank's own tokens, would not."""
+    base = ["train", *LOSSES_OF_THE_GLOBAL_BATCH[loss], "--train", str(captions), "--epochs", "2"]
+    base += ["--config", str(questions / "tiny.json"), "--lr", "0.003", "--no-progress"]
     assert main([*base, "--out", str(tmp_path / "one"), "--batch-size", "10"]) == 0
     two = [*base, "--out", str(tmp_path / "two"), "--batch-size", "5", "--nproc", "2"]
     assert main(two + (["--fsdp"] if engine == "fsdp" else [])) == 0

@@ -89,6 +89,13 @@ class TaskModel(nn.Module):
     def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
         raise NotImplementedError
 
+    def scored_targets(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """How many targets the training loss averages over in `batch` when that number varies
+        from batch to batch (caption tokens, answerable questions); None when it does not.
+        The trainer gives every micro-batch the step's mean of these (`targets_per_batch`) to
+        divide by, so unequal micro-batches and ranks step as one batch of them all."""
+        return None
+
     def training_losses(
         self, batch: dict[str, Tensor], label_smoothing: float = 0.0
     ) -> dict[str, Tensor]:

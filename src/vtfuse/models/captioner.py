@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtfuse.blocks import DecoderCache
 from vtfuse.config import ModelConfig
 from vtfuse.encoders.text import FusedTextTransformer
+from vtfuse.models import across_ranks
 from vtfuse.models.base import TASKS, TaskModel
+
+
+def next_tokens(tokens: Tensor) -> Tensor:
+    """The targets of teacher forcing: each position's next token, padding (id 0) ignored."""
+    return tokens[:, 1:].masked_fill(tokens[:, 1:] == 0, across_ranks.IGNORED)
 
 
 class CaptionDecoding:
@@ -36,16 +41,20 @@ class CaptionDecoding:
         return self.lm_head(hidden), weights
 
     def caption_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
-        """Next-token cross-entropy over <bos> words <eos>, padding (id 0) left out."""
+        """Next-token cross-entropy over <bos> words <eos>, padding (id 0) left out: the mean
+        over the step's tokens (`targets_per_batch`, see `TaskModel.scored_targets`)."""
         tokens = batch["tokens"]  # (B, T): <bos> words <eos> <pad>...
         logits, _ = self.caption_logits(batch["images"], tokens[:, :-1], batch.get("image_index"))
-        targets = tokens[:, 1:].masked_fill(tokens[:, 1:] == 0, -100)  # no loss on padding
-        return F.cross_entropy(
+        return across_ranks.cross_entropy(
             logits.flatten(0, 1),
-            targets.flatten(),
-            ignore_index=-100,
+            next_tokens(tokens).flatten(),
             label_smoothing=label_smoothing,
+            per_batch=batch.get("targets_per_batch"),
         )
+
+    def caption_tokens(self, batch: dict[str, Tensor]) -> Tensor:
+        """The tokens `caption_loss` scores in `batch`."""
+        return (next_tokens(batch["tokens"]) != across_ranks.IGNORED).sum()
 
     # -- incremental decoding, used by vtfuse.generation ------------------------------------
     def start(self, images: Tensor) -> tuple[Tensor, DecoderCache]:
@@ -89,3 +98,6 @@ class Captioner(CaptionDecoding, TaskModel):
 
     def training_loss(self, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
         return self.caption_loss(batch, label_smoothing)
+
+    def scored_targets(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.caption_tokens(batch)

@@ -17,9 +17,10 @@ In one process (N = 1, nothing gathered) this is the plain batch mean.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from vtfuse.models.across_ranks import gather_rows, world
 
 
 def contrastive_loss(
@@ -34,7 +35,7 @@ def contrastive_loss(
     with several texts has them all as positives (a uniform target). `image_ids` (I,) name the
     images across ranks: an image whose texts fell into several ranks' batches is one column
     and one row, as it would be in one process's batch of them all."""
-    ranks = _world() if text_embeddings.requires_grad else 1  # gather while training only
+    ranks = world() if text_embeddings.requires_grad else 1  # gather while training only
     texts, images, first_image = text_embeddings, image_embeddings, 0
     ids = torch.arange(len(images), device=owner.device) if image_ids is None else image_ids
     owner_everywhere = owner
@@ -62,42 +63,3 @@ def contrastive_loss(
     logits = scale * image_embeddings[rows] @ texts.T  # (own distinct images, B_all)
     image_to_text = -(targets * logits.log_softmax(dim=-1)).sum()
     return ranks * (text_to_image / len(texts) + image_to_text / int(distinct.sum())) / 2
-
-
-def gather_rows(rows: Tensor) -> tuple[Tensor, int]:
-    """Every rank's `rows` (n_r, ...) concatenated in rank order (n_r may differ), and where
-    this rank's start. Differentiable: a gathered row's gradient is summed over the ranks and
-    returned to the rank it came from."""
-    sizes = torch.tensor([rows.shape[0]], device=rows.device)
-    all_sizes = [torch.zeros_like(sizes) for _ in range(_world())]
-    dist.all_gather(all_sizes, sizes)
-    counts = [int(size) for size in all_sizes]
-    start = sum(counts[: dist.get_rank()])
-    padded = F.pad(rows, (0,) * 2 * (rows.dim() - 1) + (0, max(counts) - rows.shape[0]))
-    if not rows.is_floating_point():  # indices: nothing to differentiate
-        parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded)
-    else:
-        parts = _AllGather.apply(padded)
-    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)]), start
-
-
-class _AllGather(torch.autograd.Function):
-    """all_gather forward; backward, every rank's gradient for all parts summed (all_reduce,
-    which gloo has, unlike reduce_scatter) and this rank's part kept."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor) -> tuple[Tensor, ...]:
-        parts = [torch.empty_like(rows) for _ in range(_world())]
-        dist.all_gather(parts, rows.contiguous())
-        return tuple(parts)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor) -> Tensor:
-        summed = torch.stack(grads).contiguous()
-        dist.all_reduce(summed)
-        return summed[dist.get_rank()]
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -148,6 +148,10 @@ class JointModel(CaptionDecoding, RetrievalModel):
             found.update(objective(self, batch, label_smoothing, owned))
         return {name: found[name] for name in chosen if name in found}
 
+    def scored_targets(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """The captioning term's tokens (the contrastive and matching terms are batch means)."""
+        return self.caption_tokens(batch) if "lm" in self.weights else None
+
     def combine(self, terms: dict[str, Tensor]) -> Tensor:
         """Σ w_k · L_k over the terms computed."""
         return sum(self.weights[name] * loss for name, loss in terms.items())

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtfuse.attention import KVCache
@@ -31,6 +30,7 @@ from vtfuse.fusion import FUSIONS
 from vtfuse.fusion.base import gather_images
 from vtfuse.fusion.resampler import PerceiverResampler
 from vtfuse.grad_checkpointing import train_checkpointing_layers
+from vtfuse.models import across_ranks
 from vtfuse.models.base import TASKS, TaskModel
 from vtfuse.models.vqa import AnswerClassifier, answer_head, masked_mean
 
@@ -443,15 +443,23 @@ class LMCaptioner(PretrainedTextModel):
         logits, _ = self(
             batch["images"], tokens[:, :-1], batch.get("image_index"), attention_mask=inputs_mask
         )
-        targets = tokens[:, 1:]
-        if mask is not None:
-            targets = targets.masked_fill(~mask[:, 1:].bool(), -100)
-        return F.cross_entropy(
+        return across_ranks.cross_entropy(
             logits.flatten(0, 1).float(),
-            targets.flatten(),
-            ignore_index=-100,
+            self._next_tokens(batch).flatten(),
             label_smoothing=label_smoothing,
+            per_batch=batch.get("targets_per_batch"),
         )
+
+    def scored_targets(self, batch: dict[str, Tensor]) -> Tensor:
+        return (self._next_tokens(batch) != across_ranks.IGNORED).sum()
+
+    @staticmethod
+    def _next_tokens(batch: dict[str, Tensor]) -> Tensor:
+        """Each position's next token; padding (outside `token_mask`) left out."""
+        targets, mask = batch["tokens"][:, 1:], batch.get("token_mask")
+        if mask is None:
+            return targets
+        return targets.masked_fill(~mask[:, 1:].bool(), across_ranks.IGNORED)
 
     # -- incremental decoding, the interface of vtfuse.generation ------------------------------
     def start(self, images: Tensor) -> tuple[Tensor, LMCache]:

@@ -10,7 +10,10 @@ from torch import Tensor, nn
 
 from vtfuse.config import ModelConfig
 from vtfuse.encoders.text import FusedTextTransformer
+from vtfuse.models import across_ranks
 from vtfuse.models.base import TASKS, TaskModel
+
+NO_ANSWER = -1  # an answer outside the answer vocabulary: not scored
 
 
 class AnswerClassifier(TaskModel):
@@ -23,15 +26,23 @@ class AnswerClassifier(TaskModel):
         logits, _ = self(
             batch["images"], batch["tokens"], batch["token_mask"], batch["image_index"]
         )
-        return F.cross_entropy(
-            logits, batch["answers"], ignore_index=-1, label_smoothing=label_smoothing
+        return across_ranks.cross_entropy(
+            logits,
+            batch["answers"],
+            ignore_index=NO_ANSWER,
+            label_smoothing=label_smoothing,
+            per_batch=batch.get("targets_per_batch"),
         )
+
+    def scored_targets(self, batch: dict[str, Tensor]) -> Tensor:
+        """The questions with an answer among the known ones."""
+        return (batch["answers"] != NO_ANSWER).sum()
 
     def validation_metrics(self, batch: dict[str, Tensor]) -> dict[str, float]:
         logits, _ = self(
             batch["images"], batch["tokens"], batch["token_mask"], batch["image_index"]
         )
-        loss = F.cross_entropy(logits, batch["answers"], ignore_index=-1)
+        loss = F.cross_entropy(logits, batch["answers"], ignore_index=NO_ANSWER)
         accuracy = (logits.argmax(-1) == batch["answers"]).float().mean()
         return {"loss": loss.item(), "accuracy": accuracy.item()}
 

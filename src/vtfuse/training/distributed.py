@@ -6,12 +6,12 @@ examples; each global batch of `world × batch_size` is cut into one slice per r
 processes with batch B take exactly the steps one process with batch N·B would (DDP averages
 the gradients). Decisions that end a loop (time limit, a signal) are agreed by all ranks.
 
-Exactly, for losses that are means over examples (VQA, classification) and for the contrastive
-loss, which contrasts every rank's texts with every rank's images (`models/contrastive.py`).
-Two are per rank: the captioning loss is each rank's mean over its tokens (the global batch's
-token mean only when the ranks hold as many tokens), and the matching loss draws its hard
-negatives from the rank's own batch. With `--grad-accum`, each micro-batch is a batch of its
-own for these two and for the contrastive loss.
+Exactly, for every loss but one: those that average over what a batch happens to hold (caption
+tokens, answerable questions) divide by the step's mean count over ranks and micro-batches
+(`trainer.share_the_step`), and the contrastive loss contrasts every rank's texts with every
+rank's images (`vtfuse.models.across_ranks`). The exception: the matching loss draws its hard
+negatives from the rank's own batch. (With `--grad-accum`, the contrastive and matching losses
+see one micro-batch at a time.)
 
 How a step runs over the processes is a `DataParallel` here (one process, or DDP: every rank
 holds the whole model) or a `FullyShardedParallel` (training/fsdp.py: each rank a shard of it);
@@ -50,6 +50,8 @@ class Distributed:
         if world <= 1:
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)  # this rank's GPU, for nccl's collectives too
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return cls(rank, world, local_rank)
@@ -71,9 +73,17 @@ class Distributed:
         """True on every rank if it is true on any: a stop must be taken together."""
         if not self.enabled:
             return flag
-        value = torch.tensor([float(flag)])
+        value = torch.tensor([float(flag)], device=_collective_device())
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
+
+    def sum(self, value: Tensor) -> Tensor:
+        """`value` summed over the ranks (itself in one process)."""
+        if not self.enabled:
+            return value
+        value = value.to(_collective_device())
+        dist.all_reduce(value)
+        return value
 
     def my_part(self, order: list[int], batch_size: int) -> list[int]:
         """This rank's examples: its slice of every whole global batch (a last global batch
@@ -140,3 +150,10 @@ class DataParallel:
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Restore a whole state dict (as `optimizer_state` gave); every rank calls this."""
         optimizer.load_state_dict(state)
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor for a collective must be: nccl's on this rank's GPU, gloo's anywhere."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

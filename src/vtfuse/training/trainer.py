@@ -15,7 +15,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +186,7 @@ def read_run_file(run_dir: str | Path) -> dict[str, Any]:
 
 
 SINGLE_PROCESS = Distributed()
+Batch = dict[str, torch.Tensor]
 
 
 def micro_batches_per_epoch(examples: int, config: TrainConfig, parallel: Distributed) -> int:
@@ -193,6 +194,28 @@ def micro_batches_per_epoch(examples: int, config: TrainConfig, parallel: Distri
     if parallel.enabled:  # whole global batches only: every rank steps together
         return examples // (config.batch_size * parallel.world)
     return math.ceil(examples / config.batch_size)
+
+
+def steps_of(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Consecutive groups of `size` micro-batches, one optimiser step each (the last of an
+    epoch may be shorter)."""
+    batches = iter(batches)
+    while group := list(itertools.islice(batches, size)):
+        yield group
+
+
+def share_the_step(model: TaskModel, micro_batches: list[Batch], parallel: Distributed) -> None:
+    """Give every micro-batch of a step `targets_per_batch`: the mean, over the step's
+    micro-batches and ranks, of the targets they score (`TaskModel.scored_targets`). The losses
+    that average over what a batch happens to hold (caption tokens, answerable questions)
+    divide their sum by it, so K micro-batches on N ranks step as one batch of them all."""
+    counts = [model.scored_targets(batch) for batch in micro_batches]
+    if any(count is None for count in counts):
+        return
+    total = parallel.sum(torch.stack(counts).sum().float())
+    per_batch = total / (len(micro_batches) * parallel.world)
+    for batch in micro_batches:
+        batch["targets_per_batch"] = per_batch
 
 
 def epoch_batches(
@@ -401,22 +424,22 @@ def train(
                 leave=False,
             )
             tick, seen = time.monotonic(), 0
-            for batch in bar:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                state["batch_in_epoch"] += 1
-                steps_now = (
-                    state["batch_in_epoch"] % accumulate == 0
-                    or state["batch_in_epoch"] == batches_per_epoch
-                )
-                # micro-batches before the last of a step keep their gradients to themselves
-                with engine.accumulating() if not steps_now else nullcontext():
-                    with autocast(device, config.precision):
-                        losses = engine.step(batch, config.label_smoothing)
-                    loss = losses["loss"]  # beside it, its terms (see training_losses)
-                    (loss / accumulate).backward()
-                seen += batch["tokens"].shape[0] * parallel.world
-                if not steps_now:
-                    continue
+            for micro_batches in steps_of(bar, accumulate):
+                micro_batches = [
+                    {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    for batch in micro_batches
+                ]
+                share_the_step(model, micro_batches, parallel)
+                for i, batch in enumerate(micro_batches):
+                    state["batch_in_epoch"] += 1
+                    last = i == len(micro_batches) - 1
+                    # micro-batches before the last of a step keep their gradients to themselves
+                    with engine.accumulating() if not last else nullcontext():
+                        with autocast(device, config.precision):
+                            losses = engine.step(batch, config.label_smoothing)
+                        loss = losses["loss"]  # beside it, its terms (see training_losses)
+                        (loss / len(micro_batches)).backward()
+                    seen += batch["tokens"].shape[0] * parallel.world
                 # the global gradient norm (clipped if asked): non-finite → skip the step
                 limit = config.grad_clip if config.grad_clip > 0 else math.inf
                 norm = engine.clip_grad_norm(limit)
