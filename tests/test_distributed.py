@@ -83,43 +83,28 @@ def test_two_processes_step_as_one_with_twice_the_batch(questions, tmp_path):
     assert json.loads(log[-1])["step"] == 8  # 64 examples / (8 × 2) per epoch, 2 epochs
 
 
+def train_big_and_accumulated(
+    task: str, data: Path, out: Path, big: int, micro: int, accumulate: int
+) -> tuple[Path, Path]:
+    """One run with batches of `big`, one with `accumulate` micro-batches of `micro` a step."""
+    runs = {"big": (big, 1), "accumulated": (micro, accumulate)}
+    for name, (batch, steps) in runs.items():
+        config = TrainConfig(epochs=2, lr=3e-3, save_every=0, batch_size=batch, grad_accum=steps)
+        train(task, data, out / name, None, MODEL, config, progress=False, log=lambda _: None)
+    return out / "big", out / "accumulated"
+
+
 def test_accumulated_batches_step_as_one_big_batch(questions, tmp_path):
-    config = TrainConfig(epochs=2, lr=3e-3, save_every=0)
-    runs = {"big": (16, 1), "accumulated": (4, 4)}
-    for name, (batch, accumulate) in runs.items():
-        settings = TrainConfig(**{**config.__dict__, "batch_size": batch, "grad_accum": accumulate})
-        train(
-            "vqa",
-            questions / "train.jsonl",
-            tmp_path / name,
-            None,
-            MODEL,
-            settings,
-            progress=False,
-            log=lambda _: None,
-        )
-    assert_same_model(tmp_path / "big", tmp_path / "accumulated", questions / "train.jsonl")
+    data = questions / "train.jsonl"
+    big, accumulated = train_big_and_accumulated("vqa", data, tmp_path, 16, 4, 4)
+    assert_same_model(big, accumulated, data)
 
 
 def test_accumulated_captions_step_as_one_batch_of_all_their_tokens(captions, tmp_path):
     """Captions of unequal length: 3 micro-batches of 4 (then 4 + 2 at the end of an epoch of
     30) step as batches of 12 (then 6), each token weighing the same, not each micro-batch's
     own token mean."""
-    config = TrainConfig(epochs=2, lr=3e-3, save_every=0)
-    runs = {"big": (12, 1), "accumulated": (4, 3)}
-    for name, (batch, accumulate) in runs.items():
-        settings = TrainConfig(**{**config.__dict__, "batch_size": batch, "grad_accum": accumulate})
-        train(
-            "caption",
-            captions,
-            tmp_path / name,
-            None,
-            MODEL,
-            settings,
-            progress=False,
-            log=lambda _: None,
-        )
-    assert_close_weights(tmp_path / "big", tmp_path / "accumulated")
+    assert_close_weights(*train_big_and_accumulated("caption", captions, tmp_path, 12, 4, 3))
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(questions, tmp_path, monkeypatch):
