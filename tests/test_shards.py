@@ -164,3 +164,97 @@ def test_worker_processes_split_the_shards(data, tmp_path):
     loader = DataLoader(stream, batch_size=4, collate_fn=collate, num_workers=2)
     seen = [len(batch["tokens"]) for batch in loader]
     assert sum(seen) == len(stream)  # every example once, across both workers
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["frame folders", "mp4 files"])
+@pytest.mark.parametrize("task", ["caption", "vqa", "classify"])
+def test_streamed_clips_equal_the_in_memory_ones(tmp_path, task, video):
+    """Clips packed as their frames (or their video file) stream back as the in-memory bank
+    holds them: the same 4 sampled frames of every clip, the same texts."""
+    if video:
+        pytest.importorskip("av")
+    from vtfuse.data.synth_clips import ClipSpec, generate_clips
+
+    generate_clips(tmp_path, ClipSpec(clips=10, size=24, length=6, video=video), progress=False)
+    jsonl = tmp_path / f"{task}_train.jsonl"
+    write_shards(jsonl, task, tmp_path / "shards", shard_size=3)
+    records = read_jsonl(jsonl, task)
+    texts = [r.fields.get("question", r.fields.get("text", "")) for r in records]
+    texts += [c for r in records if task == "caption" for c in r.captions]
+    answers = [str(r.fields.get("answer", r.fields.get("label", "x"))) for r in records]
+    tokenizer = Tokenizer.build(texts, answers=answers)
+    loaded = load_records(records, 24, progress=False, frames=4)
+    memory = task_dataset(task, loaded, tokenizer, 48)
+    stream = ShardDataset(tmp_path / "shards", task, tokenizer, 48, 24, shuffle=False, frames=4)
+    streamed = list(stream)
+    assert len(streamed) == len(memory) > 0
+    for i, item in enumerate(streamed):
+        assert item["images"].shape == (4, 3, 24, 24)
+        assert torch.equal(item["images"], memory[i]["images"])
+        assert torch.equal(item["tokens"], memory[i]["tokens"])
+        if "answers" in memory[i]:
+            assert item["answers"] == memory[i]["answers"]
+
+
+def test_a_clip_model_trains_on_streamed_clips(tmp_path, capsys):
+    """`vtfuse data shard` packs clip lines; `vtfuse train --frames 4` streams them."""
+    from vtfuse.data.synth_clips import ClipSpec, generate_clips
+
+    generate_clips(tmp_path / "d", ClipSpec(clips=12, size=24, length=6), progress=False)
+    shards = tmp_path / "shards"
+    assert (
+        main(
+            [
+                "data",
+                "shard",
+                str(tmp_path / "d" / "vqa_train.jsonl"),
+                "--task",
+                "vqa",
+                "--out",
+                str(shards),
+                "--shard-size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    config = tmp_path / "tiny.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model": {
+                    "vision": {
+                        "image_size": 24,
+                        "channels": [8, 8, 16],
+                        "dim": 32,
+                        "depth": 0,
+                        "heads": 2,
+                    },
+                    "text": {"dim": 32, "depth": 1, "heads": 2},
+                }
+            }
+        )
+    )
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "vqa",
+                "--train",
+                str(shards),
+                "--frames",
+                "4",
+                "--config",
+                str(config),
+                "--epochs",
+                "1",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((run / "best" / "config.json").read_text())["model"]["vision"]["frames"] == 4

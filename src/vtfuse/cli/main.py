@@ -772,7 +772,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
         "shard", help="JSONL (a file, or every *.jsonl in a folder) → WebDataset tar shards"
     )
     shard.add_argument("source", type=Path, help="a JSONL file, or a folder of them")
-    shard.add_argument("--task", choices=("caption", "vqa", "retrieval"), required=True)
+    shard.add_argument("--task", choices=("caption", "vqa", "retrieval", "classify"), required=True)
     shard.add_argument("--out", type=Path, required=True, help="shard folder (one per file)")
     shard.add_argument("--shard-size", type=int, default=1000, help="records per shard")
     _image_root_arg(shard)

@@ -1,10 +1,12 @@
 """WebDataset shards, for data that does not fit in memory.
 
 `write_shards` packs a JSONL file into tar shards of `shard_size` records each: per record the
-image file's own bytes and its JSON fields. `ShardDataset` streams them back — shards split
+files' own bytes — the image (`.image`), or a clip's video file (`.video`) or frames
+(`.frame000000`, ...) — and its JSON fields. `ShardDataset` streams them back — shards split
 between DataLoader workers, optionally shuffled per epoch (shard order, then a buffer) — and
-decodes each record's image once per epoch; its examples (captions, questions) are the same
-as the in-memory datasets build (`dataset.ITEMS`).
+decodes each record's picture once per epoch, a clip's sampled frames only (`data/clips.py`);
+its examples (captions, questions, statements) are the same as the in-memory datasets build
+(`dataset.ITEMS`).
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ from __future__ import annotations
 import io
 import json
 import random
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from vtfuse.data.clips import load_frames, load_video
 from vtfuse.data.dataset import ITEMS, TEXTS, DataError, Record, Truncation, read_jsonl
-from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image
+from vtfuse.data.images import ImageLoadError
 from vtfuse.data.tokenizer import AnyTokenizer
 
 INDEX = "index.json"
+FRAME = "frame"  # a clip's frames are stored as frame000000, frame000001, ...
 
 
 def _webdataset():
@@ -54,12 +60,9 @@ def write_shards(
     pattern = str(out / "shard-%06d.tar")
     with _webdataset().ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
         for number, record in enumerate(records):
-            try:
-                image = record.image_path.read_bytes()
-            except OSError as error:
-                raise DataError(f"{record.where}: cannot read image: {error}") from None
             fields = {**record.fields, "source": record.where}
-            sink.write({"__key__": f"{number:09d}", "image": image, "json": json.dumps(fields)})
+            sample = {"__key__": f"{number:09d}", "json": json.dumps(fields)}
+            sink.write({**sample, **_picture_files(record)})
     index = {
         "task": task,
         "records": len(records),
@@ -68,6 +71,33 @@ def write_shards(
     }
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return index
+
+
+def _picture_files(record: Record) -> dict[str, bytes]:
+    """The bytes of a record's image, video file or frames, under their keys in the shard."""
+    source = record.visual
+    names = {"image": ["image"], "video": ["video"]}.get(source.kind)
+    names = names or [f"{FRAME}{i:06d}" for i in range(len(source.paths))]
+    files = {}
+    for name, path in zip(names, source.paths, strict=True):
+        try:
+            files[name] = path.read_bytes()
+        except OSError as error:
+            raise DataError(f"{record.where}: cannot read {source.kind}: {error}") from None
+    return files
+
+
+def decode_picture(sample: dict, fields: dict, size: int, frames: int) -> Tensor:
+    """A shard sample's picture as the in-memory bank holds it (`ImageBank.add_visual`): uint8
+    (3, size, size), or (frames, 3, size, size) for a clip model."""
+    if "video" in sample:  # PyAV reads a file: the bytes go to a temporary one, then away
+        suffix = Path(fields.get("video", "clip.mp4")).suffix
+        with tempfile.NamedTemporaryFile(suffix=suffix) as video:
+            video.write(sample["video"])
+            video.flush()
+            return load_video(video.name, size, frames)[0]
+    keys = sorted(key for key in sample if key.startswith(FRAME)) or ["image"]
+    return load_frames([io.BytesIO(sample[key]) for key in keys], size, frames)[0]
 
 
 def read_index(folder: str | Path, task: str) -> dict:
@@ -81,14 +111,14 @@ def read_index(folder: str | Path, task: str) -> dict:
     return index
 
 
-def _samples(folder: Path, shards: list[str]) -> Iterator[tuple[Record, bytes]]:
+def _samples(folder: Path, shards: list[str]) -> Iterator[tuple[Record, dict]]:
     wds = _webdataset()
     urls = [str(folder / name) for name in shards]
     # the shards are split between workers here, by ShardDataset: not again by webdataset
     samples = wds.WebDataset(urls, shardshuffle=False, empty_check=False, workersplitter=None)
     for sample in samples:
         record = Record(json.loads(sample["json"]), Path(sample["__url__"]), int(sample["__key__"]))
-        yield record, sample["image"]
+        yield record, sample
 
 
 class ShardTruncation(Truncation):
@@ -116,11 +146,13 @@ class ShardDataset(IterableDataset):
         image_size: int,
         shuffle: bool = True,
         seed: int = 0,
+        frames: int = 1,
         buffer: int = 1000,
     ):
         self.folder, self.task = Path(folder), task
         self.index = read_index(folder, task)
         self.tokenizer, self.max_length, self.image_size = tokenizer, max_length, image_size
+        self.frames = frames  # a clip model's frames per clip (VisionConfig.frames)
         self.shuffle, self.seed, self.buffer, self.epoch = shuffle, seed, buffer, 0
         self._length = None
 
@@ -151,9 +183,9 @@ class ShardDataset(IterableDataset):
     def _examples(self, shards: list[str]) -> Iterator[dict[str, torch.Tensor]]:
         """Each record's examples; texts cut to max_length are reported once per pass."""
         items_of, cut = ITEMS[self.task], ShardTruncation(self.max_length)
-        for record, image_bytes in _samples(self.folder, shards):
+        for record, sample in _samples(self.folder, shards):
             try:
-                image = image_to_uint8(load_image(io.BytesIO(image_bytes)), self.image_size)
+                image = decode_picture(sample, record.fields, self.image_size, self.frames)
             except ImageLoadError as error:
                 raise DataError(f"{record.fields.get('source', record.where)}: {error}") from None
             for ids, label in items_of(record, self.tokenizer, cut):

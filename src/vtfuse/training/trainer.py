@@ -346,7 +346,7 @@ def train(
     frames = model_config.vision.frames
     if streaming:  # decoded as they stream, once per epoch
         train_set = ShardDataset(
-            train_path, task, tokenizer, max_length, size, config.shuffle, config.seed
+            train_path, task, tokenizer, max_length, size, config.shuffle, config.seed, frames
         )
     else:
         loaded = load_records(train_records, size, config.skip_bad, progress, frames)
