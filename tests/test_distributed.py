@@ -335,3 +335,29 @@ def test_an_image_split_over_ranks_is_one_image_of_the_global_batch():
         .mean()
     ) / 2
     torch.testing.assert_close(once, by_hand)
+
+
+def test_the_global_batch_sampler_cuts_every_global_batch_into_the_ranks_slices():
+    from torch.utils.data.distributed import DistributedSampler
+
+    from vtfuse.training.distributed import Distributed, GlobalBatchSampler
+
+    image_ids = [i // 2 for i in range(22)]  # 11 images, two examples each
+    one = GlobalBatchSampler(image_ids, 6, Distributed(), seed=4)
+    ranks = [GlobalBatchSampler(image_ids, 3, Distributed(r, 2), seed=4) for r in (0, 1)]
+    assert isinstance(one, DistributedSampler)
+    for epoch in (0, 1):
+        for sampler in (one, *ranks):
+            sampler.set_epoch(epoch)
+        whole = list(one)
+        assert sorted(whole) == list(range(22))  # one process: every example
+        parts = [list(rank) for rank in ranks]
+        assert [len(p) for p in parts] == [len(r) for r in ranks] == [9, 9]  # 22 // 6 batches
+        joined = [i for b in range(3) for p in parts for i in p[3 * b : 3 * b + 3]]
+        assert joined == whole[:18]  # global batch b = rank 0's b-th slice, then rank 1's
+    epoch_1 = list(one)
+    one.set_epoch(0)
+    assert list(one) != epoch_1  # reseeded per epoch
+    resumed = GlobalBatchSampler(image_ids, 3, Distributed(1, 2), seed=4, skip=2)
+    resumed.set_epoch(1)
+    assert list(resumed) == parts[1][6:] and len(resumed) == 3

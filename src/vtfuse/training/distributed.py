@@ -2,9 +2,10 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `Distributed.from_environment` joins the
 process group (gloo on CPU, nccl on CUDA). Every rank computes the same shuffled order of
-examples; each global batch of `world × batch_size` is cut into one slice per rank, so N
-processes with batch B take exactly the steps one process with batch N·B would (DDP averages
-the gradients). Decisions that end a loop (time limit, a signal) are agreed by all ranks.
+examples, reseeded per epoch; each global batch of `world × batch_size` is cut into one slice
+per rank (`GlobalBatchSampler`), so N processes with batch B take exactly the steps one process
+with batch N·B would (DDP averages the gradients). Decisions that end a loop (time limit, a
+signal) are agreed by all ranks.
 
 Exactly, for every loss but one: those that average over what a batch happens to hold (caption
 tokens, answerable questions) divide by the step's mean count over ranks and micro-batches
@@ -21,12 +22,16 @@ the training loop sees only their common interface.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data.distributed import DistributedSampler
+
+from vtfuse.data.dataset import grouped_order
 
 
 @dataclass(frozen=True)
@@ -85,19 +90,6 @@ class Distributed:
         dist.all_reduce(value)
         return value
 
-    def my_part(self, order: list[int], batch_size: int) -> list[int]:
-        """This rank's examples: its slice of every whole global batch (a last global batch
-        too small to give every rank a full share is dropped, so all ranks step together)."""
-        if not self.enabled:
-            return order
-        step = batch_size * self.world
-        whole = len(order) // step * step
-        return [
-            order[start + offset]
-            for start in range(0, whole, step)
-            for offset in range(self.rank * batch_size, (self.rank + 1) * batch_size)
-        ]
-
     def close(self) -> None:
         """Leave the process group together. The barrier first: gloo's barrier waits for every
         collective this rank still has in flight (FSDP's last gathers are asynchronous); a rank
@@ -106,6 +98,51 @@ class Distributed:
         if self.enabled and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """torch's DistributedSampler (`set_epoch` reseeds the shuffle every epoch) in the order
+    vtfuse trains on: an image's examples stand together (`grouped_order`: a batch encodes each
+    image once), and each rank takes its contiguous slice of every global batch of
+    `world × batch_size` — not every N-th example — so N ranks with batch B read exactly the
+    batches one process with batch N·B would. A last global batch too small to give every rank
+    a full share is dropped (all ranks step together); one process keeps everything. The first
+    `skip` batches of the epoch are left out (resuming mid-epoch)."""
+
+    def __init__(
+        self,
+        image_ids: list[int],
+        batch_size: int,
+        parallel: Distributed,
+        shuffle: bool = True,
+        seed: int = 0,
+        skip: int = 0,
+    ):
+        super().__init__(
+            image_ids, num_replicas=parallel.world, rank=parallel.rank, shuffle=shuffle, seed=seed
+        )
+        self.image_ids, self.batch_size, self.skip = image_ids, batch_size, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._mine()[self.skip * self.batch_size :])
+
+    def __len__(self) -> int:
+        return max(0, len(self._mine()) - self.skip * self.batch_size)
+
+    def _mine(self) -> list[int]:
+        order = list(range(len(self.image_ids)))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            order = grouped_order(self.image_ids, generator)
+        if self.num_replicas == 1:
+            return order
+        step = self.batch_size * self.num_replicas
+        first = self.rank * self.batch_size
+        return [
+            order[start + offset]
+            for start in range(0, len(order) // step * step, step)
+            for offset in range(first, first + self.batch_size)
+        ]
 
 
 class TrainingStep(nn.Module):

@@ -7,7 +7,7 @@ the weights, gradients and optimiser state. The units: every member of a `Module
 blocks, the vision layers, a pretrained LM's decoder layers), deepest first, then the rest as
 the root. Frozen parameters are sharded too, and no gradient is reduced for them. Scalar
 parameters (the gates, the temperatures), which `fully_shard` cannot shard, stay whole on every
-rank, their gradients averaged here. The data is split as under DDP (`Distributed.my_part`),
+rank, their gradients averaged here. The data is split as under DDP (`GlobalBatchSampler`),
 so N processes with batch B take the steps of one process with batch N·B.
 
 Checkpoints: every rank takes part in gathering the trainable weights whole (a full state

@@ -31,7 +31,6 @@ from vtfuse.data.dataset import (
     TEXTS,
     ImageTextDataset,
     collate,
-    grouped_order,
     load_records,
     read_jsonl,
     task_dataset,
@@ -47,7 +46,7 @@ from vtfuse.training.checkpoint import (
     resolve_model_folder,
     save_training_state,
 )
-from vtfuse.training.distributed import DataParallel, Distributed
+from vtfuse.training.distributed import DataParallel, Distributed, GlobalBatchSampler
 
 RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
 
@@ -226,9 +225,9 @@ def epoch_batches(
     parallel: Distributed = SINGLE_PROCESS,
 ) -> Iterable[dict[str, torch.Tensor]]:
     """This process's batches of one epoch after the first `skip` (resuming mid-epoch). In
-    memory: the examples of an image stand together in a seeded shuffled order
-    (`grouped_order`), or in file order without `shuffle`, each process taking its slice of
-    every global batch. Streamed: the shards' order, shuffled the same way."""
+    memory: the examples of an image stand together in a seeded shuffled order, or in file
+    order without `shuffle`, each process taking its slice of every global batch
+    (`GlobalBatchSampler`). Streamed: the shards' order, shuffled the same way."""
     if isinstance(train_set, ShardDataset):
         train_set.set_epoch(epoch)
         loader = DataLoader(
@@ -238,13 +237,14 @@ def epoch_batches(
             num_workers=config.num_workers,
         )
         return itertools.islice(loader, skip, None)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-    order = grouped_order(train_set.image_ids, generator) if config.shuffle else None
-    order = parallel.my_part(order or list(range(len(train_set))), config.batch_size)
+    sampler = GlobalBatchSampler(
+        train_set.image_ids, config.batch_size, parallel, config.shuffle, config.seed, skip
+    )
+    sampler.set_epoch(epoch)
     return DataLoader(
         train_set,
         batch_size=config.batch_size,
-        sampler=order[skip * config.batch_size :],
+        sampler=sampler,
         collate_fn=collate,
         num_workers=config.num_workers,
     )
