@@ -156,11 +156,17 @@ def test_a_saved_hugging_face_dataset(tmp_path):
     assert "val" not in splits and "[validation][0]" in skipped[0]
 
 
-def test_the_command_line_reports_counts_and_skips(coco_images, tmp_path, capsys):
+def one_cat_karpathy_file(folder: Path) -> Path:
+    """A Karpathy-split file of one val image (COCO 42) with one caption."""
     data = {"images": [{"filename": "COCO_val2014_000000000042.jpg", "cocoid": 42,
                         "split": "val", "sentences": [{"raw": "A cat."}]}]}  # fmt: skip
-    path = tmp_path / "dataset_coco.json"
+    path = folder / "dataset_coco.json"
     path.write_text(json.dumps(data))
+    return path
+
+
+def test_the_command_line_reports_counts_and_skips(coco_images, tmp_path, capsys):
+    path = one_cat_karpathy_file(tmp_path)
     out = tmp_path / "imported"
     args = ["data", "import", "coco-karpathy", "--annotations", str(path)]
     assert main([*args, "--images", str(coco_images), "--out", str(out), "--copy-images"]) == 0
@@ -175,10 +181,7 @@ def test_the_command_line_reports_counts_and_skips(coco_images, tmp_path, capsys
 def test_imported_paths_outside_the_output_need_their_folder_allowed(coco_images, tmp_path):
     """The importer keeps the images where they are (reached through '..'); the loader refuses
     them until their folder is given as an image root, which `outside_image_root` finds."""
-    data = {"images": [{"filename": "COCO_val2014_000000000042.jpg", "cocoid": 42,
-                        "split": "val", "sentences": [{"raw": "A cat."}]}]}  # fmt: skip
-    path = tmp_path / "dataset_coco.json"
-    path.write_text(json.dumps(data))
+    path = one_cat_karpathy_file(tmp_path)
     options = ImportOptions(out=tmp_path / "out", annotations=[path], images=coco_images)
     written, _ = import_dataset("coco-karpathy", options)
     files = [p for p, _ in written]
@@ -194,10 +197,7 @@ def test_imported_paths_outside_the_output_need_their_folder_allowed(coco_images
 
 
 def test_the_command_line_names_the_image_root_to_allow(coco_images, tmp_path, capsys):
-    data = {"images": [{"filename": "COCO_val2014_000000000042.jpg", "cocoid": 42,
-                        "split": "val", "sentences": [{"raw": "A cat."}]}]}  # fmt: skip
-    path = tmp_path / "dataset_coco.json"
-    path.write_text(json.dumps(data))
+    path = one_cat_karpathy_file(tmp_path)
     out = tmp_path / "imported"
     args = ["data", "import", "coco-karpathy", "--annotations", str(path)]
     assert main([*args, "--images", str(coco_images), "--out", str(out)]) == 0

@@ -76,8 +76,9 @@ def write_shards(
 def _picture_files(record: Record) -> dict[str, bytes]:
     """The bytes of a record's image, video file or frames, under their keys in the shard."""
     source = record.visual
-    names = {"image": ["image"], "video": ["video"]}.get(source.kind)
-    names = names or [f"{FRAME}{i:06d}" for i in range(len(source.paths))]
+    names = [source.kind]  # "image" or "video": one file, its kind its key
+    if source.kind == "frames":
+        names = [f"{FRAME}{i:06d}" for i in range(len(source.paths))]
     files = {}
     for name, path in zip(names, source.paths, strict=True):
         try:

@@ -30,36 +30,36 @@ def cross_entropy(
     `per_batch` (the trainer's `targets_per_batch`: the step's mean count per micro-batch and
     rank), the sum divided by it instead, so that the mean the trainer and DDP/FSDP take over
     micro-batches and ranks is the mean over every target of the step."""
-    if per_batch is None:
-        return F.cross_entropy(
-            logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing
-        )
-    total = F.cross_entropy(
+    loss = F.cross_entropy(
         logits,
         targets,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
-        reduction="sum",
+        reduction="mean" if per_batch is None else "sum",
     )
-    return total / per_batch
+    return loss if per_batch is None else loss / per_batch
 
 
-def gather_rows(rows: Tensor) -> tuple[Tensor, int]:
-    """Every rank's `rows` (n_r, ...) concatenated in rank order (n_r may differ), and where
-    this rank's start. Differentiable: a gathered row's gradient is summed over the ranks and
-    returned to the rank it came from."""
-    sizes = torch.tensor([rows.shape[0]], device=rows.device)
+def gather_rows(*tensors: Tensor) -> tuple[list[Tensor], int]:
+    """Every rank's rows of each of `tensors` (which share their number of rows n_r; n_r may
+    differ between ranks) concatenated in rank order, and where this rank's rows start.
+    Differentiable: a gathered row's gradient is summed over the ranks and returned to the rank
+    it came from."""
+    sizes = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
     all_sizes = [torch.zeros_like(sizes) for _ in range(world())]
     dist.all_gather(all_sizes, sizes)
     counts = [int(size) for size in all_sizes]
-    start = sum(counts[: dist.get_rank()])
+    return [_gather(rows, counts) for rows in tensors], sum(counts[: dist.get_rank()])
+
+
+def _gather(rows: Tensor, counts: list[int]) -> Tensor:
     padded = F.pad(rows, (0,) * 2 * (rows.dim() - 1) + (0, max(counts) - rows.shape[0]))
-    if not rows.is_floating_point():  # indices: nothing to differentiate
+    if rows.is_floating_point():
+        parts = _AllGather.apply(padded)
+    else:  # indices: nothing to differentiate
         parts = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(parts, padded)
-    else:
-        parts = _AllGather.apply(padded)
-    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)]), start
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
 
 
 class _AllGather(torch.autograd.Function):

@@ -36,15 +36,15 @@ def contrastive_loss(
     images across ranks: an image whose texts fell into several ranks' batches is one column
     and one row, as it would be in one process's batch of them all."""
     ranks = world() if text_embeddings.requires_grad else 1  # gather while training only
-    texts, images, first_image = text_embeddings, image_embeddings, 0
-    ids = torch.arange(len(images), device=owner.device) if image_ids is None else image_ids
-    owner_everywhere = owner
+    named = image_ids is not None
+    ids = image_ids if named else torch.arange(len(image_embeddings), device=owner.device)
+    texts, images, owner_everywhere, first_image = text_embeddings, image_embeddings, owner, 0
     if ranks > 1:
-        texts, _ = gather_rows(text_embeddings)
-        images, first_image = gather_rows(image_embeddings)
-        ids = gather_rows(ids if image_ids is not None else ids + first_image)[0]
-        owner = owner + first_image
-        owner_everywhere = gather_rows(owner)[0]
+        [images, ids], first_image = gather_rows(image_embeddings, ids)
+        if not named:  # each rank's image rows are images of their own
+            ids = torch.arange(len(images), device=ids.device)
+        owner = owner + first_image  # indices into the gathered images
+        [texts, owner_everywhere], _ = gather_rows(text_embeddings, owner)
 
     # One column per distinct image: `column[j]` for every gathered image row j.
     first = (ids[:, None] == ids[None, :]).int().argmax(dim=1)  # the first row with j's id

@@ -127,7 +127,9 @@ class GlobalBatchSampler(DistributedSampler):
         return iter(self._mine()[self.skip * self.batch_size :])
 
     def __len__(self) -> int:
-        return max(0, len(self._mine()) - self.skip * self.batch_size)
+        examples, step = len(self.image_ids), self.batch_size * self.num_replicas
+        mine = examples if self.num_replicas == 1 else examples // step * self.batch_size
+        return max(0, mine - self.skip * self.batch_size)
 
     def _mine(self) -> list[int]:
         order = list(range(len(self.image_ids)))
