@@ -22,6 +22,7 @@ the training loop sees only their common interface.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -91,13 +92,26 @@ class Distributed:
         return value
 
     def close(self) -> None:
-        """Leave the process group together. The barrier first: gloo's barrier waits for every
-        collective this rank still has in flight (FSDP's last gathers are asynchronous); a rank
-        that tears the group down under them aborts at exit ("terminate called without an
-        active exception")."""
-        if self.enabled and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        """Leave the process group together, once gloo has let go of every tensor.
+
+        A gloo worker thread releases a collective's tensors only after telling the caller it
+        finished. If Python has dropped the tensor by then, that release frees its Python object
+        and takes the GIL; should the interpreter be finalizing, the thread is killed inside a
+        C++ destructor and the process aborts ("terminate called without an active exception",
+        seen on rank 1, which reaches exit first; pytorch/pytorch#179291). So the last
+        collective runs on a tensor held here, and we wait, sleeping without the GIL, until the
+        worker has released it; any worker still releasing an earlier collective takes the GIL
+        meanwhile. (A barrier is worse: its work holds the collectives before it, and is
+        itself released late.)"""
+        if not (self.enabled and dist.is_initialized()):
+            return
+        last = torch.zeros(1, device=_collective_device())
+        dist.all_reduce(last)
+        if dist.get_backend() == "gloo":  # nccl's destroy_process_group joins its own threads
+            deadline = time.monotonic() + 10
+            while last._use_count() > 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        dist.destroy_process_group()
 
 
 class GlobalBatchSampler(DistributedSampler):
