@@ -40,6 +40,11 @@ def cross_entropy(
     return loss if per_batch is None else loss / per_batch
 
 
+def scored(targets: Tensor, ignore_index: int = IGNORED) -> Tensor:
+    """How many of `targets` `cross_entropy` scores (those not `ignore_index`)."""
+    return (targets != ignore_index).sum()
+
+
 def gather_rows(*tensors: Tensor) -> tuple[list[Tensor], int]:
     """Every rank's rows of each of `tensors` (which share their number of rows n_r; n_r may
     differ between ranks) concatenated in rank order, and where this rank's rows start.

@@ -54,7 +54,7 @@ class CaptionDecoding:
 
     def caption_tokens(self, batch: dict[str, Tensor]) -> Tensor:
         """The tokens `caption_loss` scores in `batch`."""
-        return (next_tokens(batch["tokens"]) != across_ranks.IGNORED).sum()
+        return across_ranks.scored(next_tokens(batch["tokens"]))
 
     # -- incremental decoding, used by vtfuse.generation ------------------------------------
     def start(self, images: Tensor) -> tuple[Tensor, DecoderCache]:

@@ -451,7 +451,7 @@ class LMCaptioner(PretrainedTextModel):
         )
 
     def scored_targets(self, batch: dict[str, Tensor]) -> Tensor:
-        return (self._next_tokens(batch) != across_ranks.IGNORED).sum()
+        return across_ranks.scored(self._next_tokens(batch))
 
     @staticmethod
     def _next_tokens(batch: dict[str, Tensor]) -> Tensor:

@@ -36,7 +36,7 @@ class AnswerClassifier(TaskModel):
 
     def scored_targets(self, batch: dict[str, Tensor]) -> Tensor:
         """The questions with an answer among the known ones."""
-        return (batch["answers"] != NO_ANSWER).sum()
+        return across_ranks.scored(batch["answers"], NO_ANSWER)
 
     def validation_metrics(self, batch: dict[str, Tensor]) -> dict[str, float]:
         logits, _ = self(

@@ -141,8 +141,7 @@ class GlobalBatchSampler(DistributedSampler):
         return iter(self._mine()[self.skip * self.batch_size :])
 
     def __len__(self) -> int:
-        examples, step = len(self.image_ids), self.batch_size * self.num_replicas
-        mine = examples if self.num_replicas == 1 else examples // step * self.batch_size
+        mine = examples_per_rank(len(self.image_ids), self.batch_size, self.num_replicas)
         return max(0, mine - self.skip * self.batch_size)
 
     def _mine(self) -> list[int]:
@@ -203,6 +202,14 @@ class DataParallel:
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Restore a whole state dict (as `optimizer_state` gave); every rank calls this."""
         optimizer.load_state_dict(state)
+
+
+def examples_per_rank(examples: int, batch_size: int, world: int) -> int:
+    """How many of an epoch's examples each rank reads: all of them in one process; under
+    several, its share of the whole global batches only (every rank steps together)."""
+    if world == 1:
+        return examples
+    return examples // (batch_size * world) * batch_size
 
 
 def _collective_device() -> torch.device:

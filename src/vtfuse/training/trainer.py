@@ -46,7 +46,12 @@ from vtfuse.training.checkpoint import (
     resolve_model_folder,
     save_training_state,
 )
-from vtfuse.training.distributed import DataParallel, Distributed, GlobalBatchSampler
+from vtfuse.training.distributed import (
+    DataParallel,
+    Distributed,
+    GlobalBatchSampler,
+    examples_per_rank,
+)
 
 RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
 
@@ -190,9 +195,8 @@ Batch = dict[str, torch.Tensor]
 
 def micro_batches_per_epoch(examples: int, config: TrainConfig, parallel: Distributed) -> int:
     """Batches each process reads per epoch (several make one step with `grad_accum`)."""
-    if parallel.enabled:  # whole global batches only: every rank steps together
-        return examples // (config.batch_size * parallel.world)
-    return math.ceil(examples / config.batch_size)
+    mine = examples_per_rank(examples, config.batch_size, parallel.world)
+    return math.ceil(mine / config.batch_size)
 
 
 def steps_of(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
