@@ -64,7 +64,25 @@ def _given_roots(args: argparse.Namespace) -> tuple[str, ...]:
 # -- synth ------------------------------------------------------------------------------------
 def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write images and JSONL splits into")
-    p.add_argument("--images", type=int, help="number of scenes (default 3000)")
+    p.add_argument(
+        "--style",
+        choices=("scenes", "sort-of-clevr"),
+        default="scenes",
+        help="scenes: vtfuse's own (3 × 3 layout, all four tasks); sort-of-clevr: the paper's "
+        "specification (Santoro et al. 2017: 75 px, 6 objects anywhere, 10 non-relational and "
+        "10 relational questions an image, captions), written by a separate generator",
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        help="number of scenes (default 3000; sort-of-clevr: training images, default 9800)",
+    )
+    p.add_argument(
+        "--eval-images",
+        type=int,
+        default=200,
+        help="--style sort-of-clevr: images in each of the validation and test splits",
+    )
     p.add_argument(
         "--clips",
         type=int,
@@ -102,6 +120,8 @@ def run_synth(args: argparse.Namespace) -> int:
     from vtfuse.data.synth import SynthSpec, generate
     from vtfuse.data.synth_clips import ClipSpec, generate_clips
 
+    if args.style == "sort-of-clevr":
+        return _synth_sort_of_clevr(args)
     shapes = tuple(s.strip() for s in args.shapes.split(",") if s.strip())
     given = (("min_objects", args.min_objects), ("max_objects", args.max_objects))
     objects = {name: value for name, value in given if value is not None}
@@ -131,6 +151,18 @@ def run_synth(args: argparse.Namespace) -> int:
         )
         counts = generate(args.out, spec)
     for name, count in counts.items():
+        print(f"  {args.out}/{name}.jsonl  {count} examples")
+    return 0
+
+
+def _synth_sort_of_clevr(args: argparse.Namespace) -> int:
+    from vtfuse.data.sort_of_clevr import SortOfClevrSpec, generate
+
+    if args.clips is not None:
+        raise ValueError("--style sort-of-clevr writes still images: leave out --clips")
+    train = 9800 if args.images is None else args.images
+    spec = SortOfClevrSpec(train=train, val=args.eval_images, test=args.eval_images, seed=args.seed)
+    for name, count in generate(args.out, spec).items():
         print(f"  {args.out}/{name}.jsonl  {count} examples")
     return 0
 

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,20 +133,33 @@ def captions(objects: list[SceneObject]) -> list[str]:
 _CLAUSE = re.compile(r",|\band\b|;|\.")
 
 
-def parse_caption(caption: str) -> set[tuple[str, str, str]]:
+def parse_caption(
+    caption: str,
+    colours: Iterable[str] = tuple(COLOURS),
+    shapes: Iterable[str] = SHAPES,
+) -> set[tuple[str, str, str]]:
     """The (colour, shape, position) facts a caption states; clauses without both a colour and a
-    shape state nothing."""
+    shape state nothing. The position is the clause's row and column words with "middle" and
+    "center" left out, as `position_name` writes them ("middle center" → "center")."""
+    colours, shapes = set(colours), set(shapes)
     facts = set()
     for clause in _CLAUSE.split(caption.lower()):
         words = clause.split()
-        colour = next((w for w in words if w in COLOURS), None)
-        shape = next((w for w in words if w in SHAPES), None)
+        colour = next((w for w in words if w in colours), None)
+        shape = next((w for w in words if w in shapes), None)
         if colour is None or shape is None:
             continue
-        vertical = next((w for w in words if w in ("top", "bottom")), "")
-        horizontal = next((w for w in words if w in ("left", "right")), "")
-        facts.add((colour, shape, f"{vertical} {horizontal}".strip() or "center"))
+        facts.add((colour, shape, canonical_position(" ".join(words))))
     return facts
+
+
+def canonical_position(text: str) -> str:
+    """Place words → the canonical form: "top left", "left", "center", ... ("at the middle
+    center" → "center", "middle right" → "right")."""
+    words = text.lower().split()
+    vertical = next((w for w in words if w in ("top", "bottom")), "")
+    horizontal = next((w for w in words if w in ("left", "right")), "")
+    return f"{vertical} {horizontal}".strip() or "center"
 
 
 def _distance(a: SceneObject, b: SceneObject) -> float:

@@ -20,7 +20,7 @@ from vtfuse.data.dataset import (
     warn_long_texts,
 )
 from vtfuse.data.images import blank_like
-from vtfuse.data.synth import parse_caption
+from vtfuse.data.synth import canonical_position, parse_caption
 from vtfuse.evaluation.grounding import pointing_hits
 from vtfuse.evaluation.metrics import (
     caption_metrics,
@@ -98,10 +98,7 @@ def evaluate_captions(pipe: Pipeline, data: LoadedData, options: EvalOptions):
                 hits, total = hits + h, total + n
     metrics: dict[str, Any] = caption_metrics(predictions, [r.captions for r in records])
     if all("objects" in r.fields for r in records):
-        scenes = [
-            [(o["colour"], o["shape"], o["position"]) for o in r.fields["objects"]] for r in records
-        ]
-        metrics.update(object_f1(predictions, scenes, parse_caption))
+        metrics.update(scene_object_f1(predictions, [r.fields["objects"] for r in records]))
     metrics.update(_pointing(hits, total))
     return metrics, predictions
 
@@ -266,3 +263,16 @@ def format_table(metrics: dict[str, Any], title: str = "") -> str:
         )
         lines.append(f"  {key:<{width}}  {shown}")
     return "\n".join(lines)
+
+
+def scene_object_f1(predictions: list[str], scenes: list[list[dict]]) -> dict[str, float]:
+    """`object_f1` against each line's `objects` (colour, shape, position): the colour and shape
+    words are the ones the data's own objects use, so any scene vocabulary is scored (a
+    caption names "gray" only if some scene has a gray object)."""
+    colours = {o["colour"] for scene in scenes for o in scene}
+    shapes = {o["shape"] for scene in scenes for o in scene}
+    truth = [
+        [(o["colour"], o["shape"], canonical_position(o["position"])) for o in scene]
+        for scene in scenes
+    ]
+    return object_f1(predictions, truth, lambda c: parse_caption(c, colours, shapes))

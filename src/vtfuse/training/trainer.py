@@ -492,6 +492,7 @@ def train(
             entry: dict[str, Any] = {
                 "step": state["step"],
                 "epoch": epoch + 1,
+                "minutes": round((time.monotonic() - started) / 60, 3),  # this process's
                 **{f"train_{name}": value.item() for name, value in losses.items()},
             }
             whole = engine.full_model()  # every rank, together; the model on rank 0
