@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from vtfuse.attention import SCORES
+from vtfuse.attention import SCORES, KVCache
 from vtfuse.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 from vtfuse.fusion import FUSIONS
 from vtfuse.generation import greedy
@@ -43,6 +43,7 @@ def test_all_strategies_are_registered():
         "concat",
         "co_attention",
         "cross_attention",
+        "film",
         "gated_cross_attention",
         "similarity",
         "resampler",
@@ -105,8 +106,50 @@ def test_resampler_output_does_not_depend_on_the_number_of_image_tokens():
         assert weights.shape == (2, HEADS, 4, tokens)
 
 
+def test_film_starts_as_cross_attention_and_then_modulates_the_image_by_the_question():
+    """Gate closed (initialisation): the image stream passes untouched and the text reads it as
+    plain cross-attention would. Gate open, generator at zero: the same modulation (γ = 1,
+    β = 0) whatever the question. Generator trained: two questions about one image give two
+    image streams, and in a decoder position t's stream depends on the words ≤ t only."""
+    film = build("film")
+    plain = build("cross_attention")
+    plain.load_state_dict(film.read.state_dict())
+    text, image, index = inputs()
+    out, stream, weights = film(text, image, image_index=index, need_weights=True)
+    expected, _, expected_weights = plain(text, image, image_index=index, need_weights=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(weights, expected_weights)
+    assert torch.equal(stream[:, 0], image[index])
+
+    open_gates(film)
+    question, other, one = text[1:2], text[2:3], torch.tensor([1])  # both about image 1
+    first = film(question, image, image_index=one)[1]
+    assert first.shape == (1, 1, 9, IMAGE_DIM)
+    assert not torch.allclose(first[:, 0], image[1])  # the open gate adds ReLU(F)
+    torch.testing.assert_close(first, film(other, image, image_index=one)[1])
+    with torch.no_grad():  # a generator as training leaves it
+        film.generator_weight.normal_(std=DIM**-0.5)
+        film.generator_bias.normal_(std=0.1)
+    first = film(question, image, image_index=one)[1]
+    assert not torch.allclose(first, film(other, image, image_index=one)[1])
+
+    changed = text.clone()
+    changed[:, 3:] = torch.randn_like(changed[:, 3:])
+    full, causal, _ = film(text, image, image_index=index, causal=True)
+    later = film(changed, image, image_index=index, causal=True)[1]
+    assert causal.shape == (3, 5, 9, IMAGE_DIM)  # one image stream per position
+    torch.testing.assert_close(causal[:, :3], later[:, :3])
+    assert not torch.allclose(causal[:, 3:], later[:, 3:])
+    cache, steps = KVCache(), []  # the running mean continues across decoding steps
+    for start, end in [(0, 2), (2, 3), (3, 5)]:
+        steps.append(film(text[:, start:end], image, image_index=index, causal=True, cache=cache))
+    torch.testing.assert_close(torch.cat([step[0] for step in steps], dim=1), full)
+    torch.testing.assert_close(torch.cat([step[1] for step in steps], dim=1), causal)
+
+
 @pytest.mark.parametrize(
-    "name", ["cross_attention", "gated_cross_attention", "similarity", "resampler", "co_attention"]
+    "name",
+    ["cross_attention", "gated_cross_attention", "similarity", "resampler", "co_attention", "film"],
 )
 @pytest.mark.parametrize("score", ["dot", "cosine", "neg_distance"])
 def test_attention_strategies_take_every_score(name, score):
@@ -177,6 +220,29 @@ def test_models_return_one_map_over_the_image_per_layer(name, task):
     for layer in weights:
         assert layer.shape[0] == 2 and layer.shape[2:] == (7, grid)
         torch.testing.assert_close(layer.sum(-1), torch.ones(layer.shape[:3]))
+
+
+def test_a_film_decoder_conditions_each_word_on_the_words_before_it():
+    """The tests above run film's generators at zero (every question modulates alike); with
+    trained generators the caption decoder must still see no later word, and decoding from the
+    cache (each block's running sum of the words) must give recomputation's logits."""
+    model = tiny_model("caption", "film").eval()
+    with torch.no_grad():
+        for block in model.text.blocks:
+            block.fusion.generator_weight.normal_(std=DIM**-0.5)
+    images, tokens = caption_batch()
+    changed = tokens.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % 12
+    with torch.no_grad():
+        before, _ = model(images, tokens)
+        after, _ = model(images, changed)
+    torch.testing.assert_close(before[:, :4], after[:, :4])
+    assert not torch.allclose(before[:, 4:], after[:, 4:])
+    with torch.no_grad():  # a prompt of three words, then one word a step
+        image, caches = model.start(images)
+        steps = [model.step(tokens[:, :3], image, caches)[0]]
+        steps += [model.step(tokens[:, t : t + 1], image, caches)[0] for t in range(3, 7)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), before[:, 2:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("task", ["caption", "vqa"])
