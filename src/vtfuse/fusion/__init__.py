@@ -15,12 +15,14 @@ sequence and leaves the fusing to the blocks' self-attention.
 | co_attention            | text reads the image and the image reads the text, every layer  |
 | gated_cross_attention   | cross-attention plus a feed-forward, each through tanh(α), α₀ = 0 |
 | resampler               | M learned latents read the image; the text reads the latents     |
+| relation                | pairs of image cells through an MLP g; the text reads the pairs |
 """
 
 from vtfuse.fusion.base import FUSIONS, Fusion
 from vtfuse.fusion.co_attention import CoAttentionFusion
 from vtfuse.fusion.concat import ConcatFusion
 from vtfuse.fusion.cross_attention import CrossAttentionFusion, GatedCrossAttentionFusion
+from vtfuse.fusion.relation import RelationFusion
 from vtfuse.fusion.resampler import ResamplerFusion
 from vtfuse.fusion.similarity import SimilarityFusion
 from vtfuse.fusion.weighted_sum import WeightedSumFusion
@@ -32,6 +34,7 @@ __all__ = [
     "CrossAttentionFusion",
     "Fusion",
     "GatedCrossAttentionFusion",
+    "RelationFusion",
     "ResamplerFusion",
     "SimilarityFusion",
     "WeightedSumFusion",
