@@ -10,6 +10,7 @@ import torch
 from vtfuse.attention import SCORES, KVCache
 from vtfuse.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 from vtfuse.fusion import FUSIONS
+from vtfuse.fusion.relation import marginalise, pooling_matrix
 from vtfuse.generation import greedy
 from vtfuse.models import create_model
 
@@ -46,6 +47,7 @@ def test_all_strategies_are_registered():
         "film",
         "gated_cross_attention",
         "similarity",
+        "relation",
         "resampler",
         "weighted_sum",
     } <= set(STRATEGIES)
@@ -147,9 +149,97 @@ def test_film_starts_as_cross_attention_and_then_modulates_the_image_by_the_ques
     torch.testing.assert_close(torch.cat([step[1] for step in steps], dim=1), causal)
 
 
+def test_relation_pools_to_at_most_relation_side_squared_objects():
+    """The pair count is capped: 196 tokens (14 × 14) → 6 × 6 objects → 1296 pair tokens."""
+    fusion = build("relation")
+    for tokens, objects in ((9, 9), (36, 36), (49, 36), (196, 36)):
+        _, image, _ = inputs(image_tokens=tokens)
+        pairs = fusion.pair_tokens(fusion.objects(image)[0])
+        assert pairs.shape == (2, objects**2, DIM)
+    small = build("relation", relation_side=2)
+    _, image, _ = inputs(image_tokens=196)
+    assert small.pair_tokens(small.objects(image)[0]).shape == (2, 16, DIM)
+    with pytest.raises(ValueError, match="square token grid"):
+        small.objects(torch.randn(2, 18, IMAGE_DIM))  # a clip of 2 frames × 3 × 3
+
+
+def test_relation_objects_are_pooled_cells_with_their_coordinates():
+    _, image, _ = inputs(image_tokens=196)
+    for side in (6, 7):  # 14 → 6: overlapping windows; 14 → 7: disjoint 2 × 2 blocks
+        fusion = build("relation", relation_side=side)
+        objects, pooling = fusion.objects(image)
+        grid = image.transpose(1, 2).reshape(2, IMAGE_DIM, 14, 14)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(objects[..., :-2], pooled)
+        torch.testing.assert_close(pooling.sum(-1), torch.ones(side * side))
+    objects, pooling = build("relation").objects(inputs()[1])  # 3 × 3 ≤ 6 × 6: not pooled
+    assert pooling is None
+    third = 2 / 3
+    torch.testing.assert_close(objects[0, 2, -2:], torch.tensor([third, -third]))  # top right
+    torch.testing.assert_close(objects[1, 3, -2:], torch.tensor([-third, 0.0]))  # middle left
+
+
+def test_relation_first_layer_is_a_linear_map_of_the_concatenated_pair():
+    fusion = build("relation")
+    objects, _ = fusion.objects(inputs()[1])
+    decomposed = fusion.g_first(objects)[:, :, None] + fusion.g_second(objects)[:, None]
+    pairs = torch.cat(
+        [objects[:, :, None].expand(-1, -1, 9, -1), objects[:, None].expand(-1, 9, -1, -1)], -1
+    )  # (I, 9, 9, 2·d): [o_i ; o_j]
+    weight = torch.cat([fusion.g_first.weight, fusion.g_second.weight])  # (2·d, hidden)
+    torch.testing.assert_close(decomposed, pairs @ weight + fusion.g_first.bias)
+
+
+def test_relation_map_marginalises_the_pairs_and_undoes_the_pooling():
+    # 4 × 4 tokens pooled to 2 × 2 cells; cell 0 averages tokens 0, 1, 4, 5, cell 3 10, 11, 14, 15
+    pooling = pooling_matrix(4, 2, torch.device("cpu"), torch.float32)
+    pair = torch.zeros(2, 16)  # 4 cells → 16 pairs, (i, j) at 4·i + j
+    pair[0, 0 * 4 + 3] = 1.0  # all weight on the pair (cell 0, cell 3): ½ to each
+    pair[1, 1 * 4 + 1] = 1.0  # all on the self-pair (cell 1, cell 1): all to cell 1
+    expected = torch.zeros(2, 16)
+    expected[0, [0, 1, 4, 5, 10, 11, 14, 15]] = 1 / 8
+    expected[1, [2, 3, 6, 7]] = 1 / 4
+    torch.testing.assert_close(marginalise(pair, pooling), expected)
+
+    # the module's map is its attention over the pairs, marginalised; each row sums to 1
+    fusion = build("relation", relation_side=2)
+    text, image, index = inputs(image_tokens=16)
+    _, _, weights = fusion(text, image, image_index=index, need_weights=True)
+    objects, pooling = fusion.objects(image)
+    pairs = fusion.pair_tokens(objects)
+    _, pair_weights = fusion.attn(fusion.norm(text), pairs, context_index=index, need_weights=True)
+    assert pair_weights.shape == (3, HEADS, 5, 16)
+    torch.testing.assert_close(weights, marginalise(pair_weights, pooling))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, HEADS, 5))
+    cells = weights.view(3, HEADS, 5, 2, 2, 2, 2)  # (cell row, row in cell, cell col, col in cell)
+    torch.testing.assert_close(cells, cells[..., :1, :, :1].expand_as(cells))  # spread evenly
+
+
+def test_relation_caches_the_pair_tokens_once_per_image():
+    fusion = build("relation", relation_side=2)
+    text, image, index = inputs(image_tokens=16)
+    full, _, full_weights = fusion(text, image, image_index=index, need_weights=True)
+    cache = KVCache()
+    first, _, _ = fusion(text[:, :3], image, image_index=index, cache=cache)
+    assert cache.static and cache.length == 16  # 2 × 2 cells: 16 pairs
+    later, _, later_weights = fusion(
+        text[:, 3:], image, image_index=index, cache=cache, need_weights=True
+    )
+    torch.testing.assert_close(torch.cat([first, later], 1), full)
+    torch.testing.assert_close(later_weights, full_weights[:, :, 3:])
+
+
 @pytest.mark.parametrize(
     "name",
-    ["cross_attention", "gated_cross_attention", "similarity", "resampler", "co_attention", "film"],
+    [
+        "cross_attention",
+        "gated_cross_attention",
+        "similarity",
+        "resampler",
+        "co_attention",
+        "film",
+        "relation",
+    ],
 )
 @pytest.mark.parametrize("score", ["dot", "cosine", "neg_distance"])
 def test_attention_strategies_take_every_score(name, score):

@@ -60,6 +60,7 @@ class FusionConfig:
     name: str = "cross_attention"  # registered fusion strategy (see vtfuse.fusion)
     score: str = ""  # "dot", "cosine" or "neg_distance"; "" = the strategy's own default
     latents: int = 16  # resampler: learned latent queries (the text sees this many tokens)
+    relation_side: int = 6  # relation: image pooled to ≤ side × side objects (side⁴ pairs)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ sequence and leaves the fusing to the blocks' self-attention.
 | gated_cross_attention   | cross-attention plus a feed-forward, each through tanh(α), α₀ = 0 |
 | resampler               | M learned latents read the image; the text reads the latents     |
 | film                    | the words scale and shift each image channel, then attend to it  |
+| relation                | pairs of image cells through an MLP g; the text reads the pairs |
 """
 
 from vtfuse.fusion.base import FUSIONS, Fusion
@@ -23,6 +24,7 @@ from vtfuse.fusion.co_attention import CoAttentionFusion
 from vtfuse.fusion.concat import ConcatFusion
 from vtfuse.fusion.cross_attention import CrossAttentionFusion, GatedCrossAttentionFusion
 from vtfuse.fusion.film import FiLMFusion
+from vtfuse.fusion.relation import RelationFusion
 from vtfuse.fusion.resampler import ResamplerFusion
 from vtfuse.fusion.similarity import SimilarityFusion
 from vtfuse.fusion.weighted_sum import WeightedSumFusion
@@ -35,6 +37,7 @@ __all__ = [
     "FiLMFusion",
     "Fusion",
     "GatedCrossAttentionFusion",
+    "RelationFusion",
     "ResamplerFusion",
     "SimilarityFusion",
     "WeightedSumFusion",
