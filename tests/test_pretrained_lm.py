@@ -90,6 +90,36 @@ def test_cached_generation_equals_recomputation(lm_folder):
     assert len(wide.tokens) == 2 and all(wide.tokens)
 
 
+@pytest.mark.parametrize("strategy", ["co_attention", "film"])
+def test_blocks_that_read_the_words_see_no_later_word_in_a_causal_lm(lm_folder, strategy):
+    """co_attention's image stream reads the words and film's modulation is conditioned on
+    them: inside a causal LM, position t must depend on the words <= t only (the blocks are
+    told the LM is a decoder), and cached greedy decoding must equal recomputation."""
+    torch.manual_seed(1)
+    lm = LMConfig(name=str(lm_folder))
+    model = create_model(ModelConfig(vision=VISION, fusion=FusionConfig(strategy), lm=lm)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("gate"):
+                parameter.fill_(0.5)
+            elif name.endswith("generator_weight"):
+                parameter.normal_(std=0.3)
+    images, tokens = batch()
+    changed = tokens.clone()
+    changed[:, 3:] = (changed[:, 3:] + 1) % VOCAB
+    with torch.no_grad():
+        logits, _ = model(images, tokens)
+        later_changed, _ = model(images, changed)
+    torch.testing.assert_close(later_changed[:, :3], logits[:, :3])
+    assert not torch.allclose(later_changed[:, 3:], logits[:, 3:])
+    generated = greedy(model, images, max_length=5, bos_id=BOS, eos_id=EOS)
+    with torch.no_grad():
+        for row in range(2):
+            prefix = torch.tensor([[BOS, *generated.tokens[row][:-1]]])
+            logits, _ = model(images[row : row + 1], prefix)
+            assert logits[0].argmax(-1).tolist() == generated.tokens[row]
+
+
 def test_a_frozen_lm_trains_only_what_is_new(lm_folder):
     model = fused(lm_folder).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

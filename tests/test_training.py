@@ -78,7 +78,14 @@ def test_each_loss_term_is_logged_beside_the_loss(data, tmp_path):
     epochs = [entry for entry in log if "train_loss" in entry]
     assert all({"train_loss_itc", "train_loss_itm"} <= set(entry) for entry in epochs)
     result = run(data, tmp_path / "caption", "caption", epochs=1)
-    assert set(result.history[0]) == {"step", "epoch", "train_loss", "val_loss"}
+    assert set(result.history[0]) == {
+        "step",
+        "epoch",
+        "minutes",
+        "train_loss",
+        "val_loss",
+        "val_blind_loss",
+    }
 
 
 def test_loss_falls_over_a_few_steps_on_one_batch(data, tmp_path):

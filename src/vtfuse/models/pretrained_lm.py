@@ -58,6 +58,8 @@ class ImageContext:
     weights: list[Tensor] = field(default_factory=list)  # filled: (B, H, T, N) per block
     interleaved: Interleaving | None = None  # which image each word may see
     latent_map: Tensor | None = None  # resampler: each latent's attention over the grid
+    token_mask: Tensor | None = None  # (B, T) real words (an encoder's padding is not a word)
+    causal: bool = False  # a decoder: no position may see a later word (co_attention, film)
 
 
 @dataclass
@@ -125,6 +127,8 @@ class CrossAttendingLayer(nn.Module):
             cache=context.caches[self.slot] if context.caches else None,
             need_weights=context.need_weights,
             image_index=context.image_index,
+            token_mask=context.token_mask,
+            causal=context.causal,
             **options,
         )
         if weights is not None:
@@ -276,6 +280,8 @@ class PretrainedTextModel(TaskModel):
     what is new or unfrozen trained and saved (`trainable_state_dict`) — the LM's own weights
     stay in its files."""
 
+    causal = False  # a causal LM (a caption decoder): its fusion blocks see no later word
+
     def __init__(self, config: ModelConfig, lm: nn.Module):
         super().__init__(config)
         self.lm = lm.requires_grad_(not config.lm.freeze)
@@ -331,17 +337,20 @@ class PretrainedTextModel(TaskModel):
         need_weights: bool = False,
         interleaved: Interleaving | None = None,
         latent_map: Tensor | None = None,
+        token_mask: Tensor | None = None,
     ) -> Iterator[ImageContext]:
-        """Within the block, the inserted layers attend to `image`."""
+        """Within the block, the inserted layers attend to `image`; a decoder's (`causal`)
+        layers see no later word."""
         context = self.context
         context.image, context.image_index, context.caches = image, image_index, caches
         context.need_weights, context.weights = need_weights, []
         context.interleaved, context.latent_map = interleaved, latent_map
+        context.token_mask, context.causal = token_mask, self.causal
         try:
             yield context
         finally:
             context.image = context.image_index = context.caches = None
-            context.interleaved = context.latent_map = None
+            context.interleaved = context.latent_map = context.token_mask = None
 
 
 @TASKS.register("vqa_lm")
@@ -365,7 +374,9 @@ class LMQuestionAnswerer(AnswerClassifier, PretrainedTextModel):
         if token_mask is None:
             token_mask = torch.ones_like(tokens, dtype=torch.bool)
         image, latent_map = self.read_images(images)
-        with self.seeing(image, image_index, None, need_weights, None, latent_map) as seen:
+        with self.seeing(
+            image, image_index, None, need_weights, None, latent_map, token_mask
+        ) as seen:
             hidden = self.lm(input_ids=tokens, attention_mask=token_mask.long()).last_hidden_state
         return self.head(masked_mean(hidden, token_mask)), seen.weights
 
@@ -380,6 +391,8 @@ class LMCaptioner(PretrainedTextModel):
     latest image (or all so far: `attend_to_all_images`).
     The LM comes from `config.lm.name` unless a loaded one is passed.
     """
+
+    causal = True
 
     task = "caption"
 

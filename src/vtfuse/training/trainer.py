@@ -35,6 +35,7 @@ from vtfuse.data.dataset import (
     read_jsonl,
     task_dataset,
 )
+from vtfuse.data.images import blank_like
 from vtfuse.data.shards import ShardDataset, is_shard_folder, shard_records
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, normalise_answer
 from vtfuse.grad_checkpointing import set_grad_checkpointing
@@ -258,19 +259,38 @@ def epoch_batches(
 def validate(
     model: TaskModel, loader: DataLoader, device: torch.device, precision: str
 ) -> dict[str, float]:
+    """The validation metrics (`val_loss`, ...) and the same with every image blanked
+    (`val_blind_loss`, ...): the gap between the two is how much the model uses the image."""
     model.eval()
     totals: dict[str, float] = {}
     count = 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
+        blind = {**batch, "images": blank_like(batch["images"])}
         with autocast(device, precision):
-            metrics = model.validation_metrics(batch)
+            metrics = {f"val_{k}": v for k, v in model.validation_metrics(batch).items()}
+            metrics |= {f"val_blind_{k}": v for k, v in model.validation_metrics(blind).items()}
         size = batch["tokens"].shape[0]
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value * size
         count += size
     model.train()
-    return {f"val_{k}": v / count for k, v in totals.items()}
+    return {name: value / count for name, value in totals.items()}
+
+
+BLIND_TOLERANCE = 0.01  # validation loss within 1 % of the blind one: the image is not used
+
+
+def blindness_warning(entry: dict[str, Any]) -> str | None:
+    """A warning when the model scores no better with the images than with them blanked: the
+    fusion has not (yet) learned to look. None while it does look."""
+    loss, blind = entry.get("val_loss"), entry.get("val_blind_loss")
+    if loss is None or blind is None or blind - loss > BLIND_TOLERANCE * abs(blind):
+        return None
+    return (
+        f"the model does not use the image yet: validation loss {loss:.4f}, {blind:.4f} with "
+        "every image blanked (README: 'When a model stays blind')"
+    )
 
 
 def _engine(config: TrainConfig) -> type:
@@ -510,6 +530,8 @@ def train(
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
                 )
             )
+            if warning := blindness_warning(entry):
+                say(f"warning: {warning}")
             save("last", whole)
     if parallel.any(parallel.main and recover(out / "best") is None):
         save("best", engine.full_model())
