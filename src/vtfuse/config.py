@@ -92,7 +92,11 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-3
+    # 3e-4, not 1e-3: measured on Sort-of-CLEVR from scratch (2000 images, one seed each),
+    # at 1e-3 the VQA model's image tokens stop depending on the image (their spread across
+    # images fell 40×, the vision gradient 1000×, the attention went back to uniform) and a
+    # 6-minute captioner's object F1 was 0.11 (3e-4: 0.37; 1e-4: 0.13)
+    lr: float = 3e-4
     weight_decay: float = 0.05
     warmup_ratio: float = 0.05  # share of all steps spent warming the learning rate up
     min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio

@@ -275,4 +275,12 @@ def scene_object_f1(predictions: list[str], scenes: list[list[dict]]) -> dict[st
         [(o["colour"], o["shape"], canonical_position(o["position"])) for o in scene]
         for scene in scenes
     ]
-    return object_f1(predictions, truth, lambda c: parse_caption(c, colours, shapes))
+    metrics = object_f1(predictions, truth, lambda c: parse_caption(c, colours, shapes))
+    # which part of a fact goes wrong: an object's shape, or its place
+    for name, keep in (("colour_shape", (0, 1)), ("colour_place", (0, 2))):
+        part = [[tuple(fact[i] for i in keep) for fact in scene] for scene in truth]
+        parse = lambda c, keep=keep: {  # noqa: E731
+            tuple(fact[i] for i in keep) for fact in parse_caption(c, colours, shapes)
+        }
+        metrics[f"object_f1_{name}"] = object_f1(predictions, part, parse)["object_f1"]
+    return metrics
