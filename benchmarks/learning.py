@@ -69,7 +69,9 @@ def evaluate(run: Path, test: Path, blind: bool) -> dict[str, float]:
         return json.loads(metrics.read_text())
 
 
-def one_seed(task: str, data: Path, runs: Path, seed: int, minutes: float) -> dict:
+def one_seed(
+    task: str, data: Path, runs: Path, seed: int, minutes: float, flags: list[str]
+) -> dict:
     run = runs / f"{task}_seed{seed}"
     started = time.monotonic()
     vtfuse(
@@ -87,12 +89,13 @@ def one_seed(task: str, data: Path, runs: Path, seed: int, minutes: float) -> di
         "--seed",
         str(seed),
         "--no-progress",
+        *flags,
     )
     wall = (time.monotonic() - started) / 60
     curve = [
         {
             k: entry[k]
-            for k in ("epoch", "step", "minutes", "val_loss", "val_accuracy")
+            for k in ("epoch", "step", "minutes", "val_loss", "val_blind_loss", "val_accuracy")
             if k in entry
         }
         for line in (run / "log.jsonl").read_text().splitlines()
@@ -108,15 +111,29 @@ def one_seed(task: str, data: Path, runs: Path, seed: int, minutes: float) -> di
     }
 
 
+def flat(metrics: dict) -> dict[str, float]:
+    """`accuracy_by_type: {"relational": ...}` → `accuracy_relational`, beside the rest."""
+    by_type = metrics.get("accuracy_by_type", {})
+    return {**metrics, **{f"accuracy_{kind}": value for kind, value in by_type.items()}}
+
+
 def summary(results: list[dict], task: str) -> dict[str, str]:
     table = {}
     for key in HEADLINE[task]:
         for side in ("test", "blind"):
-            values = [r[side][key] for r in results if key in r[side]]
+            values = [flat(r[side])[key] for r in results if key in flat(r[side])]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 table[f"{side}/{key}"] = f"{statistics.mean(values):.3f} ± {std:.3f}"
     return table
+
+
+def resummarise(path: Path) -> None:
+    """Recompute a stored result's summary from its seeds (after a change to `summary`)."""
+    report = json.loads(path.read_text())
+    report["summary"] = summary(report["seeds"], report["task"])
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["summary"], indent=2))
 
 
 def main() -> None:
@@ -128,7 +145,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="dataset folder (default: a cache by size)")
     parser.add_argument("--runs", type=Path, help="run folders (default: a temporary folder)")
     parser.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/...)")
+    parser.add_argument(
+        "--train-flags",
+        default="",
+        help='more `vtfuse train` flags, e.g. "--epochs 40" (default: none, the defaults)',
+    )
+    parser.add_argument("--resummarise", type=Path, help="only recompute this file's summary")
     args = parser.parse_args()
+    if args.resummarise:
+        return resummarise(args.resummarise)
     seeds = [int(s) for s in args.seeds.split(",")]
     data = dataset(
         args.data or Path(tempfile.gettempdir()) / f"sort-of-clevr-{args.images}",
@@ -140,13 +165,15 @@ def main() -> None:
         runs = args.runs or Path(scratch)
         results = []
         for seed in seeds:
-            results.append(one_seed(args.task, data, runs, seed, args.minutes))
+            flags = args.train_flags.split()
+            results.append(one_seed(args.task, data, runs, seed, args.minutes, flags))
             print(json.dumps({"seed": seed, **summary([results[-1]], args.task)}), flush=True)
     report = {
         "command": " ".join(["python", "benchmarks/learning.py", *sys.argv[1:]]),
         "task": args.task,
         "train_images": args.images,
         "minutes_cap": args.minutes,
+        "train_flags": args.train_flags,
         "summary": summary(results, args.task),
         "seeds": results,
     }

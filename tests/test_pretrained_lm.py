@@ -50,6 +50,18 @@ def batch(rows: int = 2, length: int = 6):
     return images, torch.randint(3, VOCAB, (rows, length), generator=g)
 
 
+def greedy_equals_recomputation(model, images, max_length: int):
+    """Greedy decoding through the caches picks, at every step, the word a full forward pass
+    over the prefix picks; the decoded captions are returned."""
+    generated = greedy(model, images, max_length=max_length, bos_id=BOS, eos_id=EOS)
+    with torch.no_grad():
+        for row in range(len(images)):
+            prefix = torch.tensor([[BOS, *generated.tokens[row][:-1]]])
+            logits, _ = model(images[row : row + 1], prefix)
+            assert logits[0].argmax(-1).tolist() == generated.tokens[row]
+    return generated
+
+
 def test_zero_gates_leave_the_lm_exactly_as_it_was(lm_folder):
     base = load_causal_lm(str(lm_folder)).eval()
     model = fused(lm_folder)
@@ -78,12 +90,7 @@ def test_blocks_go_before_every_kth_layer(lm_folder, every):
 def test_cached_generation_equals_recomputation(lm_folder):
     model = fused(lm_folder, gates=0.5)
     images, _ = batch()
-    generated = greedy(model, images, max_length=6, bos_id=BOS, eos_id=EOS)
-    with torch.no_grad():
-        for row in range(2):
-            prefix = torch.tensor([[BOS, *generated.tokens[row][:-1]]])
-            logits, _ = model(images[row : row + 1], prefix)
-            assert logits[0].argmax(-1).tolist() == generated.tokens[row]
+    generated = greedy_equals_recomputation(model, images, max_length=6)
     beams = beam_search(model, images, beam_size=1, max_length=6, bos_id=BOS, eos_id=EOS)
     assert beams.tokens == generated.tokens
     wide = beam_search(model, images, beam_size=3, max_length=6, bos_id=BOS, eos_id=EOS)
@@ -112,12 +119,7 @@ def test_blocks_that_read_the_words_see_no_later_word_in_a_causal_lm(lm_folder, 
         later_changed, _ = model(images, changed)
     torch.testing.assert_close(later_changed[:, :3], logits[:, :3])
     assert not torch.allclose(later_changed[:, 3:], logits[:, 3:])
-    generated = greedy(model, images, max_length=5, bos_id=BOS, eos_id=EOS)
-    with torch.no_grad():
-        for row in range(2):
-            prefix = torch.tensor([[BOS, *generated.tokens[row][:-1]]])
-            logits, _ = model(images[row : row + 1], prefix)
-            assert logits[0].argmax(-1).tolist() == generated.tokens[row]
+    greedy_equals_recomputation(model, images, max_length=5)
 
 
 def test_a_frozen_lm_trains_only_what_is_new(lm_folder):

@@ -201,7 +201,8 @@ def test_retrieval_through_the_command_line(tmp_path, capsys):
     assert len(lines) == 3 and sum(float(x.split("%")[0]) for x in lines) == pytest.approx(
         100, abs=0.5
     )
-    assert main(["classify", str(run), image, "--labels", "red", "--template", "no slot"]) == 2
+    for template in ("no slot", "{} {}", "{x}{}", "{"):
+        assert main(["classify", str(run), image, "--labels", "red", "--template", template]) == 2
 
 
 @pytest.mark.parametrize("fusion", FUSIONS.names())

@@ -204,9 +204,8 @@ def test_retrieval_endpoints(tmp_path):
         )
         probabilities = [label["probability"] for label in out.json()["labels"]]
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
-        assert (
-            client.post(
-                "/v1/classify", files=image, data={"labels": "red", "template": "x"}
-            ).status_code
-            == 422
-        )
+        for template in ("x", "{} {}", "{x}{}", "{", "{0}"):  # one {} and nothing else
+            refused = client.post(
+                "/v1/classify", files=image, data={"labels": "red", "template": template}
+            )
+            assert refused.status_code == 422 and "template" in refused.json()["error"], template

@@ -9,6 +9,7 @@ pipe.ask("clip.mp4", "which way does the red circle move?")  # a clip model (vis
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,6 +293,7 @@ class Pipeline:
     ) -> list[tuple[str, float]]:
         """Zero-shot classification (CLIP's recipe): each label as a text through `template`,
         softmax over the image's similarities at the model's temperature."""
+        check_template(template)
         embedding, _ = self.embed_images(self.images_to_tensor([image]))
         texts = self.embed_texts([template.format(label) for label in labels])
         probabilities = (self.model.scale * texts @ embedding.T)[:, 0].float().softmax(0)
@@ -333,3 +335,22 @@ class Pipeline:
 
 def load(path: str | Path, device: str = "auto", allow_pickle: bool = False) -> Pipeline:
     return Pipeline.load(path, device, allow_pickle)
+
+
+def check_template(template: str) -> None:
+    """A zero-shot prompt must hold exactly one `{}`, where the label goes, and no other
+    replacement field: parsed as `str.format` parses it, so "{} {}", "{x}{}" or a stray "{"
+    is refused here rather than raising inside `format` (or naming a label twice)."""
+    try:
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError as error:
+        raise ValueError(f"template {template!r} is not a format string: {error}") from None
+    if fields != [("", "", None)]:
+        raise ValueError(
+            f"template {template!r} needs exactly one {{}} where the label goes and no other "
+            f"{{...}} field; write a literal brace as {{{{ or }}}}"
+        )

@@ -693,11 +693,10 @@ def _classify_args(p: argparse.ArgumentParser) -> None:
 
 @command("classify", "zero-shot classification with a retrieval model")(_classify_args)
 def run_classify(args: argparse.Namespace) -> int:
-    from vtfuse.pipeline import Pipeline
+    from vtfuse.pipeline import Pipeline, check_template
 
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    if "{}" not in args.template:
-        raise ValueError(f"--template needs a {{}} where the label goes, got {args.template!r}")
+    check_template(args.template)  # before the model loads
     pipe = Pipeline.load(args.run, args.device, args.allow_pickle)
     for label, probability in pipe.classify(args.image, labels, args.template):
         print(f"{probability:6.1%}  {label}")

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
-from vtfuse.pipeline import Pipeline
+from vtfuse.pipeline import Pipeline, check_template
 from vtfuse.serving.batching import Busy, MicroBatcher
 from vtfuse.visualisation.maps import select_layer, to_grid
 
@@ -376,8 +376,12 @@ def create_app(
         image = _one_image(files, settings)
         labels = [str(label) for label in _field(fields, "labels", list) if str(label).strip()]
         template = _field(fields, "template", str, "{}")
-        if not labels or "{}" not in template:
-            raise RequestError(422, "need 'labels' and a 'template' with {} where a label goes")
+        if not labels:
+            raise RequestError(422, "need 'labels': the classes to choose among")
+        try:
+            check_template(template)
+        except ValueError as error:
+            raise RequestError(422, str(error)) from None
         ranked = await _in_thread(pipe.classify, image, labels, template)
         return {"labels": [{"label": label, "probability": round(p, 6)} for label, p in ranked]}
 

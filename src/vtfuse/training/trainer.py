@@ -289,7 +289,7 @@ def blindness_warning(entry: dict[str, Any]) -> str | None:
         return None
     return (
         f"the model does not use the image yet: validation loss {loss:.4f}, {blind:.4f} with "
-        "every image blanked (README: 'When a model stays blind')"
+        "every image blanked (README: 'Training on your own data: does the model look?')"
     )
 
 
