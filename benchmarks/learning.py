@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def main() -> None:
             results.append(one_seed(args.task, data, runs, seed, args.minutes, flags))
             print(json.dumps({"seed": seed, **summary([results[-1]], args.task)}), flush=True)
     report = {
-        "command": " ".join(["python", "benchmarks/learning.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/learning.py", *sys.argv[1:]]),
         "task": args.task,
         "train_images": args.images,
         "minutes_cap": args.minutes,
