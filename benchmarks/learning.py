@@ -122,7 +122,8 @@ def summary(results: list[dict], task: str) -> dict[str, str]:
     table = {}
     for key in HEADLINE[task]:
         for side in ("test", "blind"):
-            values = [flat(r[side])[key] for r in results if key in flat(r[side])]
+            scores = (flat(r[side]) for r in results)
+            values = [score[key] for score in scores if key in score]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 table[f"{side}/{key}"] = f"{statistics.mean(values):.3f} ± {std:.3f}"

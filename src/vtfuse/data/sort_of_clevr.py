@@ -27,6 +27,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from vtfuse.data.synth import article
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
     "green": (0, 200, 0),
@@ -176,11 +178,11 @@ def questions(objects: list[Shape], rng: random.Random, spec: SortOfClevrSpec) -
 def caption(objects: list[Shape], size: int) -> str:
     """Every object, in reading order (by row of place, then x)."""
     rows = {"top": 0, "middle": 1, "bottom": 2}
-    ordered = sorted(objects, key=lambda o: (rows[o.place(size).split()[0]], o.x))
+    placed = sorted(
+        ((o.place(size), o) for o in objects), key=lambda p: (rows[p[0].split()[0]], p[1].x)
+    )
     return (
-        ", ".join(
-            f"{_article(o.colour)} {o.colour} {o.shape} at the {o.place(size)}" for o in ordered
-        )
+        ", ".join(f"{article(o.colour)} {o.colour} {o.shape} at the {place}" for place, o in placed)
         + "."
     )
 
@@ -230,7 +232,3 @@ def generate(
                 bar.update()
     bar.close()
     return counts
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"

@@ -107,7 +107,8 @@ def render(objects: list[SceneObject], size: int) -> Image.Image:
     return image
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
+    """The indefinite article before `word`: "an orange", "a red"."""
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -122,7 +123,7 @@ def _place(position: str) -> str:
 def captions(objects: list[SceneObject]) -> list[str]:
     """Two phrasings of the same facts, objects in reading order."""
     parts = [
-        f"{_article(obj.colour)} {obj.colour} {obj.shape} {_place(obj.position)}" for obj in objects
+        f"{article(obj.colour)} {obj.colour} {obj.shape} {_place(obj.position)}" for obj in objects
     ]
     listed = ", ".join(parts[:-1])
     first = f"{listed} and {parts[-1]}." if listed else f"{parts[-1]}."
