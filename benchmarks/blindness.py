@@ -106,7 +106,7 @@ def run(data: Path, lr: float, steps: int, every: int, seed: int) -> list[dict]:
     kinds = [r.fields.get("kind", "") for r in val_records]
     optimizer = make_optimizer(model, config)
     per_epoch = math.ceil(len(train_set) / config.batch_size)
-    schedule = warmup_cosine(per_epoch * config.epochs, config)
+    schedule = warmup_cosine(per_epoch * config.epoch_count, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     log, step, epoch = [], 0, 0
     while step < steps:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from vtfuse.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
 from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.training import train
-from vtfuse.training.trainer import warmup_cosine
+from vtfuse.training.trainer import warmup_cosine, warmup_cosine_on_the_clock
 
 VISION = VisionConfig(image_size=24, channels=(8, 8, 16), dim=32, depth=1, heads=2)
 TEXT = TextConfig(dim=32, depth=1, heads=2, max_length=48)
@@ -131,6 +131,33 @@ def test_warmup_then_cosine_schedule():
     assert schedule(55) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)
     assert schedule(100) == pytest.approx(0.1)
     assert all(schedule(s) >= schedule(s + 1) for s in range(10, 100))
+
+
+def test_the_clock_schedule_warms_up_and_decays_over_the_budget():
+    config = TrainConfig(max_minutes=1.0, warmup_ratio=0.1, min_lr_ratio=0.1)
+    now = [0.0]
+    schedule = warmup_cosine_on_the_clock(lambda: now[0], config)
+    at = {}
+    for seconds in (3.0, 6.0, 33.0, 60.0, 90.0):
+        now[0] = seconds
+        at[seconds] = schedule(12345)  # the step does not matter, the clock does
+    assert at[3.0] == pytest.approx(0.5) and at[6.0] == pytest.approx(1.0)
+    assert at[33.0] == pytest.approx(0.1 + 0.9 * 0.5) and at[60.0] == pytest.approx(0.1)
+    assert at[90.0] == pytest.approx(0.1)  # past the budget: stays at the floor
+
+
+def test_a_time_budget_without_epochs_trains_until_it_is_spent(data, tmp_path):
+    """Epochs 0 and a budget: as many epochs as fit, ending validated, annealed and finished —
+    not stopped half-way down the schedule like a fixed epoch count cut by the clock."""
+    config = TrainConfig(epochs=0, max_minutes=0.1, batch_size=16, lr=3e-3, save_every=0)
+    assert config.on_the_clock and config.epoch_count is None
+    result = train_model(data, tmp_path / "budget", "vqa", config)
+    assert result.finished and result.epoch >= 2  # 40 tiny images: many passes in 6 s
+    assert 0.1 <= result.history[-1]["minutes"] < 0.2 and "val_loss" in result.history[-1]
+    state = json.loads((tmp_path / "budget" / "last" / "training_state.json").read_text())
+    assert state["scheduler"]["_last_lr"][0] == pytest.approx(3e-3 * config.min_lr_ratio)
+    assert state["progress"]["seconds"] >= 6.0
+    assert TrainConfig().epoch_count == 10 and not TrainConfig().on_the_clock
 
 
 KILLED_RUN = """

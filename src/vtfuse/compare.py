@@ -324,19 +324,25 @@ def markdown_table(summaries: dict[str, Summary]) -> str:
 
 
 def _budget(spec: CompareSpec) -> str:
-    line = (
-        f"Budget: at most {spec.train.max_minutes:g} min of training per model, "
-        f"{spec.train.epochs} epoch(s) at batch size {spec.train.batch_size}, "
-        f"seeds 0–{spec.seeds - 1}."
-    )
+    line = f"Budget: {_length(spec.train)} per model, seeds 0–{spec.seeds - 1}."
     if spec.caption_warm_start:
         captioner = spec.caption_train or spec.train
         line += (
-            f" Each VQA model starts from a captioner with the same strategy and seed: at most "
-            f"{captioner.max_minutes:g} min, {captioner.epochs} epoch(s) at batch size "
-            f"{captioner.batch_size}."
+            " Each VQA model starts from a captioner with the same strategy and seed: "
+            f"{_length(captioner)}."
         )
     return line
+
+
+def _length(train: TrainConfig) -> str:
+    """How long a run trains, in words."""
+    if train.on_the_clock:
+        return (
+            f"{train.max_minutes:g} min of training (as many epochs as fit) "
+            f"at batch size {train.batch_size}"
+        )
+    cap = f"at most {train.max_minutes:g} min, " if train.max_minutes > 0 else ""
+    return f"{cap}{train.epoch_count} epoch(s) at batch size {train.batch_size}"
 
 
 def write_markdown(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+DEFAULT_EPOCHS = 10  # `TrainConfig.epochs` 0 without a time budget
 FORMAT_VERSION = 3  # bump when a saved checkpoint can no longer be read by this code
 
 C = TypeVar("C")
@@ -90,7 +91,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
+    # Passes over the training data. 0: with a time budget (max_minutes), as many as fit in it,
+    # the learning-rate schedule laid over the minutes; without one, 10.
+    epochs: int = 0
     batch_size: int = 64
     # 3e-4, not 1e-3: measured on Sort-of-CLEVR from scratch (benchmarks/blindness.py), at
     # 1e-3 the VQA model's image tokens stop depending on the image (their spread across
@@ -106,7 +109,10 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite steps (each skipped) before the run stops
     label_smoothing: float = 0.0
     seed: int = 0
-    max_minutes: float = 0.0  # stop (and save) after this many minutes; 0 = no limit
+    # The time budget in minutes (0: none). With `epochs` 0 the run is planned on it: warm-up
+    # and cosine decay follow the clock and training ends, validated, when it is spent. With
+    # `epochs` set it is a stop (the `last` checkpoint is saved; `--resume` goes on).
+    max_minutes: float = 0.0
     save_every: int = 500  # also write the `last` checkpoint every N steps
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
@@ -118,6 +124,16 @@ class TrainConfig:
     image_roots: tuple[str, ...] = ()  # folders besides the JSONL's own images may come from
     grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimiser state (FSDP2)
+
+    @property
+    def on_the_clock(self) -> bool:
+        """Planned on the time budget: `max_minutes` given and no epoch count."""
+        return self.epochs == 0 and self.max_minutes > 0
+
+    @property
+    def epoch_count(self) -> int | None:
+        """The passes to make; None when the time budget decides."""
+        return None if self.on_the_clock else self.epochs or DEFAULT_EPOCHS
 
 
 @dataclass(frozen=True)

@@ -258,8 +258,17 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="pretrained parts whose weights stay fixed: lm, vision, lm,vision (the default) "
         "or none",
     )
-    p.add_argument("--epochs", type=int, help="passes over the training data")
-    p.add_argument("--max-minutes", type=float, help="stop and save after this long (resume later)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="passes over the training data (default: as many as --max-minutes allows, else 10)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="time budget: alone, the run is planned on it (the learning rate warms up and "
+        "decays over the minutes); with --epochs, a stop (resume later with --resume)",
+    )
     p.add_argument("--batch-size", type=int, help="examples per step (per process)")
     p.add_argument("--grad-accum", type=int, help="batches per optimiser step")
     p.add_argument(
@@ -914,7 +923,10 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per strategy: 0, 1, ..., N-1")
     p.add_argument(
-        "--epochs", type=int, help="passes over the training data (the budget may stop earlier)"
+        "--epochs",
+        type=int,
+        help="passes over the training data (default: as many as the budget allows; given, "
+        "the budget may stop earlier)",
     )
     p.add_argument(
         "--config",

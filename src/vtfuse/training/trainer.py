@@ -118,9 +118,32 @@ def warmup_cosine(total_steps: int, config: TrainConfig) -> Callable[[int], floa
     def multiplier(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+        return cosine_decay(min(1.0, (step - warmup) / max(1, total_steps - warmup)), config)
+
+    return multiplier
+
+
+def cosine_decay(progress: float, config: TrainConfig) -> float:
+    """From 1 at progress 0 to `min_lr_ratio` at progress 1 along half a cosine."""
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+
+def warmup_cosine_on_the_clock(
+    elapsed: Callable[[], float], config: TrainConfig
+) -> Callable[[int], float]:
+    """The same schedule over the time budget instead of the steps: progress is the share of
+    `max_minutes` spent (`elapsed()`, in seconds), so a run ends annealed whatever its speed —
+    a budget cut by a fixed step count would stop a slow machine mid-decay, or leave a fast
+    one idle. The first `warmup_ratio` of the budget warms up."""
+    budget = 60 * config.max_minutes
+
+    def multiplier(step: int) -> float:
+        spent = min(1.0, elapsed() / budget)
+        if spent < config.warmup_ratio:
+            return max(spent / config.warmup_ratio, 1e-3)
+        decaying = (spent - config.warmup_ratio) / max(1e-9, 1 - config.warmup_ratio)
+        return cosine_decay(decaying, config)
 
     return multiplier
 
@@ -394,13 +417,27 @@ def train(
     accumulate = config.grad_accum
     batches_per_epoch = micro_batches_per_epoch(len(train_set), config, parallel)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
-    total_steps = steps_per_epoch * config.epochs
+    epochs = config.epoch_count  # None: as many as the time budget allows
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": float("inf")}
+    state["seconds"] = 0.0  # spent in earlier processes of this run (before a --resume)
+
+    def elapsed() -> float:
+        """Seconds this run has spent: in earlier processes and in this one."""
+        return state["seconds"] + time.monotonic() - started
+
     engine = _engine(config)(model, parallel, device)  # before the optimiser: FSDP swaps params
     optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config))
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": float("inf")}
+    schedule = (
+        warmup_cosine(steps_per_epoch * epochs, config)
+        if epochs
+        else warmup_cosine_on_the_clock(elapsed, config)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if last_dir is not None:
-        state = load_training_state(last_dir, optimizer, scheduler, engine.load_optimizer_state)
+        state = {
+            "seconds": 0.0,
+            **load_training_state(last_dir, optimizer, scheduler, engine.load_optimizer_state),
+        }
         say(f"resumed from {last_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
     elif parallel.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -413,7 +450,13 @@ def train(
     processes += " (FSDP)" if config.fsdp else ""
     say(
         f"{task} model: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
-        f"{len(train_set)} training examples, {total_steps} steps on {device}{processes}"
+        f"{len(train_set)} training examples, "
+        + (
+            f"{steps_per_epoch * epochs} steps"
+            if epochs
+            else f"{config.max_minutes:g} minutes (the schedule follows the clock)"
+        )
+        + f" on {device}{processes}"
     )
 
     def save(name: str, whole: TaskModel | None) -> None:
@@ -426,7 +469,9 @@ def train(
             trained = {"step": state["step"], "epoch": state["epoch"]}
             whole.save_pretrained(folder, tokenizer, trained)
             if optimizer_state is not None:
-                save_training_state(folder, optimizer_state, scheduler, state)
+                save_training_state(
+                    folder, optimizer_state, scheduler, {**state, "seconds": elapsed()}
+                )
 
     def write_log(entry: dict[str, Any]) -> None:
         if parallel.main:
@@ -434,15 +479,15 @@ def train(
                 handle.write(json.dumps(entry) + "\n")
 
     history: list[dict[str, Any]] = []
-    stopped, bad_steps = False, 0
+    stopped, spent, bad_steps = False, False, 0
     with _StopFlag() as stop:
-        while state["epoch"] < config.epochs and not stopped:
+        while (epochs is None or state["epoch"] < epochs) and not (stopped or spent):
             epoch = state["epoch"]
             loader = epoch_batches(train_set, epoch, state["batch_in_epoch"], config, parallel)
             bar = tqdm(
                 loader,
                 total=batches_per_epoch - state["batch_in_epoch"],
-                desc=f"epoch {epoch + 1}/{config.epochs}",
+                desc=f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else ""),
                 unit="batch",
                 disable=not (progress and parallel.main),
                 leave=False,
@@ -495,9 +540,10 @@ def train(
                             "samples_per_s": rate,
                         }
                     )
-                out_of_time = (
-                    config.max_minutes > 0 and time.monotonic() - started > 60 * config.max_minutes
-                )
+                out_of_time = config.max_minutes > 0 and elapsed() > 60 * config.max_minutes
+                if epochs is None and parallel.any(out_of_time):
+                    spent = True  # the planned end: validated and saved as an epoch's
+                    break
                 if parallel.any(out_of_time or stop.raised):
                     reason = "time limit" if out_of_time else "signal"
                     say(f"stopping at step {state['step']} ({reason}); resume with --resume")
@@ -506,13 +552,13 @@ def train(
                 if config.save_every and state["step"] % config.save_every == 0:
                     save("last", engine.full_model())
             bar.close()
-            if not stopped:
+            if not (stopped or spent):
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
             entry: dict[str, Any] = {
                 "step": state["step"],
                 "epoch": epoch + 1,
-                "minutes": round((time.monotonic() - started) / 60, 3),  # this process's
+                "minutes": round(elapsed() / 60, 3),
                 **{f"train_{name}": value.item() for name, value in losses.items()},
             }
             whole = engine.full_model()  # every rank, together; the model on rank 0
