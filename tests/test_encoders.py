@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -56,3 +59,23 @@ def test_resnet_stages_have_a_shortcut_and_vgg_stages_do_not():
     kinds = {type(m).__name__ for m in vgg.stem}
     assert kinds == {"Conv2d", "GroupNorm", "GELU", "MaxPool2d"}
     assert sum(isinstance(m, torch.nn.MaxPool2d) for m in vgg.stem) == 3  # one per halving
+
+
+@pytest.mark.parametrize(("name", "layers"), [("cnn", 0), ("resnet", 0), ("vgg", 0), ("vit", 1)])
+def test_unset_depth_is_the_encoders_own_and_a_model_saves_it(name, layers, tmp_path):
+    """`vision.depth` None: no Transformer layer after a CNN, one for ViT; the model's config
+    (and so its saved config.json) holds the number, not None."""
+    from vtfuse.config import ModelConfig
+    from vtfuse.data.tokenizer import Tokenizer
+    from vtfuse.models.base import create_model
+
+    unset = {key: value for key, value in SMALL.items() if key != "depth"}
+    encoder = create_vision_encoder(VisionConfig(name=name, **unset))
+    assert len(encoder.layers) == layers and encoder.config.depth == layers
+    config = ModelConfig(task="vqa", vision=VisionConfig(name=name, **unset), num_answers=3)
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=20))
+    model = create_model(config)
+    assert model.config.vision.depth == layers
+    model.save_pretrained(tmp_path, Tokenizer.build(["a"], answers=["x", "y", "z"]))
+    saved = json.loads((tmp_path / "config.json").read_text())["model"]["vision"]["depth"]
+    assert saved == layers

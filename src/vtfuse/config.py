@@ -31,7 +31,9 @@ class VisionConfig:
     channels: tuple[int, ...] = (32, 64, 128)  # CNN stage widths (each stage halves the size)
     pool: int = 1  # average each pool × pool block of tokens into one: fewer, coarser tokens
     dim: int = 128  # width of the image tokens
-    depth: int = 1  # Transformer layers over the image tokens (ViT body; refinement after a CNN)
+    # Transformer layers over the image tokens; None: the encoder's own `default_depth` (0 after
+    # a CNN, 1 for ViT), written into the model's saved config when it is built
+    depth: int | None = None
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0

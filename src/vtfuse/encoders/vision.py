@@ -10,6 +10,7 @@ becomes (B, F·h·w, dim) — Flamingo's video input (Alayrac et al. 2022, §2.1
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from typing import ClassVar
@@ -69,9 +70,14 @@ class VisionEncoder(Checkpointable, nn.Module):
     # VisionConfig fields an encoder needs (e.g. a pretrained model's input size), set by the
     # command line's `--vision NAME` (see `vision_preset`)
     preset: ClassVar[dict[str, int]] = {}
+    # Transformer layers over the tokens when `vision.depth` is None: ViT's patches know nothing
+    # of each other without one (the CNNs' own default is below)
+    default_depth: ClassVar[int] = 1
 
     def __init__(self, config: VisionConfig):
         super().__init__()
+        if config.depth is None:
+            config = dataclasses.replace(config, depth=self.default_depth)
         if config.image_size % config.patch_size:
             raise ValueError(
                 f"vision.image_size {config.image_size} is not a multiple of "
@@ -153,6 +159,12 @@ class ConvStemEncoder(VisionEncoder):
     feature map, row by row, is the token grid."""
 
     stem: nn.Sequential
+    # No Transformer layer after the CNN unless asked: its convolutions already relate
+    # neighbouring cells, and a layer on top slowed learning to look, measured from scratch on
+    # Sort-of-CLEVR (one seed each, 1 core): "what shape is the red object?" questions reached
+    # 0.997 validation accuracy after 1000 steps with depth 0, 0.63 with depth 1 (0.51, chance,
+    # until step 750); captions (2000 images, 8 minutes) object F1 0.37 against 0.33.
+    default_depth: ClassVar[int] = 0
 
     def __init__(self, config: VisionConfig):
         super().__init__(config)

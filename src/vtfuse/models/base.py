@@ -4,6 +4,7 @@ tokenizer.json)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ class TaskModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config
         self.vision = create_vision_encoder(config.vision)
+        # as the encoder was built: its own defaults (vision.depth) written in, so a saved model
+        # keeps them whatever later versions default to
+        self.config = dataclasses.replace(config, vision=self.vision.config)
 
     def init_weights(self) -> None:
         """Linear weights N(0, 1/fan_in) (LeCun et al. 1998) and zero biases; token embeddings
