@@ -14,7 +14,13 @@ from transformers import GPT2Config
 from vtfuse.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
 from vtfuse.data.tokenizer import LMTokenizer
 from vtfuse.generation import beam_search, greedy
-from vtfuse.models.base import CheckpointError, create_model, load_pretrained, warm_start
+from vtfuse.models.base import (
+    CheckpointError,
+    create_model,
+    from_pretrained,
+    load_pretrained,
+    warm_start,
+)
 from vtfuse.models.pretrained_lm import (
     LMCaptioner,
     LMQuestionAnswerer,
@@ -223,6 +229,29 @@ def test_a_model_on_a_pickle_only_lm_loads_only_if_allowed(
     loaded, _ = load_pretrained(tmp_path / "saved", allow_pickle=True)
     with torch.no_grad():
         assert torch.equal(loaded(images, tokens)[0], model(images, tokens)[0])
+
+
+class OfflineHub:
+    """An Auto class whose hub repos have no safetensors weights, as transformers says."""
+
+    @staticmethod
+    def from_pretrained(name: str, use_safetensors: bool | None = None, **options):
+        assert use_safetensors is True  # vtfuse asks for safetensors only
+        raise OSError(f"{name} does not appear to have a file named model.safetensors")
+
+
+def test_a_hub_model_with_only_pickle_weights_is_refused_naming_the_file(monkeypatch):
+    import transformers.utils
+
+    offered = {"pytorch_model.bin"}
+    monkeypatch.setattr(transformers.utils, "has_file", lambda repo, name: name in offered)
+    with pytest.raises(CheckpointError) as info:
+        from_pretrained(OfflineHub, "someone/old-lm")
+    assert "someone/old-lm/pytorch_model.bin is a pickle file" in str(info.value)
+    assert "--allow-pickle" in str(info.value)
+    offered.clear()  # no pickle either (or the hub cannot say): transformers' own error
+    with pytest.raises(OSError, match=r"does not appear to have a file named model\.safetensors"):
+        from_pretrained(OfflineHub, "someone/old-lm")
 
 
 def test_packaged_minilm_becomes_a_decoder_with_a_new_head():
