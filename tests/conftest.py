@@ -1,8 +1,12 @@
 """Shared test set-up: tiny tensors run faster on one intra-op thread, and are then immune to
 whatever else the machine is doing."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -81,3 +85,24 @@ def lm_folder(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def gpt2_folder(tmp_path_factory):
     return save_tiny_lm("gpt2", tmp_path_factory.mktemp("gpt2"))
+
+
+def pickle_only_copy(folder: Path, to: Path) -> Path:
+    """A copy of the `save_pretrained` folder `folder` at `to` whose weights are only
+    pytorch_model.bin (torch.save), as older hub models have: transformers 5 writes
+    safetensors even when asked `safe_serialization=False`."""
+    shutil.copytree(folder, to)
+    torch.save(load_file(to / "model.safetensors"), to / "pytorch_model.bin")
+    (to / "model.safetensors").unlink()
+    return to
+
+
+@pytest.fixture
+def pickle_only(tmp_path):
+    """`pickle_only(folder)`: `pickle_only_copy` of `folder` in the test's tmp_path."""
+    return lambda folder: pickle_only_copy(Path(folder), tmp_path / f"pickled-{Path(folder).name}")
+
+
+@pytest.fixture(scope="session")
+def pickled_gpt2_folder(gpt2_folder, tmp_path_factory):
+    return pickle_only_copy(gpt2_folder, tmp_path_factory.mktemp("pickled") / "gpt2")

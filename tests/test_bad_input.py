@@ -12,6 +12,9 @@ import io
 import json
 import struct
 import zlib
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,8 @@ from PIL import Image
 from vtfuse.data.dataset import DataError, ImagePathRefused, load_records, read_jsonl
 from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image
 
-CASES = {"jsonl": 0, "images": 0, "paths": 0}
+CASES: Counter[str] = Counter()  # generated cases by test (and parameter), see the last test
+TASKS = ["caption", "vqa", "retrieval"]
 FAST = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 
 json_values = st.recursive(
@@ -42,11 +46,11 @@ raw_lines = (
 )
 
 
-@pytest.mark.parametrize("task", ["caption", "vqa", "retrieval"])
+@pytest.mark.parametrize("task", TASKS)
 @FAST
 @given(lines=st.lists(raw_lines, min_size=1, max_size=5))
 def test_any_jsonl_loads_or_names_file_and_line(tmp_path_factory, task, lines):
-    CASES["jsonl"] += 1
+    CASES[f"jsonl/{task}"] += 1
     path = tmp_path_factory.mktemp("jsonl") / "data.jsonl"
     path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")
     try:
@@ -203,7 +207,7 @@ def landing(written: str, parts: list[str], absolute: bool) -> list[str] | None:
 def test_image_paths_outside_the_data_folder_are_refused_unless_allowed(
     tree, allow, absolute, parts
 ):
-    CASES["paths"] += 1
+    CASES[f"paths/{allow}"] += 1
     written = (f"{tree}/" if absolute else "") + "/".join(parts)
     jsonl = tree / "data" / "data.jsonl"
     jsonl.write_text(json.dumps({"image": written, "caption": "a thing"}) + "\n")
@@ -245,8 +249,23 @@ def test_refused_image_paths_are_skipped_and_counted_with_the_reason(tree):
         read_jsonl(jsonl, "caption", roots=[tree / "nowhere"])
 
 
-def test_the_suite_ran_over_a_thousand_cases():
-    """Runs last in this file: the generated cases above, counted."""
-    if CASES["jsonl"] == 0:
-        pytest.skip("run with the whole file")
+def generated_tests(tmp_path_factory, tree) -> dict[str, Callable[[], None]]:
+    """Each generated test above, with its parameters, by its key in CASES."""
+    jsonl = test_any_jsonl_loads_or_names_file_and_line
+    images = test_truncated_or_corrupted_images_load_or_fail_clearly
+    paths = test_image_paths_outside_the_data_folder_are_refused_unless_allowed
+    runs = {f"jsonl/{task}": partial(jsonl, tmp_path_factory, task) for task in TASKS}
+    runs["images"] = partial(images, tmp_path_factory)
+    runs.update({f"paths/{allow}": partial(paths, tree, allow) for allow in (False, True)})
+    return runs
+
+
+def test_the_suite_ran_over_a_thousand_cases(tmp_path_factory, tree):
+    """Runs last in this file: the generated cases above, counted. Those that did not run
+    before it (this test run alone, or picked with -k) are generated here, so the count does
+    not depend on which tests were selected."""
+    for key, run in generated_tests(tmp_path_factory, tree).items():
+        if CASES[key] == 0:
+            run()
+    print(f"{sum(CASES.values())} generated cases: {dict(CASES)}")
     assert sum(CASES.values()) >= 1000, CASES

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tools import require_module
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-matched = pytest.importorskip("matched")
-run = pytest.importorskip("run")
-pytest.importorskip("transformers")
+matched = require_module("matched")
+run = require_module("run")
+require_module("transformers")
 
 
 @pytest.mark.parametrize("size", sorted(matched.SIZES))

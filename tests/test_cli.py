@@ -432,14 +432,18 @@ def test_vqa_with_a_pretrained_question_encoder(workspace, gpt2_folder, tmp_path
     assert picture.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_train_with_a_hugging_face_vision_tower(workspace, tmp_path):
+def save_tiny_vit(tower: Path) -> Path:
     import transformers
 
-    tower = tmp_path / "tiny-vit"
     sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     transformers.ViTModel(
         transformers.ViTConfig(image_size=32, patch_size=8, **sizes)
     ).save_pretrained(tower)
+    return tower
+
+
+def test_train_with_a_hugging_face_vision_tower(workspace, tmp_path):
+    tower = save_tiny_vit(tmp_path / "tiny-vit")
     run, data = tmp_path / "vit", workspace / "data"
     args = ["train", "--task", "vqa", "--train", str(data / "vqa_train.jsonl"), "--out", str(run)]
     args += ["--config", str(workspace / "tiny.json"), "--vision", str(tower), "--epochs", "1"]
@@ -448,3 +452,30 @@ def test_train_with_a_hugging_face_vision_tower(workspace, tmp_path):
     assert (vision["name"], vision["image_size"], vision["patch_size"]) == (str(tower), 32, 8)
     image = str(next((data / "images").glob("*.png")))
     assert main(["ask", str(run), image, "what colour is the circle?"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "task", "use"),
+    [("--lm", "caption", "caption"), ("--text-encoder", "vqa", "ask"), ("--vision", "vqa", "ask")],
+)
+def test_pretrained_parts_with_only_pickle_weights_need_allow_pickle(
+    flag, task, use, workspace, gpt2_folder, pickle_only, tmp_path, capsys
+):
+    """A pretrained LM or vision tower whose folder holds only pytorch_model.bin is refused,
+    naming the file and --allow-pickle, when training on it and when using the trained run."""
+    original = save_tiny_vit(tmp_path / "tiny-vit") if flag == "--vision" else gpt2_folder
+    pickled, run, data = pickle_only(original), tmp_path / "run", workspace / "data"
+    args = ["train", "--task", task, "--train", str(data / f"{task}_train.jsonl")]
+    args += ["--out", str(run), "--config", str(workspace / "tiny.json"), flag, str(pickled)]
+    args += ["--epochs", "1", "--no-progress"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert str(pickled / "pytorch_model.bin") in error and "--allow-pickle" in error
+    assert main([*args, "--allow-pickle"]) == 0
+    image = str(next((data / "images").glob("*.png")))
+    command = [use, str(run), image, *(["what colour is the circle?"] if use == "ask" else [])]
+    capsys.readouterr()
+    assert main(command) == 2
+    assert "pytorch_model.bin is a pickle file" in capsys.readouterr().err
+    assert main([*command, "--allow-pickle"]) == 0
+    assert capsys.readouterr().out.strip()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.tools import has_tool
 from vtfuse.cli.main import main
 from vtfuse.compare import aggregate, main_metrics, mean_and_std, parse_fusions
 from vtfuse.fusion import FUSIONS
@@ -104,7 +104,7 @@ def test_captioning_on_the_built_in_scenes(data, tmp_path):
     assert (out / "data" / "caption_test.jsonl").is_file()
     (row,) = read_csv(out / "compare.csv")
     expected = {"cider", "bleu4", "object_f1"}  # pointing: only once a caption names a colour
-    expected |= {"meteor"} if shutil.which("java") else set()
+    expected |= {"meteor"} if has_tool("java") else set()
     assert {f"{m}_mean" for m in expected} <= set(row)
     assert not any(c.startswith(("bleu1", "rouge")) for c in row)  # main metrics only
 

@@ -4,6 +4,7 @@ configs saved with `save_pretrained` and loaded through the path a hub name take
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from vtfuse.data.images import normalise
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.encoders.hf_vision import HuggingFaceVisionEncoder, load_vision_tower
 from vtfuse.encoders.vision import create_vision_encoder, vision_preset
-from vtfuse.models.base import create_model, load_pretrained
+from vtfuse.models.base import CheckpointError, create_model, load_pretrained
 
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 VISION = dict(image_size=32, patch_size=8, **SIZES)
@@ -83,6 +84,33 @@ def test_a_wrong_input_size_or_unknown_name_is_explained(tower_folder, tmp_path)
         create_vision_encoder(VisionConfig(name=str(tower_folder), image_size=64, patch_size=8))
     with pytest.raises(ValueError, match="neither registered"):
         vision_preset(str(tmp_path / "no-such-model"))
+
+
+def test_a_tower_with_only_pickle_weights_loads_only_if_allowed(
+    tower_folder, pickle_only, tmp_path
+):
+    """A tower folder holding only pytorch_model.bin is refused, naming the file and the way
+    in; allowed (create_model, then load_pretrained of the model that names it), it gives the
+    original's tokens."""
+    pickled = pickle_only(tower_folder)
+    with pytest.raises(CheckpointError) as info:
+        create_vision_encoder(vision(pickled))
+    message = str(info.value)
+    assert str(pickled / "pytorch_model.bin") in message and "--allow-pickle" in message
+    config = ModelConfig(vision=vision(pickled), text=TextConfig(vocab_size=12, dim=16))
+    torch.manual_seed(0)
+    model = create_model(config, allow_pickle=True).eval()
+    torch.manual_seed(0)
+    original = create_model(replace(config, vision=vision(tower_folder))).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), original.encode_image(images))
+    model.save_pretrained(tmp_path / "saved", Tokenizer.build(["a red circle"]))
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin is a pickle file"):
+        load_pretrained(tmp_path / "saved")
+    loaded, _ = load_pretrained(tmp_path / "saved", allow_pickle=True)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), model.encode_image(images))
 
 
 CNNS = {

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.tools import require_module
 from vtfuse.cli.main import main
 from vtfuse.data.dataset import DataError, ImagePathRefused, load_records, read_jsonl
 from vtfuse.data.importers import ImportOptions, import_dataset, outside_image_root
@@ -141,7 +142,7 @@ def test_csv_and_tsv_group_captions_by_image(tmp_path, delimiter, name):
 
 
 def test_a_saved_hugging_face_dataset(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require_module("datasets")
     pictures = [Image.new("RGB", (8, 8), c) for c in ("red", "blue", "green")]
     table = datasets.Dataset.from_dict(
         {"image": pictures, "caption": ["a red square.", "a blue square.", None]}

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.tools import require_module
 from vtfuse.cli.main import main
 from vtfuse.config import ModelConfig, TextConfig, VisionConfig
 from vtfuse.data.dataset import pad_tokens
@@ -312,7 +313,7 @@ def test_joint_training_through_the_command_line(tmp_path, capsys):
 
 
 def test_the_server_captions_and_retrieves_with_a_joint_model():
-    pytest.importorskip("fastapi")
+    require_module("fastapi")
     import io
 
     from fastapi.testclient import TestClient

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.tools import require_tool
 from vtfuse.data.synth import parse_caption
 from vtfuse.evaluation.grounding import inside, pointing_hits
 from vtfuse.evaluation.metrics import (
@@ -98,16 +99,21 @@ def test_object_f1_perfect_and_empty():
 
 # -- caption metrics (java: PTB tokenizer and METEOR) ------------------------------------------
 @pytest.fixture(scope="module")
-def perfect():
+def java() -> None:
+    """The PTB tokenizer and METEOR run on Java (without it, see the test below)."""
+    require_tool("java")
+
+
+@pytest.fixture(scope="module")
+def perfect(java):
     return caption_metrics([refs[0] for refs in REFERENCES], REFERENCES)
 
 
 @pytest.fixture(scope="module")
-def wrong():
+def wrong(java):
     return caption_metrics(WRONG, REFERENCES)
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="needs java")
 def test_identical_captions_score_perfectly(perfect):
     assert set(perfect) == KEYS
     assert all(isinstance(v, float) for v in perfect.values())
@@ -118,7 +124,6 @@ def test_identical_captions_score_perfectly(perfect):
     assert perfect["cider"] > 1.0
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="needs java")
 def test_wrong_captions_score_lower_on_every_metric(perfect, wrong):
     assert set(wrong) == KEYS
     assert isinstance(wrong["meteor"], float)
@@ -274,8 +279,7 @@ def test_retrieval_recall_matches_brute_force():
     assert perfect["i2t_r1"] == perfect["t2i_r1"] == 1.0 and perfect["i2t_median_rank"] == 1
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="needs java")
-def test_caption_metrics_are_pycocoevalcaps_own_numbers():
+def test_caption_metrics_are_pycocoevalcaps_own_numbers(java):
     """The scorers called directly, as the COCO caption evaluation does, on the same input."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider

@@ -14,13 +14,20 @@ from transformers import GPT2Config
 from vtfuse.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
 from vtfuse.data.tokenizer import LMTokenizer
 from vtfuse.generation import beam_search, greedy
-from vtfuse.models.base import CheckpointError, create_model, load_pretrained, warm_start
+from vtfuse.models.base import (
+    CheckpointError,
+    create_model,
+    from_pretrained,
+    load_pretrained,
+    warm_start,
+)
 from vtfuse.models.pretrained_lm import (
     LMCaptioner,
     LMQuestionAnswerer,
     decoder_layers,
     load_causal_lm,
     load_lm_tokenizer,
+    load_text_encoder,
 )
 
 VOCAB, BOS, EOS = 64, 1, 2
@@ -171,6 +178,80 @@ def test_save_and_load_round_trip_exactly(lm_folder, tmp_path):
     (saved / "config.json").write_text(json.dumps(written))
     with pytest.raises(CheckpointError, match="'format_version' is 1"):
         load_pretrained(saved)
+
+
+def torch_load_calls(monkeypatch) -> list[bool | None]:
+    """The `weights_only` of every torch.load call from now on."""
+    calls, real_load = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    return calls
+
+
+@pytest.mark.parametrize("loader", [load_causal_lm, load_text_encoder])
+def test_an_lm_with_only_pickle_weights_loads_only_if_allowed(
+    loader, gpt2_folder, pickled_gpt2_folder, monkeypatch
+):
+    """An LM folder holding only pytorch_model.bin is refused, naming the file and the way
+    in; allowed, it is read with weights_only and computes what the original does."""
+    with pytest.raises(CheckpointError) as info:
+        loader(str(pickled_gpt2_folder))
+    message = str(info.value)
+    assert str(pickled_gpt2_folder / "pytorch_model.bin") in message
+    assert "pickle" in message and "--allow-pickle" in message
+    calls = torch_load_calls(monkeypatch)
+    allowed = loader(str(pickled_gpt2_folder), allow_pickle=True).eval()
+    assert calls == [True]
+    _, tokens = batch()
+    with torch.no_grad():
+        expected = loader(str(gpt2_folder)).eval()(input_ids=tokens)[0]
+        assert torch.equal(allowed(input_ids=tokens)[0], expected)
+
+
+def test_a_model_on_a_pickle_only_lm_loads_only_if_allowed(
+    gpt2_folder, pickled_gpt2_folder, tmp_path
+):
+    """create_model and load_pretrained (a trained model naming the LM) pass allow_pickle on."""
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin is a pickle file"):
+        create_model(config(pickled_gpt2_folder))
+    torch.manual_seed(1)
+    model = create_model(config(pickled_gpt2_folder), allow_pickle=True).eval()
+    images, tokens = batch()
+    with torch.no_grad():
+        assert torch.equal(model(images, tokens)[0], fused(gpt2_folder)(images, tokens)[0])
+    model.save_pretrained(tmp_path / "saved", load_lm_tokenizer(str(pickled_gpt2_folder)))
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        load_pretrained(tmp_path / "saved")
+    loaded, _ = load_pretrained(tmp_path / "saved", allow_pickle=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(images, tokens)[0], model(images, tokens)[0])
+
+
+class OfflineHub:
+    """An Auto class whose hub repos have no safetensors weights, as transformers says."""
+
+    @staticmethod
+    def from_pretrained(name: str, use_safetensors: bool | None = None, **options):
+        assert use_safetensors is True  # vtfuse asks for safetensors only
+        raise OSError(f"{name} does not appear to have a file named model.safetensors")
+
+
+def test_a_hub_model_with_only_pickle_weights_is_refused_naming_the_file(monkeypatch):
+    import transformers.utils
+
+    offered = {"pytorch_model.bin"}
+    monkeypatch.setattr(transformers.utils, "has_file", lambda repo, name: name in offered)
+    with pytest.raises(CheckpointError) as info:
+        from_pretrained(OfflineHub, "someone/old-lm")
+    assert "someone/old-lm/pytorch_model.bin is a pickle file" in str(info.value)
+    assert "--allow-pickle" in str(info.value)
+    offered.clear()  # no pickle either (or the hub cannot say): transformers' own error
+    with pytest.raises(OSError, match=r"does not appear to have a file named model\.safetensors"):
+        from_pretrained(OfflineHub, "someone/old-lm")
 
 
 def test_packaged_minilm_becomes_a_decoder_with_a_new_head():

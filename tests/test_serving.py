@@ -11,14 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient
+from tests.tools import require_module
 
-from vtfuse.config import ModelConfig, TextConfig, VisionConfig
-from vtfuse.data.tokenizer import Tokenizer
-from vtfuse.models.base import create_model
-from vtfuse.pipeline import Pipeline
-from vtfuse.serving import Busy, MicroBatcher, ServeSettings, create_app
+require_module("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from vtfuse.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
+from vtfuse.data.tokenizer import Tokenizer  # noqa: E402
+from vtfuse.models.base import create_model  # noqa: E402
+from vtfuse.pipeline import Pipeline  # noqa: E402
+from vtfuse.serving import Busy, MicroBatcher, ServeSettings, create_app  # noqa: E402
 
 VISION = VisionConfig(image_size=24, channels=(8, 8, 16), dim=32, depth=0, heads=2)
 WORDS = ["a", "red", "blue", "circle", "square", "what", "colour", "is", "the", "."]

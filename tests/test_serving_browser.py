@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-webdriver = pytest.importorskip("selenium.webdriver")
-if not (shutil.which("chromium") and shutil.which("chromedriver")):
-    pytest.skip("needs Debian's chromium and chromium-driver", allow_module_level=True)
+from tests.tools import require_module, require_tool
+
+require_module("fastapi")
+webdriver = require_module("selenium.webdriver")
+require_tool("chromium", "chromedriver")  # Debian's chromium and chromium-driver
 
 import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -3,10 +3,10 @@ every endpoint of a captioning and a VQA server; no request may end in a server 
 
 from __future__ import annotations
 
-import pytest
+from tests.tools import require_module
 
-schemathesis = pytest.importorskip("schemathesis")
-pytest.importorskip("fastapi")
+schemathesis = require_module("schemathesis")
+require_module("fastapi")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tools import require_module
 from vtfuse.cli.main import main
 from vtfuse.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
 from vtfuse.data.dataset import DataError, load_records, read_jsonl, task_dataset
@@ -172,7 +173,7 @@ def test_streamed_clips_equal_the_in_memory_ones(tmp_path, task, video):
     """Clips packed as their frames (or their video file) stream back as the in-memory bank
     holds them: the same 4 sampled frames of every clip, the same texts."""
     if video:
-        pytest.importorskip("av")
+        require_module("av")
     from vtfuse.data.synth_clips import ClipSpec, generate_clips
 
     generate_clips(tmp_path, ClipSpec(clips=10, size=24, length=6, video=video), progress=False)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.tools import require_module
 from vtfuse.cli.main import main
 from vtfuse.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 from vtfuse.data.clips import load_visual, sample_indices
@@ -305,7 +306,7 @@ def test_frame_and_video_paths_must_stay_in_the_data_folder(tmp_path):
 
 # -- video files (PyAV) --------------------------------------------------------------------------
 def test_a_video_file_is_decoded_and_sampled(tmp_path):
-    pytest.importorskip("av")
+    require_module("av")
     from vtfuse.data.clips import load_video, write_video
 
     frames = [Image.new("RGB", (32, 32), shade(i)) for i in range(8)]
@@ -395,7 +396,7 @@ def test_train_ask_and_eval_on_clips_from_the_command_line(tmp_path, capsys):
 
 
 def test_caption_and_predict_on_video_files(tmp_path, capsys):
-    pytest.importorskip("av")
+    require_module("av")
     data = tmp_path / "data"
     synth = ["synth", "--out", str(data), "--clips", "10", "--size", "24", "--clip-length", "4",
              "--video"]  # fmt: skip

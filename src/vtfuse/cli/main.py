@@ -36,7 +36,10 @@ def command(name: str, help_text: str):
     return register
 
 
-def _allow_pickle_arg(p: argparse.ArgumentParser, what: str = "the model folder") -> None:
+def _allow_pickle_arg(
+    p: argparse.ArgumentParser,
+    what: str = "the model folder (and the pretrained LM or vision tower its config names)",
+) -> None:
     p.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -317,7 +320,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
-    _allow_pickle_arg(p, "--init-from's and --resume's checkpoints")
+    _allow_pickle_arg(
+        p, "the --lm, --text-encoder and --vision models and the --init-from and --resume folders"
+    )
     _image_root_arg(p)
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"

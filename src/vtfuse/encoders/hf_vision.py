@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from vtfuse.config import VisionConfig
 from vtfuse.encoders.vision import VISION_ENCODERS, VisionEncoder, pretrained
+from vtfuse.models.base import from_pretrained
 
 
 def _transformers():
@@ -60,8 +61,10 @@ def _preset(config) -> dict[str, int]:
     return {"image_size": int(config.image_size), "patch_size": int(config.patch_size)}
 
 
-def load_vision_tower(name_or_path: str) -> nn.Module:
-    model = _transformers().AutoModel.from_pretrained(name_or_path)
+def load_vision_tower(name_or_path: str, allow_pickle: bool = False) -> nn.Module:
+    """The tower's weights, from safetensors (pickle ones only if `allow_pickle`: see
+    `vtfuse.models.base.from_pretrained`)."""
+    model = from_pretrained(_transformers().AutoModel, name_or_path, allow_pickle)
     vision = getattr(model, "vision_model", None)  # CLIPModel, SiglipModel: the image half
     if vision is not None and hasattr(model, "text_model"):
         return vision
@@ -87,7 +90,7 @@ def tower_normalisation(name_or_path: str) -> tuple[list[float], list[float]]:
 class HuggingFaceVisionEncoder(VisionEncoder):
     """A pretrained transformers vision model, frozen by default (`vision.freeze_backbone`)."""
 
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: VisionConfig, allow_pickle: bool = False):
         tower = tower_config(config.name)
         preset = _preset(tower)
         fixed = ("patch_size",) if is_convolutional(tower) else ("image_size", "patch_size")
@@ -99,7 +102,8 @@ class HuggingFaceVisionEncoder(VisionEncoder):
             )
         super().__init__(config)
         self.frozen = config.freeze_backbone
-        self.tower = pretrained(load_vision_tower(config.name)).requires_grad_(not self.frozen)
+        weights = load_vision_tower(config.name, allow_pickle)
+        self.tower = pretrained(weights).requires_grad_(not self.frozen)
         self.patches = (config.image_size // config.patch_size) ** 2
         mean, std = tower_normalisation(config.name)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

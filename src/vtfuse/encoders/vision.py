@@ -269,14 +269,14 @@ class ViTEncoder(VisionEncoder):
         return self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, h·w, dim)
 
 
-def create_vision_encoder(config: VisionConfig) -> VisionEncoder:
+def create_vision_encoder(config: VisionConfig, allow_pickle: bool = False) -> VisionEncoder:
     """A registered encoder by name; any other name is a Hugging Face vision model (hub name
-    or local folder)."""
+    or local folder), loaded from pickle weights only if `allow_pickle`."""
     if config.name in VISION_ENCODERS:
         return VISION_ENCODERS.get(config.name)(config)
     from vtfuse.encoders.hf_vision import HuggingFaceVisionEncoder
 
-    return HuggingFaceVisionEncoder(config)
+    return HuggingFaceVisionEncoder(config, allow_pickle)
 
 
 def vision_preset(name: str) -> dict[str, int]:

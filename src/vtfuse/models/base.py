@@ -37,9 +37,10 @@ class CheckpointError(ValueError):
 class TaskModel(nn.Module):
     task: str
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
+        """`allow_pickle`: a pretrained vision tower (or LM) may load from pickle weights."""
         super().__init__()
-        self.vision = create_vision_encoder(config.vision)
+        self.vision = create_vision_encoder(config.vision, allow_pickle=allow_pickle)
         # as the encoder was built: its own defaults (vision.depth) written in, so a saved model
         # keeps them whatever later versions default to
         self.config = dataclasses.replace(config, vision=self.vision.config)
@@ -281,6 +282,45 @@ def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, Tens
     return _tensors_by_name(loaded, path)
 
 
+def from_pretrained(loader: Any, name_or_path: str, allow_pickle: bool = False, **options):
+    """`loader.from_pretrained(name_or_path, **options)` (a `transformers` Auto class) under
+    vtfuse's pickle rule: safetensors only (`use_safetensors=True`) unless `allow_pickle`, so
+    a pretrained LM or vision tower whose folder or hub repo holds only pytorch_model.bin is
+    refused, naming the file, instead of unpickled. With `allow_pickle`, transformers' own
+    choice (`use_safetensors=None`: safetensors if there, else the pickle file, which it reads
+    with torch.load(weights_only=True)); `False` would ignore safetensors weights."""
+    use_safetensors = None if allow_pickle else True
+    try:
+        return loader.from_pretrained(name_or_path, use_safetensors=use_safetensors, **options)
+    except OSError:
+        pickled = None if allow_pickle else _pretrained_pickle_file(name_or_path)
+        if pickled is None:
+            raise
+        refusal = pickle_refusal(pickled)
+        raise CheckpointError(f"{name_or_path}: no safetensors weights; {refusal}") from None
+
+
+def _pretrained_pickle_file(name_or_path: str) -> Path | None:
+    """The pickle weights a pretrained model offers when it has no safetensors: a local
+    folder's pickle file, or a hub repo's pytorch_model.bin (asked without downloading it)."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        has_safetensors = any(folder.glob("*.safetensors")) or any(
+            folder.glob("*.safetensors.index.json")
+        )
+        found = pickle_files(folder)
+        return None if has_safetensors or not found else found[0]
+    from transformers.utils import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, has_file
+
+    for name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME):
+        try:
+            if has_file(name_or_path, name):
+                return Path(name_or_path) / name
+        except OSError:  # not a repo, or the hub cannot be asked: transformers' error stands
+            return None
+    return None
+
+
 def _tensors_by_name(loaded: Any, path: Path) -> dict[str, Tensor]:
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]  # a Lightning-style checkpoint
@@ -350,9 +390,10 @@ def _written_by(data: dict[str, Any]) -> str:
     return f" (written by vtfuse {written}; this is vtfuse {__version__})"
 
 
-def create_model(config: ModelConfig) -> TaskModel:
+def create_model(config: ModelConfig, allow_pickle: bool = False) -> TaskModel:
     """The task's model; with `config.lm.name`, the task around that pretrained LM
-    (registered as "<task>_lm")."""
+    (registered as "<task>_lm"). A pretrained LM or vision tower it names is loaded from
+    safetensors only, unless `allow_pickle` (see `from_pretrained`)."""
     if config.lm.name and config.text.encoder != TextConfig.encoder:
         raise ValueError(
             f"text.encoder {config.text.encoder!r} chooses vtfuse's own text side, which the "
@@ -363,7 +404,8 @@ def create_model(config: ModelConfig) -> TaskModel:
             f"losses and loss_weights choose the terms of the joint model (task 'joint'); "
             f"task {config.task!r} has its own loss"
         )
-    return TASKS.get(f"{config.task}_lm" if config.lm.name else config.task)(config)
+    task = TASKS.get(f"{config.task}_lm" if config.lm.name else config.task)
+    return task(config, allow_pickle=allow_pickle)
 
 
 def load_pretrained(
@@ -371,12 +413,13 @@ def load_pretrained(
 ) -> tuple[TaskModel, AnyTokenizer]:
     """Load a model folder written by `save_pretrained`: config.json and model.safetensors.
     A folder with a pickle file instead (pytorch_model.bin, *.pt, ...) is refused unless
-    `allow_pickle`, and then read with `torch.load(weights_only=True)`."""
+    `allow_pickle`, and then read with `torch.load(weights_only=True)`; so are the weights of
+    a pretrained LM or vision tower the config names."""
     folder = Path(folder)
     config, version = read_checkpoint_config(folder)
     weights = weights_file(folder, allow_pickle)
     try:
-        model = create_model(config)
+        model = create_model(config, allow_pickle)
     except ValueError as error:  # e.g. an unknown task, or sizes that do not fit together
         raise CheckpointError(f"{folder / CONFIG_FILE}: {error}") from None
     missing, unexpected = model.load_weights(weights, allow_pickle, version)

@@ -74,8 +74,8 @@ class CaptionDecoding:
 class Captioner(CaptionDecoding, TaskModel):
     task = "caption"
 
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
+        super().__init__(config, allow_pickle=allow_pickle)
         self.text = FusedTextTransformer(config.text, self.vision.dim, config.fusion, causal=True)
         self.lm_head = nn.Linear(config.text.dim, config.text.vocab_size, bias=False)
         self.lm_head.weight = self.text.token_embedding.weight  # weight tying (Press & Wolf 2017)

@@ -116,9 +116,10 @@ class JointModel(CaptionDecoding, RetrievalModel):
 
     task = "joint"
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
         weights = loss_weights(config.losses, config.loss_weights)
-        super().__init__(config)  # vision encoder, text encoder, ITC and ITM parts
+        # vision encoder, text encoder, ITC and ITM parts
+        super().__init__(config, allow_pickle=allow_pickle)
         self.weights = weights
         self.decoder = FusedTextTransformer(
             config.text, self.vision.dim, config.fusion, causal=True

@@ -31,7 +31,7 @@ from vtfuse.fusion.base import gather_images
 from vtfuse.fusion.resampler import PerceiverResampler
 from vtfuse.grad_checkpointing import train_checkpointing_layers
 from vtfuse.models import across_ranks
-from vtfuse.models.base import TASKS, TaskModel
+from vtfuse.models.base import TASKS, TaskModel, from_pretrained
 from vtfuse.models.vqa import AnswerClassifier, answer_head, masked_mean
 
 
@@ -201,8 +201,9 @@ def _quiet_loading() -> Iterator[None]:
         logging.enable_progress_bar()
 
 
-def load_causal_lm(name_or_path: str) -> nn.Module:
-    """A `transformers` causal LM by hub name, local folder or packaged short name ("minilm").
+def load_causal_lm(name_or_path: str, allow_pickle: bool = False) -> nn.Module:
+    """A `transformers` causal LM by hub name, local folder or packaged short name ("minilm"),
+    from safetensors weights (pickle ones only if `allow_pickle`: see `from_pretrained`).
 
     A checkpoint saved as an encoder (BERT's `BertModel`, a sentence encoder) becomes a decoder
     with `is_decoder=True`: a causal mask, as VisionEncoderDecoder's BERT decoders and BLIP's
@@ -216,17 +217,22 @@ def load_causal_lm(name_or_path: str) -> nn.Module:
     encoder = "CausalLM" not in saved_as and "LMHead" not in saved_as
     options = {"is_decoder": True} if encoder and hasattr(config, "is_decoder") else {}
     with _quiet_loading():
-        lm, info = transformers.AutoModelForCausalLM.from_pretrained(
-            path, output_loading_info=True, **options
+        lm, info = from_pretrained(
+            transformers.AutoModelForCausalLM,
+            path,
+            allow_pickle,
+            output_loading_info=True,
+            **options,
         )
     return _named(lm, name_or_path, info)
 
 
-def load_text_encoder(name_or_path: str) -> nn.Module:
+def load_text_encoder(name_or_path: str, allow_pickle: bool = False) -> nn.Module:
     """The LM's body without a head (`AutoModel`): BERT reads a question both ways."""
+    path = resolve_lm(name_or_path)
     with _quiet_loading():
-        model, info = _transformers().AutoModel.from_pretrained(
-            resolve_lm(name_or_path), output_loading_info=True
+        model, info = from_pretrained(
+            _transformers().AutoModel, path, allow_pickle, output_loading_info=True
         )
     return _named(model, name_or_path, info)
 
@@ -282,8 +288,8 @@ class PretrainedTextModel(TaskModel):
 
     causal = False  # a causal LM (a caption decoder): its fusion blocks see no later word
 
-    def __init__(self, config: ModelConfig, lm: nn.Module):
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, lm: nn.Module, *, allow_pickle: bool = False):
+        super().__init__(config, allow_pickle=allow_pickle)
         self.lm = lm.requires_grad_(not config.lm.freeze)
         for name in getattr(lm, "new_weights", ()):
             lm.get_parameter(name).requires_grad_(True)
@@ -358,8 +364,12 @@ class LMQuestionAnswerer(AnswerClassifier, PretrainedTextModel):
     """A pretrained text encoder (BERT, MiniLM, or an LM's body) reads the question with
     fusion blocks between its layers; the mean of its states is classified over the answers."""
 
-    def __init__(self, config: ModelConfig, lm: nn.Module | None = None):
-        super().__init__(config, lm if lm is not None else load_text_encoder(config.lm.name))
+    def __init__(
+        self, config: ModelConfig, lm: nn.Module | None = None, *, allow_pickle: bool = False
+    ):
+        if lm is None:
+            lm = load_text_encoder(config.lm.name, allow_pickle)
+        super().__init__(config, lm, allow_pickle=allow_pickle)
         self.head = answer_head(self.lm.config.hidden_size, config.num_answers)
 
     def forward(
@@ -396,8 +406,12 @@ class LMCaptioner(PretrainedTextModel):
 
     task = "caption"
 
-    def __init__(self, config: ModelConfig, lm: nn.Module | None = None):
-        super().__init__(config, lm if lm is not None else load_causal_lm(config.lm.name))
+    def __init__(
+        self, config: ModelConfig, lm: nn.Module | None = None, *, allow_pickle: bool = False
+    ):
+        if lm is None:
+            lm = load_causal_lm(config.lm.name, allow_pickle)
+        super().__init__(config, lm, allow_pickle=allow_pickle)
         settings = config.lm
         self.image_token_id = settings.image_token_id if settings.image_token_id >= 0 else None
         self.attend_to_all_images = settings.attend_to_all_images

@@ -35,8 +35,8 @@ from vtfuse.models.vqa import masked_mean
 class RetrievalModel(TaskModel):
     task = "retrieval"
 
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
+        super().__init__(config, allow_pickle=allow_pickle)
         dim = config.text.dim
         self.text = FusedTextTransformer(config.text, self.vision.dim, config.fusion, causal=False)
         self.cls = nn.Parameter(torch.randn(1, 1, dim))

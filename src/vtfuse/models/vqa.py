@@ -61,8 +61,8 @@ def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
 
 @TASKS.register("vqa")
 class VQAModel(AnswerClassifier):
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
+        super().__init__(config, allow_pickle=allow_pickle)
         dim = config.text.dim
         self.text = FusedTextTransformer(config.text, self.vision.dim, config.fusion, causal=False)
         self.cls = nn.Parameter(torch.randn(1, 1, dim))  # unit scale, as the scaled embeddings

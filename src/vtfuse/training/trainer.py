@@ -338,7 +338,8 @@ def train(
     allow_pickle: bool = False,
 ) -> TrainResult:
     """Train a `task` model on a JSONL file; everything lands in the run folder `out`.
-    `allow_pickle`: `--resume` and `init_from` may read pickle weights (see load_pretrained)."""
+    `allow_pickle`: `--resume` and `init_from`, and the pretrained LM or vision tower the
+    model config names, may read pickle weights (see load_pretrained)."""
     out = Path(out)
     config = config or TrainConfig()
     started = time.monotonic()
@@ -376,7 +377,7 @@ def train(
             # each caption's start token opens its image: few-shot prompts interleave them
             lm = dataclasses.replace(model_config.lm, image_token_id=tokenizer.bos_id)
             model_config = dataclasses.replace(model_config, lm=lm)
-        model = create_model(model_config)
+        model = create_model(model_config, allow_pickle)
         if config.init_from:
             source = resolve_model_folder(config.init_from)
             copied = warm_start(model, tokenizer, source, allow_pickle)
