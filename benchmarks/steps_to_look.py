@@ -1,0 +1,122 @@
+"""How many steps until a VQA model trained from scratch looks, and at what: one variant at a time.
+
+    python benchmarks/steps_to_look.py TRAIN.jsonl VAL.jsonl --name NAME [--kinds shape,...]
+        [--steps 1000] [--every 250] [--model '{"vision": {"depth": 1}}'] [--seed 0]
+
+Trains vtfuse's default VQA model on TRAIN's questions (of `--kinds` only, when given; every
+setting the library's default, the model's fields overridden by `--model`, a JSON object of
+ModelConfig parts) for `--steps` steps, the learning-rate schedule laid over those steps, and
+every `--every` steps records on VAL: the accuracy per question kind (the lines' `"kind"`), the
+gradient norm reaching the vision encoder, the image tokens' spread across images and the
+attention entropy (see `blindness.py`). Counted in steps, not minutes, so the machine's load
+does not change the figures. Appends the curve to `benchmarks/results/steps_to_look.json`
+under NAME.
+
+Used for the default `vision.depth` (no Transformer layer after a CNN): on the "what shape is
+the red object?" questions of `vtfuse synth --style sort-of-clevr`, depth 0 against 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+from blindness import grad_norm, probe
+from torch.utils.data import DataLoader
+
+from vtfuse.config import ModelConfig, TrainConfig
+from vtfuse.data.dataset import collate, load_records, read_jsonl, task_dataset
+from vtfuse.models.base import create_model
+from vtfuse.training.trainer import (
+    build_tokenizer,
+    epoch_batches,
+    make_optimizer,
+    seed_everything,
+    warmup_cosine,
+)
+
+RESULTS = Path(__file__).parent / "results" / "steps_to_look.json"
+
+
+def of_kinds(records: list, kinds: str) -> list:
+    """The records whose `"kind"` is one of the comma-separated `kinds` (all when empty)."""
+    wanted = set(filter(None, kinds.split(",")))
+    return [r for r in records if not wanted or r.fields.get("kind") in wanted]
+
+
+def model_config(overrides: dict, vocabulary: int, answers: int) -> ModelConfig:
+    base = ModelConfig()
+    parts = {
+        part: dataclasses.replace(getattr(base, part), **overrides.get(part, {}))
+        for part in ("vision", "text", "fusion")
+    }
+    parts["text"] = dataclasses.replace(parts["text"], vocab_size=vocabulary)
+    return dataclasses.replace(base, task="vqa", num_answers=answers, **parts)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    config = dataclasses.replace(TrainConfig(), seed=args.seed)
+    seed_everything(args.seed)
+    records = of_kinds(read_jsonl(args.train, "vqa"), args.kinds)
+    tokenizer = build_tokenizer("vqa", records, ModelConfig())
+    overrides = json.loads(args.model)
+    model = create_model(model_config(overrides, len(tokenizer), len(tokenizer.answers))).train()
+    size, length = model.config.vision.image_size, model.config.text.max_length
+
+    def dataset(rows):
+        return task_dataset("vqa", load_records(rows, size, False, False, 1), tokenizer, length)
+
+    train_set = dataset(records)
+    val_records = of_kinds(read_jsonl(args.val, "vqa"), args.kinds)
+    loader = DataLoader(dataset(val_records), batch_size=256, collate_fn=collate)
+    kinds = [record.fields.get("kind", "") for record in val_records]
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps, config))
+    curve, step = [], 0
+    for epoch in range(math.ceil(args.steps * config.batch_size / len(train_set)) + 1):
+        for batch in epoch_batches(train_set, epoch, 0, config):
+            model.training_loss(batch).backward()
+            vision_grad = grad_norm(model, True)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % args.every == 0:
+                entry = {"step": step, "vision_grad": vision_grad, **probe(model, loader, kinds)}
+                curve.append({k: round(v, 4) for k, v in entry.items()})
+                print(json.dumps({"name": args.name, **curve[-1]}), flush=True)
+            if step == args.steps:
+                return curve
+    return curve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("train", type=Path)
+    parser.add_argument("val", type=Path)
+    parser.add_argument("--name", required=True, help="the variant's key in the result file")
+    parser.add_argument("--kinds", default="", help="question kinds to keep, comma-separated")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--model", default="{}", help="ModelConfig overrides, a JSON object")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    curve = run(args)
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    command = ["python benchmarks/steps_to_look.py", args.train.name, args.val.name]
+    command += ["--name", args.name, *(["--kinds", args.kinds] if args.kinds else [])]
+    command += ["--steps", str(args.steps), "--model", f"'{args.model}'"]
+    results[args.name] = {"command": " ".join(command), "seed": args.seed, "curve": curve}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out} ({args.name})")
+
+
+if __name__ == "__main__":
+    main()
