@@ -13,7 +13,8 @@ does not change the figures. Appends the curve to `benchmarks/results/steps_to_l
 under NAME.
 
 Used for the default `vision.depth` (no Transformer layer after a CNN): on the "what shape is
-the red object?" questions of `vtfuse synth --style sort-of-clevr`, depth 0 against 1.
+the red object?" questions of `vtfuse synth --style sort-of-clevr` (`--kinds shape`), depth 0
+against 1: `--name shape_depth0 --model '{"vision": {"depth": 0}}'` and the same with 1.
 """
 
 from __future__ import annotations
