@@ -17,7 +17,6 @@ from vtfuse.generation import beam_search, greedy
 from vtfuse.models.base import (
     CheckpointError,
     create_model,
-    from_pretrained,
     load_pretrained,
     warm_start,
 )
@@ -29,6 +28,7 @@ from vtfuse.models.pretrained_lm import (
     load_lm_tokenizer,
     load_text_encoder,
 )
+from vtfuse.weights import from_pretrained
 
 VOCAB, BOS, EOS = 64, 1, 2
 VISION = VisionConfig(image_size=24, channels=(8, 8, 16), dim=16, depth=0, heads=2)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from vtfuse.config import VisionConfig
 from vtfuse.encoders.vision import VISION_ENCODERS, VisionEncoder, pretrained
-from vtfuse.models.base import from_pretrained
+from vtfuse.weights import from_pretrained
 
 
 def _transformers():
@@ -63,7 +63,7 @@ def _preset(config) -> dict[str, int]:
 
 def load_vision_tower(name_or_path: str, allow_pickle: bool = False) -> nn.Module:
     """The tower's weights, from safetensors (pickle ones only if `allow_pickle`: see
-    `vtfuse.models.base.from_pretrained`)."""
+    `vtfuse.weights.from_pretrained`)."""
     model = from_pretrained(_transformers().AutoModel, name_or_path, allow_pickle)
     vision = getattr(model, "vision_model", None)  # CLIPModel, SiglipModel: the image half
     if vision is not None and hasattr(model, "text_model"):

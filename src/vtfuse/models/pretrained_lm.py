@@ -31,8 +31,9 @@ from vtfuse.fusion.base import gather_images
 from vtfuse.fusion.resampler import PerceiverResampler
 from vtfuse.grad_checkpointing import train_checkpointing_layers
 from vtfuse.models import across_ranks
-from vtfuse.models.base import TASKS, TaskModel, from_pretrained
+from vtfuse.models.base import TASKS, TaskModel
 from vtfuse.models.vqa import AnswerClassifier, answer_head, masked_mean
+from vtfuse.weights import from_pretrained
 
 
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vtfuse.models.base import CONFIG_FILE, CheckpointError, pickle_files, pickle_refusal
+from vtfuse.models.base import CONFIG_FILE
+from vtfuse.weights import CheckpointError, pickle_files, pickle_refusal
 
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
 

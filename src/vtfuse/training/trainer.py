@@ -437,10 +437,8 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if last_dir is not None:
-        state = {
-            "seconds": 0.0,
-            **load_training_state(last_dir, optimizer, scheduler, engine.load_optimizer_state),
-        }
+        # a state saved before "seconds" existed keeps the 0.0 above
+        state |= load_training_state(last_dir, optimizer, scheduler, engine.load_optimizer_state)
         say(f"resumed from {last_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
     elif parallel.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -544,10 +542,10 @@ def train(
                         }
                     )
                 out_of_time = config.max_minutes > 0 and elapsed() > 60 * config.max_minutes
-                if epochs is None and parallel.any(out_of_time):
-                    spent = True  # the planned end: validated and saved as an epoch's
-                    break
-                if parallel.any(out_of_time or stop.raised):
+                if parallel.any(out_of_time or stop.raised):  # one collective a step
+                    if epochs is None and not parallel.any(stop.raised):
+                        spent = True  # the planned end: validated and saved as an epoch's
+                        break
                     reason = "time limit" if out_of_time else "signal"
                     say(f"stopping at step {state['step']} ({reason}); resume with --resume")
                     stopped = True
