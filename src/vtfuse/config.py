@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 DEFAULT_EPOCHS = 10  # `TrainConfig.epochs` 0 without a time budget
-FORMAT_VERSION = 3  # bump when a saved checkpoint can no longer be read by this code
+FORMAT_VERSION = 4  # bump when a saved checkpoint can no longer be read by this code
 
 C = TypeVar("C")
 
@@ -38,6 +38,9 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     freeze_backbone: bool = True  # a pretrained encoder (efficientnet-lite0) keeps its weights
+    # cnn/resnet/vgg: add to each token a linear embedding of its own pixels and their x, y
+    # coordinates, so colour and place reach the fusion from the first step (ConvStemEncoder)
+    pixel_shortcut: bool = True
     frames: int = 1  # frames read per video clip (1: still images; a clip gives its middle frame)
 
 

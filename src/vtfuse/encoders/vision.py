@@ -156,7 +156,24 @@ class VisionEncoder(Checkpointable, nn.Module):
 
 class ConvStemEncoder(VisionEncoder):
     """A CNN of one stage per halving (`stem`, ending in a 1×1 conv to `dim`): its last
-    feature map, row by row, is the token grid."""
+    feature map, row by row, is the token grid.
+
+    A **pixel shortcut** is added to the CNN's features: a linear embedding of each token's own
+    patch_size × patch_size pixels and of their x, y coordinates (-1 to 1; CoordConv, Liu et
+    al. 2018), ViT's patch embedding, taken around the whole stem as a residual stage's
+    projection shortcut is (He et al. 2016). A token's colours and its place then reach the
+    attention linearly from the first step, whatever the CNN has learned so far: "red" can
+    find red, and read where it is, before the CNN knows a circle from a square.
+
+    Why, measured (VQA from scratch on Sort-of-CLEVR, 9800 images, default model, 10 minutes
+    on one core; the runs are in the note of issue 15): without the shortcut, "is the red
+    object on the left or the right?" stayed at chance (0.52 at 5900 steps; 0.62 for the
+    plain CNN); a ViT's linear patches answered it (0.99) but not the shape questions (0.61),
+    which the CNN's features answer. With a shortcut of pixels only, shape 0.995 and place at
+    chance; with coordinates fed to the whole CNN too, place 0.99 but shape stalled at 0.58 in
+    three seeds out of three; with the coordinates in the shortcut only (this), place 0.99 in
+    both seeds and, in one, shape 0.997 and overall 0.88 (the other still learning shape).
+    """
 
     stem: nn.Sequential
     # No Transformer layer after the CNN unless asked: its convolutions already relate
@@ -169,9 +186,25 @@ class ConvStemEncoder(VisionEncoder):
     def __init__(self, config: VisionConfig):
         super().__init__(config)
         _stages(config)
+        self.pixel_shortcut = None
+        if config.pixel_shortcut:
+            patch = config.patch_size
+            self.pixel_shortcut = nn.Conv2d(3 + 2, config.dim, patch, stride=patch)  # RGB, x, y
 
     def tokenise(self, images: Tensor) -> Tensor:
-        return self.stem(images).flatten(2).transpose(1, 2)  # (B, dim, h, w) → (B, h·w, dim)
+        features = self.stem(images)  # (B, dim, h, w)
+        if self.pixel_shortcut is not None:
+            features = features + self.pixel_shortcut(with_coordinates(images))
+        return features.flatten(2).transpose(1, 2)  # (B, h·w, dim)
+
+
+def with_coordinates(images: Tensor) -> Tensor:
+    """(B, C, H, W) → (B, C + 2, H, W): each pixel's x, then y, from -1 to 1 (CoordConv)."""
+    batch, _, height, width = images.shape
+    ys = torch.linspace(-1, 1, height, device=images.device, dtype=images.dtype)
+    xs = torch.linspace(-1, 1, width, device=images.device, dtype=images.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W)
+    return torch.cat([images, grid.expand(batch, -1, -1, -1)], dim=1)
 
 
 @VISION_ENCODERS.register("cnn")

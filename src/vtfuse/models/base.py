@@ -202,8 +202,16 @@ def _from_format_2(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tens
     return {n: t.t().contiguous() if n in names else t for n, t in saved.items()}
 
 
+def _from_format_3(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Format 3 → 4: the CNN encoders gained a pixel shortcut (see `ConvStemEncoder`). An old
+    model's is zero, so the upgraded model computes what it did."""
+    own = model.state_dict()
+    missing = {n: torch.zeros_like(t) for n, t in own.items() if ".pixel_shortcut." in n}
+    return {**{n: t for n, t in missing.items() if n not in saved}, **saved}
+
+
 # UPGRADES[v] turns weights written in format v into format v + 1; older formats are refused
-UPGRADES = {2: _from_format_2}
+UPGRADES = {2: _from_format_2, 3: _from_format_3}
 
 
 def _shape_mismatches(own: dict[str, Tensor], saved: dict[str, Tensor]) -> list[str]:
