@@ -189,22 +189,32 @@ class ConvStemEncoder(VisionEncoder):
         self.pixel_shortcut = None
         if config.pixel_shortcut:
             patch = config.patch_size
-            self.pixel_shortcut = nn.Conv2d(3 + 2, config.dim, patch, stride=patch)  # RGB, x, y
+            # input channels R, G, B, x, y
+            self.pixel_shortcut = nn.Conv2d(3 + 2, config.dim, patch, stride=patch)
 
     def tokenise(self, images: Tensor) -> Tensor:
         features = self.stem(images)  # (B, dim, h, w)
         if self.pixel_shortcut is not None:
-            features = features + self.pixel_shortcut(with_coordinates(images))
+            features = features + self.shortcut(images)
         return features.flatten(2).transpose(1, 2)  # (B, h·w, dim)
 
+    def shortcut(self, images: Tensor) -> Tensor:
+        """The pixel shortcut of (B, 3, H, W) images → (B, dim, h, w). The conv is linear, so
+        its x, y part is the same for every image: computed once on one grid, then broadcast,
+        rather than convolving two constant channels of each image."""
+        conv = self.pixel_shortcut
+        colours, place = conv.weight[:, :3], conv.weight[:, 3:]
+        grid = coordinates(*images.shape[-2:], images)[None]  # (1, 2, H, W)
+        stride = conv.stride
+        return F.conv2d(images, colours, conv.bias, stride) + F.conv2d(grid, place, None, stride)
 
-def with_coordinates(images: Tensor) -> Tensor:
-    """(B, C, H, W) → (B, C + 2, H, W): each pixel's x, then y, from -1 to 1 (CoordConv)."""
-    batch, _, height, width = images.shape
-    ys = torch.linspace(-1, 1, height, device=images.device, dtype=images.dtype)
-    xs = torch.linspace(-1, 1, width, device=images.device, dtype=images.dtype)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W)
-    return torch.cat([images, grid.expand(batch, -1, -1, -1)], dim=1)
+
+def coordinates(height: int, width: int, like: Tensor) -> Tensor:
+    """(2, height, width): each pixel's x, then y, from -1 to 1 (CoordConv's channels), on
+    `like`'s device and dtype."""
+    ys = torch.linspace(-1, 1, height, device=like.device, dtype=like.dtype)
+    xs = torch.linspace(-1, 1, width, device=like.device, dtype=like.dtype)
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"))
 
 
 @VISION_ENCODERS.register("cnn")

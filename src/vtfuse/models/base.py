@@ -205,9 +205,12 @@ def _from_format_2(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tens
 def _from_format_3(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tensor]:
     """Format 3 → 4: the CNN encoders gained a pixel shortcut (see `ConvStemEncoder`). An old
     model's is zero, so the upgraded model computes what it did."""
-    own = model.state_dict()
-    missing = {n: torch.zeros_like(t) for n, t in own.items() if ".pixel_shortcut." in n}
-    return {**{n: t for n, t in missing.items() if n not in saved}, **saved}
+    added = {
+        name: torch.zeros_like(tensor)
+        for name, tensor in model.state_dict().items()
+        if ".pixel_shortcut." in name and name not in saved
+    }
+    return {**saved, **added}
 
 
 # UPGRADES[v] turns weights written in format v into format v + 1; older formats are refused
