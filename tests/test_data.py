@@ -362,6 +362,23 @@ def test_grouped_order_keeps_an_images_examples_together():
     assert again == order
 
 
+def test_grouped_order_caps_the_examples_of_an_image_a_group():
+    """20 questions an image, groups of at most 4: every example once, and a batch of 64 then
+    holds about 16 images (two groups of one image may meet), not 3 as whole groups do."""
+    image_ids = [i // 20 for i in range(4000)]
+
+    def images_a_batch(order: list[int]) -> list[int]:
+        return [len({image_ids[i] for i in order[s : s + 64]}) for s in range(0, 3968, 64)]
+
+    order = grouped_order(image_ids, torch.Generator().manual_seed(1), per_group=4)
+    assert sorted(order) == list(range(4000))
+    assert min(images_a_batch(order)) >= 14 and max(images_a_batch(order)) <= 17
+    whole = grouped_order(image_ids, torch.Generator().manual_seed(1))
+    assert max(images_a_batch(whole)) <= 5
+    with pytest.raises(ValueError, match="examples_per_image"):
+        grouped_order(image_ids, torch.Generator(), per_group=-1)
+
+
 def test_caption_and_vqa_datasets(tmp_path):
     save_image(tmp_path / "a.png")
     caption_file = write_jsonl(

@@ -275,6 +275,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="examples per step (per process)")
     p.add_argument("--grad-accum", type=int, help="batches per optimiser step")
     p.add_argument(
+        "--examples-per-image",
+        type=int,
+        help="at most this many of one image's examples together in a batch (default 4; 0: all)",
+    )
+    p.add_argument(
         "--nproc",
         type=int,
         default=1,
@@ -334,6 +339,7 @@ TRAIN_FLAGS = (
     "max_minutes",
     "batch_size",
     "grad_accum",
+    "examples_per_image",
     "lr",
     "label_smoothing",
     "seed",

@@ -498,18 +498,32 @@ def warn_long_texts(
     cut.warn(TEXTS[task])
 
 
-def grouped_order(image_ids: list[int], generator: torch.Generator) -> list[int]:
-    """A shuffled order of examples in which the examples of one image stand together, so a
-    batch encodes each of its images once however many questions or captions it has."""
+def grouped_order(
+    image_ids: list[int], generator: torch.Generator, per_group: int = 0
+) -> list[int]:
+    """A shuffled order of examples in groups of one image's examples, at most `per_group` a
+    group (0: all of them), so a batch encodes each of its images once however many of its
+    questions or captions it holds.
+
+    Why cap the groups: a batch of 64 questions drawn 20 to an image shows the vision encoder
+    3 images a step, and its gradient is that noisy. Measured (VQA from scratch on 9800
+    Sort-of-CLEVR images, default model, 10 minutes on one core, seed 0; issue 15's note):
+    whole groups learned place (0.99) but shape stalled at 0.60 (overall 0.66); groups of 4
+    (16 images a batch, 1.4× the time a step) learned shape to 1.000 by step 3000, overall
+    0.85; examples shuffled one by one (64 images a step, 3.6× the time) reached 0.59."""
+    if per_group < 0:
+        raise ValueError(f"examples_per_image must be 0 (all) or more, got {per_group}")
     by_image: dict[int, list[int]] = {}
     for example, image_id in enumerate(image_ids):
         by_image.setdefault(image_id, []).append(example)
-    images = list(by_image)
-    order = []
-    for i in torch.randperm(len(images), generator=generator).tolist():
-        examples = by_image[images[i]]
-        order += [examples[j] for j in torch.randperm(len(examples), generator=generator).tolist()]
-    return order
+    groups: list[list[int]] = []
+    for examples in by_image.values():
+        permutation = torch.randperm(len(examples), generator=generator).tolist()
+        shuffled = [examples[j] for j in permutation]
+        size = per_group or len(shuffled)
+        groups += [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
+    shuffled_groups = torch.randperm(len(groups), generator=generator).tolist()
+    return [example for g in shuffled_groups for example in groups[g]]
 
 
 def pad_tokens(sequences: list[Tensor] | list[list[int]]) -> tuple[Tensor, Tensor]:

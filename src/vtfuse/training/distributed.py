@@ -116,12 +116,13 @@ class Distributed:
 
 class GlobalBatchSampler(DistributedSampler):
     """torch's DistributedSampler (`set_epoch` reseeds the shuffle every epoch) in the order
-    vtfuse trains on: an image's examples stand together (`grouped_order`: a batch encodes each
-    image once), and each rank takes its contiguous slice of every global batch of
-    `world × batch_size` — not every N-th example — so N ranks with batch B read exactly the
-    batches one process with batch N·B would. A last global batch too small to give every rank
-    a full share is dropped (all ranks step together); one process keeps everything. The first
-    `skip` batches of the epoch are left out (resuming mid-epoch)."""
+    vtfuse trains on: an image's examples stand together, at most `per_image` a group
+    (`grouped_order`: a batch encodes each image once), and each rank takes its contiguous
+    slice of every global batch of `world × batch_size` — not every N-th example — so N ranks
+    with batch B read exactly the batches one process with batch N·B would. A last global
+    batch too small to give every rank a full share is dropped (all ranks step together); one
+    process keeps everything. The first `skip` batches of the epoch are left out (resuming
+    mid-epoch)."""
 
     def __init__(
         self,
@@ -131,11 +132,13 @@ class GlobalBatchSampler(DistributedSampler):
         shuffle: bool = True,
         seed: int = 0,
         skip: int = 0,
+        per_image: int = 0,
     ):
         super().__init__(
             image_ids, num_replicas=parallel.world, rank=parallel.rank, shuffle=shuffle, seed=seed
         )
         self.image_ids, self.batch_size, self.skip = image_ids, batch_size, skip
+        self.per_image = per_image
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._mine()[self.skip * self.batch_size :])
@@ -148,7 +151,7 @@ class GlobalBatchSampler(DistributedSampler):
         order = list(range(len(self.image_ids)))
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-            order = grouped_order(self.image_ids, generator)
+            order = grouped_order(self.image_ids, generator, self.per_image)
         if self.num_replicas == 1:
             return order
         step = self.batch_size * self.num_replicas

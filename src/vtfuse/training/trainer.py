@@ -268,7 +268,13 @@ def epoch_batches(
         )
         return itertools.islice(loader, skip, None)
     sampler = GlobalBatchSampler(
-        train_set.image_ids, config.batch_size, parallel, config.shuffle, config.seed, skip
+        train_set.image_ids,
+        config.batch_size,
+        parallel,
+        config.shuffle,
+        config.seed,
+        skip,
+        per_image=config.examples_per_image,
     )
     sampler.set_epoch(epoch)
     return DataLoader(
