@@ -2,6 +2,7 @@
 
     python benchmarks/learning.py [--images 9800] [--minutes 30] [--seeds 0,1,2]
                                   [--task vqa|caption] [--out benchmarks/results/learning_vqa.json]
+    python benchmarks/learning.py --merge seed0.json seed1.json --out learning_vqa.json
 
 Writes a Sort-of-CLEVR dataset with the paper's specification (`vtfuse synth --style
 sort-of-clevr`: a generator apart from the quickstart's scenes), then for each seed runs the
@@ -138,6 +139,26 @@ def resummarise(path: Path) -> None:
     print(json.dumps(report["summary"], indent=2))
 
 
+def merge(parts: list[Path], out: Path) -> None:
+    """One result from runs of single seeds made side by side (`--seeds 0` and `--seeds 1` as
+    two processes): their seeds together, the summary recomputed."""
+    reports = [json.loads(part.read_text()) for part in parts]
+    first = reports[0]
+    for report in reports[1:]:
+        for key in ("task", "train_images", "minutes_cap", "train_flags"):
+            if report[key] != first[key]:
+                raise SystemExit(f"cannot merge: {key} differs ({first[key]} vs {report[key]})")
+    seeds = [seed for report in reports for seed in report["seeds"]]
+    merged = {
+        **first,
+        "command": " && ".join(report["command"] for report in reports),
+        "summary": summary(seeds, first["task"]),
+        "seeds": seeds,
+    }
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    print(json.dumps(merged["summary"], indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=tuple(HEADLINE), default="vqa")
@@ -153,9 +174,16 @@ def main() -> None:
         help='more `vtfuse train` flags, e.g. "--epochs 40" (default: none, the defaults)',
     )
     parser.add_argument("--resummarise", type=Path, help="only recompute this file's summary")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="only join these results' seeds into --out"
+    )
     args = parser.parse_args()
     if args.resummarise:
         return resummarise(args.resummarise)
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out")
+        return merge(args.merge, args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     data = dataset(
         args.data or Path(tempfile.gettempdir()) / f"sort-of-clevr-{args.images}",
