@@ -187,16 +187,19 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_two_process_run_killed_with_sigkill_resumes_to_identical_weights(questions, tmp_path):
-    """DDP over 2 processes; rank 0 is SIGKILLed at step 7 (the last checkpoint: step 6);
-    torchrun takes the other down; `--resume --nproc 2` ends bit for bit where a run never
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_a_two_process_run_killed_with_sigkill_resumes_to_identical_weights(
+    questions, tmp_path, sharding
+):
+    """DDP or FSDP over 2 processes; rank 0 is SIGKILLed at step 7 (the last checkpoint: step
+    6); torchrun takes the other down; `--resume --nproc 2` ends bit for bit where a run never
     interrupted ends."""
     import subprocess
     import sys
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**TINY, "train": {"save_every": 2}}))
-    args = ["train", "--task", "vqa", "--train", str(questions / "train.jsonl")]
+    args = ["train", "--task", "vqa", "--train", str(questions / "train.jsonl"), *sharding]
     args += ["--config", str(config), "--epochs", "3", "--batch-size", "8", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "straight"), "--nproc", "2"]) == 0
     killer = tmp_path / "killer.py"

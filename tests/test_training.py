@@ -178,6 +178,61 @@ t.run(t.Path({data!r}), t.Path({out!r}), "vqa", epochs=3, save_every=2)
 """
 
 
+INTERRUPTED_WRITE = """
+import errno, os, signal, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+import test_training as t
+from vtfuse.training import checkpoint
+real, saves = checkpoint.save_file, {{"n": 0}}
+
+def save_file(tensors, path):
+    saves["n"] += 1
+    if saves["n"] == 2:  # the second `last` (step 4): half its optimiser state on disk, then...
+        with open(path, "wb") as handle:
+            handle.write(b"\\0" * 1000)
+        if {disk_full!r}:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(tensors, path)
+
+checkpoint.save_file = save_file
+t.run(t.Path({data!r}), t.Path({out!r}), "vqa", epochs=3, save_every=2)
+"""
+
+
+@pytest.mark.parametrize("disk_full", [False, True], ids=["killed", "disk-full"])
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one(data, tmp_path, disk_full):
+    """The second `last` checkpoint (step 4) is cut off mid-write, by SIGKILL or a full disk:
+    the step-2 checkpoint is still whole, loads, and --resume from it ends bit for bit where a
+    run never interrupted ends."""
+    import subprocess
+    import sys
+
+    from vtfuse.models.base import load_pretrained
+
+    straight = run(data, tmp_path / "straight", "vqa", epochs=3, save_every=2)
+    script = INTERRUPTED_WRITE.format(
+        tests=str(Path(__file__).parent),
+        disk_full=disk_full,
+        data=str(data),
+        out=str(tmp_path / "cut"),
+    )
+    cut = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
+    if disk_full:
+        assert cut.returncode == 1 and b"No space left on device" in cut.stderr
+    else:
+        assert cut.returncode == -9, cut.stderr.decode()[-2000:]
+    state = json.loads((tmp_path / "cut" / "last" / "training_state.json").read_text())
+    assert state["progress"]["step"] == 2
+    load_pretrained(tmp_path / "cut" / "last")
+    resumed = run(data, tmp_path / "cut", "vqa", epochs=3, save_every=2, resume=True)
+    assert resumed.step == straight.step
+    a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_a_run_killed_with_sigkill_resumes_to_identical_weights(data, tmp_path):
     """SIGKILL at step 7 (the last checkpoint: step 6); --resume; the weights end bit for
     bit as those of a run never interrupted."""

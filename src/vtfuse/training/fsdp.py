@@ -40,6 +40,7 @@ from vtfuse.training.distributed import Distributed, TrainingStep
 
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+SHARDED = StateDictOptions(full_state_dict=False)
 
 # A fusion block returns the image stream it was given, a view: FSDP2 warns that an in-place
 # op on it would skip a hook. vtfuse's layers change no activation in place.
@@ -148,7 +149,9 @@ class FullyShardedParallel:
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Cut a whole state dict (parameters by index, as saved) into this rank's shards;
         every rank calls this, with the same `state`."""
-        names = _names(get_optimizer_state_dict(self.step, optimizer, options=WHOLE))
+        # The names from this rank's sharded view: a whole view offloaded to the CPU is
+        # empty on every rank but 0.
+        names = _names(get_optimizer_state_dict(self.step, optimizer, options=SHARDED))
         by_name = {
             "state": {names[int(i)]: slots for i, slots in state["state"].items()},
             "param_groups": [
