@@ -136,3 +136,25 @@ def test_load_run_config_bad_field_names_file_and_field(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected an object, got list"):
         load_run_config(path)
+
+
+def test_importing_the_package_loads_its_parts_only_when_used():
+    """`import vtfuse` imports no torch; a public name brings its own module on first use."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, vtfuse\n"
+        "print('torch' in sys.modules, 'vtfuse.training' in sys.modules)\n"
+        "vtfuse.TrainConfig\n"
+        "print('vtfuse.config' in sys.modules, 'vtfuse.training' in sys.modules)\n"
+        "print(vtfuse.train.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "True", "False", "vtfuse.training.trainer"]
+    import vtfuse
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        vtfuse.nope  # noqa: B018
+    assert set(vtfuse.__all__) <= set(dir(vtfuse))

@@ -287,10 +287,6 @@ class ImageBank:
     original_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height)
     index: dict[Any, int] = field(default_factory=dict)
 
-    def add(self, path: Path) -> int:
-        """A still image's row."""
-        return self.add_visual(VisualSource("image", (path,)))
-
     def add_visual(self, source: VisualSource) -> int:
         """The row of an image, video or frame list, decoded (and sampled) on first sight."""
         key = source.key

@@ -227,10 +227,6 @@ def _shape_mismatches(own: dict[str, Tensor], saved: dict[str, Tensor]) -> list[
     ]
 
 
-def read_model_config(folder: str | Path) -> ModelConfig:
-    return read_checkpoint_config(folder)[0]
-
-
 def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, int]:
     """config.json's model config and the format its weights were written in. A checkpoint
     of a format this version cannot read, a field it does not know or a value of the wrong

@@ -28,7 +28,7 @@ from vtfuse.config import ModelConfig
 from vtfuse.encoders.text import FusedTextTransformer
 from vtfuse.models.base import TASKS, TaskModel
 from vtfuse.models.contrastive import contrastive_loss
-from vtfuse.models.vqa import masked_mean
+from vtfuse.models.vqa import read_with_cls
 
 
 @TASKS.register("retrieval")
@@ -55,19 +55,9 @@ class RetrievalModel(TaskModel):
         image_index: Tensor | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
-        batch = tokens.shape[0]
-        if token_mask is None:
-            token_mask = torch.ones_like(tokens, dtype=torch.bool)
-        token_mask = torch.cat([token_mask.new_ones(batch, 1), token_mask], dim=1)
-        hidden, weights = self.text(
-            tokens,
-            image,
-            token_mask=token_mask,
-            need_weights=need_weights,
-            prefix=self.cls.expand(batch, -1, -1),
-            image_index=image_index,
+        return read_with_cls(
+            self.text, self.cls, tokens, token_mask, image, image_index, need_weights
         )
-        return masked_mean(hidden, token_mask), [w[:, :, 1:] for w in weights]
 
     def embed_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 (I, 3, H, W) → unit embeddings (I, dim), and the image tokens (I, N, d)."""

@@ -59,6 +59,37 @@ def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden * keep).sum(1) / keep.sum(1)
 
 
+def read_with_cls(
+    text: FusedTextTransformer,
+    cls: Tensor,
+    tokens: Tensor,
+    token_mask: Tensor | None,
+    image: Tensor | None,
+    image_index: Tensor | None = None,
+    need_weights: bool = False,
+) -> tuple[Tensor, list[Tensor]]:
+    """A bidirectional reading of the words with a learned [CLS] (1, 1, D) in front: the mean
+    state over [CLS] and the words (B, D), and each block's attention over the image for the
+    words (B, heads, T, N), the [CLS] row dropped. `image` None: the words alone.
+
+    The mean, not [CLS] alone: the loss then reaches each word's own cross-attention directly
+    ("red" learns to look at red) instead of only through [CLS]'s self-attention, which at
+    initialisation barely listens to any word."""
+    batch = tokens.shape[0]
+    if token_mask is None:
+        token_mask = torch.ones_like(tokens, dtype=torch.bool)
+    token_mask = torch.cat([token_mask.new_ones(batch, 1), token_mask], dim=1)
+    hidden, weights = text(
+        tokens,
+        image,
+        token_mask=token_mask,
+        need_weights=need_weights,
+        prefix=cls.expand(batch, -1, -1),
+        image_index=image_index,
+    )
+    return masked_mean(hidden, token_mask), [w[:, :, 1:] for w in weights]
+
+
 @TASKS.register("vqa")
 class VQAModel(AnswerClassifier):
     def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
@@ -79,22 +110,16 @@ class VQAModel(AnswerClassifier):
     ) -> tuple[Tensor, list[Tensor]]:
         """Answer logits (B, num_answers) and, if asked, each block's attention over the image for
         the question tokens (B, heads, T, N) — the [CLS] row is dropped."""
-        batch = tokens.shape[0]
-        if token_mask is None:
-            token_mask = torch.ones_like(tokens, dtype=torch.bool)
-        token_mask = torch.cat([token_mask.new_ones(batch, 1), token_mask], dim=1)
-        hidden, weights = self.text(
+        pooled, weights = read_with_cls(
+            self.text,
+            self.cls,
             tokens,
+            token_mask,
             self.encode_image(images),
-            token_mask=token_mask,
-            need_weights=need_weights,
-            prefix=self.cls.expand(batch, -1, -1),
-            image_index=image_index,
+            image_index,
+            need_weights,
         )
-        # Mean over [CLS] and the question tokens, not [CLS] alone: the loss then reaches each
-        # word's own cross-attention directly ("red" learns to look at red) instead of only
-        # through [CLS]'s self-attention, which at initialisation barely listens to any word.
-        return self.head(masked_mean(hidden, token_mask)), [w[:, :, 1:] for w in weights]
+        return self.head(pooled), weights
 
 
 @TASKS.register("classify")
