@@ -211,3 +211,35 @@ def test_retrieval_endpoints(tmp_path):
                 "/v1/classify", files=image, data={"labels": "red", "template": template}
             )
             assert refused.status_code == 422 and "template" in refused.json()["error"], template
+
+
+@pytest.mark.parametrize("kind", ["multipart/form-data; boundary=b", "application/json"])
+def test_a_client_that_leaves_mid_body_is_no_server_error(kind):
+    """Starlette's ClientDisconnect once reached the catch-all 500 handler, which re-raises:
+    uvicorn logged a traceback for every client that dropped an upload."""
+    body = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + png()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/caption",
+        "raw_path": b"/v1/caption",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", kind.encode()), (b"content-length", b"100000")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    messages = [{"type": "http.request", "body": body[:40], "more_body": True}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(create_app(pipeline("caption"))(scope, receive, send))  # raises nothing
+    assert sent[0]["status"] == 400

@@ -28,6 +28,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
+from starlette.requests import ClientDisconnect
 
 from vtfuse.pipeline import Pipeline, check_template
 from vtfuse.serving.batching import Busy, MicroBatcher
@@ -271,6 +272,10 @@ def create_app(
             status_code=503,
             headers={"Retry-After": "1"},
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, error: ClientDisconnect):  # left mid-body: not our error
+        return JSONResponse({"error": "the client left before sending its body"}, 400)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):  # no traceback leaves the server
