@@ -20,10 +20,11 @@ Seeds are summarised as mean ± *sample* standard deviation (n − 1; 0 for a si
 written as `compare.csv`, `compare.md`, a bar chart `compare.png`, and the raw per-seed numbers
 in `compare.json`.
 
-With `caption_warm_start` (VQA only), each (strategy, seed) first trains a captioner with the
-same strategy and budget, and the VQA model starts from it (`TrainConfig.init_from`) — the
-quickstart's recipe, without which a VQA model trained for a few CPU minutes stays near chance
-whatever its fusion.
+Every run uses the library's defaults (`ModelConfig()`, `TrainConfig()` planned on the clock of
+its budget) on the built-in scenes and on your data alike, unless a `--config` file says
+otherwise: the table then shows what a user gets. With `caption_warm_start` (VQA or retrieval),
+each (strategy, seed) first trains a captioner with the same strategy and budget, and the model
+starts from it (`TrainConfig.init_from`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.evaluation import EvalOptions, evaluate
 from vtfuse.fusion import FUSIONS
 from vtfuse.pipeline import Pipeline
-from vtfuse.quickstart import SCENE_TEXT, SCENE_VISION, QuickstartPlan
 from vtfuse.training import train
 
 TASKS = ("caption", "vqa", "retrieval")
@@ -129,15 +129,6 @@ def parse_fusions(text: str) -> tuple[str, ...]:
     if text.strip() == "all":
         return tuple(FUSIONS.names())
     return tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-
-
-def scene_recipe(task: str) -> tuple[ModelConfig, TrainConfig, TrainConfig]:
-    """The quickstart's recipe for the built-in scenes: its model shapes, the task's schedule,
-    and the captioning schedule (for a warm-start captioner)."""
-    plan = QuickstartPlan()
-    stage = {"caption": plan.caption, "vqa": plan.vqa, "retrieval": plan.retrieval}[task]
-    model = ModelConfig(task=task, vision=SCENE_VISION, text=SCENE_TEXT)
-    return model, stage.train, plan.caption.train
 
 
 def synthetic_data(folder: Path, task: str, images: int, progress: bool = True) -> DataFiles:

@@ -941,8 +941,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--config",
-        help='JSON file {"model": {...}, "train": {...}} for every run (default: the quickstart '
-        "recipe on the built-in data, the library defaults on yours)",
+        help='JSON file {"model": {...}, "train": {...}} for every run (default: the library '
+        "defaults, on the built-in data as on yours)",
     )
     p.add_argument("--train", help="training JSONL (default: generate the built-in scenes)")
     p.add_argument(
@@ -957,7 +957,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
         "--caption-warm-start",
         action="store_true",
         help="--task vqa or retrieval: start each run from a captioner trained with the same "
-        "strategy, seed and budget (the quickstart's recipe)",
+        "strategy, seed and budget",
     )
     p.add_argument(
         "--caption-train", help="caption JSONL for --caption-warm-start on your own data"
@@ -979,7 +979,6 @@ def run_compare(args: argparse.Namespace) -> int:
         DataFiles,
         compare,
         parse_fusions,
-        scene_recipe,
         synthetic_data,
     )
 
@@ -993,10 +992,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.config:
         run_config = load_run_config(args.config)
         model, config, caption_config = run_config.model, run_config.train, run_config.train
-    elif own_data:
-        model, config, caption_config = ModelConfig(), TrainConfig(), TrainConfig()
     else:
-        model, config, caption_config = scene_recipe(args.task)
+        model, config, caption_config = ModelConfig(), TrainConfig(), TrainConfig()
     budget = {
         "max_minutes": args.max_minutes_each,
         **({"epochs": args.epochs} if args.epochs is not None else {}),
