@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import threading
+import time
 
 import pytest
 import torch
@@ -211,6 +212,45 @@ def test_retrieval_endpoints(tmp_path):
                 "/v1/classify", files=image, data={"labels": "red", "template": template}
             )
             assert refused.status_code == 422 and "template" in refused.json()["error"], template
+
+
+def test_retrieval_and_classify_share_the_bounded_queue():
+    """Every endpoint's calls wait in one queue of `max_queue`: classify requests beyond it get
+    503 + Retry-After, and each is run alone (its own candidates), one model call at a time."""
+    pipe = pipeline("retrieval")
+    release, running, most = threading.Event(), [0], [0]
+    real = pipe.classify
+
+    def slow_classify(*args):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        release.wait(10)
+        running[0] -= 1
+        return real(*args)
+
+    pipe.classify = slow_classify
+    settings = ServeSettings(max_batch=8, max_wait_ms=5, max_queue=2)
+    statuses, answers = [], []
+    with TestClient(create_app(pipe, settings)) as client:
+
+        def classify():
+            files = {"image": ("a.png", png(), "image/png")}
+            answer = client.post("/v1/classify", files=files, data={"labels": "red,blue"})
+            statuses.append(answer.status_code)
+            answers.append(answer)
+
+        threads = [threading.Thread(target=classify) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while statuses.count(503) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # one running, two waiting: the other three are turned away
+        release.set()
+        for thread in threads:
+            thread.join()
+    assert sorted(statuses) == [200, 200, 200, 503, 503, 503], statuses
+    assert all(a.headers["Retry-After"] for a in answers if a.status_code == 503)
+    assert most[0] == 1  # never two model calls at once
 
 
 @pytest.mark.parametrize("kind", ["multipart/form-data; boundary=b", "application/json"])

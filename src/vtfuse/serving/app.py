@@ -9,7 +9,10 @@
 Bodies are multipart forms (files as `image` / `images`) or JSON with base64 images
 (`image_base64`, `images_base64`). Errors are JSON `{"error": ...}`: 413 for an image over the
 byte or pixel limit, 415 for a body or file that is not an image, 422 for a bad field, 503
-with Retry-After when the queue is full. Captions and answers are micro-batched.
+with Retry-After when the queue is full. Captions and answers are micro-batched; a retrieval or
+a zero-shot classification carries its own candidates, so it runs alone, but in the same
+bounded queue and on the same model worker: no endpoint's backlog grows without bound, and no
+model call runs beside another.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.requests import ClientDisconnect
 
 from vtfuse.pipeline import Pipeline, check_template
-from vtfuse.serving.batching import Busy, MicroBatcher
+from vtfuse.serving.batching import Alone, Busy, MicroBatcher
 from vtfuse.visualisation.maps import select_layer, to_grid
 
 PAGE = Path(__file__).with_name("page.html")
@@ -159,8 +162,10 @@ class Engine:
         self.pipe = pipe
 
     def run(self, group: Hashable, payloads: Sequence[Any]) -> list[Any]:
-        call = {"caption": self.caption, "ask": self.ask}[group[0]]
         with torch.inference_mode():
+            if isinstance(group, Alone):  # a call of its own: (function, arguments)
+                return [function(*args) for function, args in payloads]
+            call = {"caption": self.caption, "ask": self.ask}[group[0]]
             return call(group, payloads)
 
     def caption(self, group: tuple, images: Sequence[Image.Image]) -> list[dict]:
@@ -354,7 +359,8 @@ def create_app(
             images = [decode_image(d, settings, f"images[{i}]") for i, d in enumerate(candidates)]
             if not images:
                 raise RequestError(422, "a 'query' needs candidate 'images'")
-            ranked = await _in_thread(pipe.retrieve_images, str(fields["query"]), images, top_k)
+            query = str(fields["query"])
+            ranked = await batcher.submit(Alone(), (pipe.retrieve_images, (query, images, top_k)))
             return {"results": [{"index": i, "score": round(s, 6)} for i, s in ranked]}
         image = _one_image(files, settings)
         texts = _field(fields, "texts", list)
@@ -364,7 +370,7 @@ def create_app(
             or not all(isinstance(t, str) for t in texts)
         ):
             raise RequestError(422, f"'texts' must hold 1 to {settings.max_texts} strings")
-        ranked = await _in_thread(pipe.retrieve_texts, image, texts, top_k)
+        ranked = await batcher.submit(Alone(), (pipe.retrieve_texts, (image, texts, top_k)))
         return {
             "results": [{"index": i, "text": texts[i], "score": round(s, 6)} for i, s in ranked]
         }
@@ -387,17 +393,7 @@ def create_app(
             check_template(template)
         except ValueError as error:
             raise RequestError(422, str(error)) from None
-        ranked = await _in_thread(pipe.classify, image, labels, template)
+        ranked = await batcher.submit(Alone(), (pipe.classify, (image, labels, template)))
         return {"labels": [{"label": label, "probability": round(p, 6)} for label, p in ranked]}
 
     return app
-
-
-async def _in_thread(function, *args):
-    import asyncio
-
-    def call():
-        with torch.inference_mode():
-            return function(*args)
-
-    return await asyncio.to_thread(call)

@@ -6,6 +6,8 @@ Each request is submitted with a *group* key — requests of one group can be ba
 takes the first waiting request, gathers more of its group for up to `max_wait_ms` or until
 `max_batch`, and runs the batch function in a thread, off the event loop. The queue is
 bounded: when it is full, `submit` raises `Busy` at once (the app answers 503 + Retry-After).
+A request whose group is `Alone()` runs by itself, without waiting for company, but in the
+same queue, under the same bound and on the same worker as the batches.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class Alone:
+    """A group of one request (every instance differs from every other): for calls that do not
+    batch, e.g. a retrieval over the request's own candidates."""
+
+    __slots__ = ()
 
 
 class Busy(RuntimeError):
@@ -87,7 +96,10 @@ class MicroBatcher:
                 await self._wake.wait()
             first = self.waiting[0]
             deadline = first.arrived + self.max_wait
-            while len(self._group(first.group)) < self.max_batch:
+            while (
+                not isinstance(first.group, Alone)
+                and len(self._group(first.group)) < self.max_batch
+            ):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
