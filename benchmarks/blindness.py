@@ -34,11 +34,11 @@ from torch.utils.data import DataLoader
 from vtfuse.config import ModelConfig, TrainConfig
 from vtfuse.data.dataset import collate, load_records, read_jsonl, task_dataset
 from vtfuse.models.base import create_model
+from vtfuse.runtime import seed_everything
 from vtfuse.training.trainer import (
     build_tokenizer,
     epoch_batches,
     make_optimizer,
-    seed_everything,
     warmup_cosine,
 )
 

@@ -50,12 +50,11 @@ from vtfuse.data.dataset import load_records, read_jsonl, task_dataset
 from vtfuse.data.shards import ShardDataset
 from vtfuse.models.base import create_model
 from vtfuse.quickstart import QuickstartPlan
+from vtfuse.runtime import autocast, seed_everything
 from vtfuse.training.trainer import (
-    autocast,
     build_tokenizer,
     epoch_batches,
     make_optimizer,
-    seed_everything,
     warmup_cosine,
 )
 

@@ -41,12 +41,11 @@ from torch.utils.data import DataLoader
 from vtfuse.data.dataset import collate, load_records, read_jsonl, task_dataset
 from vtfuse.models.base import create_model
 from vtfuse.quickstart import QuickstartPlan
+from vtfuse.runtime import autocast, seed_everything
 from vtfuse.training.trainer import (
-    autocast,
     build_tokenizer,
     epoch_batches,
     make_optimizer,
-    seed_everything,
     validate,
     warmup_cosine,
 )

@@ -106,6 +106,10 @@ def test_the_trainer_warns_when_the_image_is_not_used():
     assert blindness_warning({"val_loss": 0.80, "val_blind_loss": 0.79}) is not None
     assert blindness_warning({"val_loss": 0.40, "val_blind_loss": 0.80}) is None
     assert blindness_warning({"train_loss": 0.40}) is None  # no validation data: nothing said
+    blind = {"val_loss": 0.80, "val_blind_loss": 0.801}
+    assert "--init-from" in blindness_warning(blind, "classify")  # from scratch: the warm start
+    assert "--init-from" not in blindness_warning(blind, "classify", warm=True)
+    assert "--init-from" not in blindness_warning(blind, "caption")
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from vtfuse.data.images import blank_like, load_image
 from vtfuse.data.tokenizer import AnyTokenizer
 from vtfuse.generation import Generated, beam_search, greedy, most_likely, nucleus
 from vtfuse.models.base import TaskModel, load_pretrained
+from vtfuse.runtime import resolve_device
 from vtfuse.training.checkpoint import resolve_model_folder
-from vtfuse.training.trainer import resolve_device
 from vtfuse.visualisation import save_attention_figure, select_layer, to_grid
 
 ImageLike = Visual  # a still image (path or PIL), a video file, a folder of frames, a frame list
