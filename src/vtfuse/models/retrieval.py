@@ -47,18 +47,6 @@ class RetrievalModel(TaskModel):
         self.init_weights()
 
     # -- the two encoders and the matching head ------------------------------------------------
-    def _read(
-        self,
-        tokens: Tensor,
-        token_mask: Tensor | None,
-        image: Tensor | None,
-        image_index: Tensor | None = None,
-        need_weights: bool = False,
-    ) -> tuple[Tensor, list[Tensor]]:
-        return read_with_cls(
-            self.text, self.cls, tokens, token_mask, image, image_index, need_weights
-        )
-
     def embed_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 (I, 3, H, W) → unit embeddings (I, dim), and the image tokens (I, N, d)."""
         tokens = self.encode_image(images)
@@ -66,7 +54,7 @@ class RetrievalModel(TaskModel):
 
     def embed_texts(self, tokens: Tensor, token_mask: Tensor | None = None) -> Tensor:
         """(B, T) → unit embeddings (B, dim): the text encoder without its fusion steps."""
-        pooled, _ = self._read(tokens, token_mask, None)
+        pooled, _ = read_with_cls(self.text, self.cls, tokens, token_mask, None)
         return F.normalize(self.text_projection(pooled), dim=-1)
 
     def match_logits(
@@ -78,7 +66,9 @@ class RetrievalModel(TaskModel):
         need_weights: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
         """(no match, match) logits (B, 2) for each text with its image (`image_index`)."""
-        pooled, weights = self._read(tokens, token_mask, image_tokens, image_index, need_weights)
+        pooled, weights = read_with_cls(
+            self.text, self.cls, tokens, token_mask, image_tokens, image_index, need_weights
+        )
         return self.match_head(pooled), weights
 
     def forward(
