@@ -96,6 +96,32 @@ def test_two_strategies_two_seeds_write_csv_md_png_json(data, tmp_path, capsys):
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_comparisons_run_apart_join_into_one(data, tmp_path, capsys):
+    """Two processes, one strategy each (as on two cores), joined: the same table and summary
+    as the parts', one row per strategy; parts that overlap or differ are refused."""
+    parts = []
+    for fusion in ("cross_attention", "concat"):
+        parts.append(tmp_path / fusion)
+        assert main([*own_data(data, "vqa", parts[-1]), "--fusions", fusion, "--seeds", "2"]) == 0
+    joined = tmp_path / "joined"
+    assert main(["compare", "--join", *map(str, parts), "--out", str(joined)]) == 0
+    raw = json.loads((joined / "compare.json").read_text())
+    assert list(raw["runs"]) == ["cross_attention", "concat"] and len(raw["parts"]) == 2
+    for part in parts:
+        own = json.loads((part / "compare.json").read_text())
+        fusion = next(iter(own["runs"]))
+        assert raw["runs"][fusion] == own["runs"][fusion]
+        assert raw["summary"][fusion] == own["summary"][fusion]  # the summary is stored
+        mean, std = own["summary"][fusion]["accuracy"]
+        assert f"| {fusion} | {mean:.3f} ± {std:.3f} |" in (joined / "compare.md").read_text()
+    assert [r["fusion"] for r in read_csv(joined / "compare.csv")] == ["cross_attention", "concat"]
+    capsys.readouterr()
+    assert main(["compare", "--join", str(parts[0]), str(parts[0]), "--out", str(joined)]) == 2
+    assert "appear in more than one part" in capsys.readouterr().err
+    assert main(["compare", "--out", str(joined)]) == 2
+    assert "--task and --max-minutes-each are needed" in capsys.readouterr().err
+
+
 def test_captioning_on_the_built_in_scenes(data, tmp_path):
     out = tmp_path / "cap"
     assert (

@@ -337,18 +337,18 @@ def _length(train: TrainConfig) -> str:
 
 
 def write_markdown(
-    path: Path, summaries: dict[str, Summary], spec: CompareSpec, files: DataFiles, command: str
+    path: Path, summaries: dict[str, Summary], raw: dict[str, Any], conditions: list[str]
 ) -> str:
     """compare.md: the conditions, then the table; returns the table."""
     table = markdown_table(summaries)
+    command = raw.get("command", "")
     lines = [
-        f"# vtfuse compare: {spec.task}",
+        f"# vtfuse compare: {raw['task']}",
         "",
-        _budget(spec),
-        f"Data: train `{files.train}`, val `{files.val}`, test `{files.test}`.",
+        *conditions,
         "",
         f"Metrics on the test file (greedy): mean ± sample standard deviation (n − 1) over "
-        f"{spec.seeds} seed(s). Costs are means over seeds: parameters, training samples/s, and "
+        f"{raw['seeds']} seed(s). Costs are means over seeds: parameters, training samples/s, and "
         "inference latency in ms per image at batch size 1. Per-seed numbers: compare.json.",
         "",
         *([f"Command: `{command}`", ""] if command else []),
@@ -411,7 +411,6 @@ def compare(
         warm = " (captioner first, then VQA)" if spec.caption_warm_start else ""
         print(f"[compare {index}/{total}] {fusion}, seed {seed}{warm}", flush=True)
         runs.setdefault(fusion, []).append(run_one(spec, files, fusion, seed, out))
-    summaries = {fusion: summarise(results) for fusion, results in runs.items()}
     raw = {
         "task": spec.task,
         "command": command,
@@ -420,9 +419,46 @@ def compare(
         "caption_warm_start": spec.caption_warm_start,
         "runs": {f: [dataclasses.asdict(r) for r in results] for f, results in runs.items()},
     }
+    conditions = [
+        _budget(spec),
+        f"Data: train `{files.train}`, val `{files.val}`, test `{files.test}`.",
+    ]
+    return write_results(out, raw, conditions)
+
+
+def write_results(out: Path, raw: dict[str, Any], conditions: list[str]) -> dict[str, Summary]:
+    """compare.json (the per-seed runs of `raw` and their summary), .csv, .md and .png; print
+    the table."""
+    runs = {f: [RunResult(**r) for r in results] for f, results in raw["runs"].items()}
+    summaries = {fusion: summarise(results) for fusion, results in runs.items()}
+    raw = {**raw, "summary": {f: {k: list(v) for k, v in s.items()} for f, s in summaries.items()}}
     (out / "compare.json").write_text(json.dumps(raw, indent=2) + "\n")
-    write_csv(out / "compare.csv", summaries, spec.seeds)
-    table = write_markdown(out / "compare.md", summaries, spec, files, command)
-    plot(out / "compare.png", summaries, spec.task)
+    write_csv(out / "compare.csv", summaries, raw["seeds"])
+    table = write_markdown(out / "compare.md", summaries, raw, conditions)
+    plot(out / "compare.png", summaries, raw["task"])
     print(f"\n{table}\n\nwrote {out}/compare.{{csv,md,png,json}}")
     return summaries
+
+
+def join(parts: Sequence[Path], out: Path, command: str = "") -> dict[str, Summary]:
+    """One comparison from several run on the same data, budget and seeds with disjoint
+    strategies (e.g. one process per core: `--fusions a,b` and `--fusions c,d`): their runs
+    together, summarised again, written to `out` as `compare` writes them."""
+    raws = [json.loads((Path(part) / "compare.json").read_text()) for part in parts]
+    first = raws[0]
+    for part, raw in zip(parts, raws, strict=True):
+        for key in ("task", "max_minutes_each", "seeds", "caption_warm_start"):
+            if raw[key] != first[key]:
+                raise ValueError(f"{part}: {key} is {raw[key]}, not {first[key]} as in {parts[0]}")
+        if shared := set(raw["runs"]) & {f for r in raws if r is not raw for f in r["runs"]}:
+            raise ValueError(f"{part}: {sorted(shared)} appear in more than one part")
+    out.mkdir(parents=True, exist_ok=True)
+    joined = {
+        **{key: first[key] for key in ("task", "max_minutes_each", "seeds", "caption_warm_start")},
+        "command": command,
+        "parts": [raw["command"] for raw in raws],
+        "runs": {f: results for raw in raws for f, results in raw["runs"].items()},
+    }
+    budget = f"Budget: {first['max_minutes_each']:g} min per model, seeds 0–{first['seeds'] - 1}."
+    conditions = [budget, "Joined from: " + "; ".join(f"`{r['command']}`" for r in raws) + "."]
+    return write_results(out, joined, conditions)

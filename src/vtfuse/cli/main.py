@@ -915,9 +915,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 # -- compare ----------------------------------------------------------------------------------
 def _compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--task", choices=("caption", "vqa", "retrieval"), required=True, help="what to compare on"
-    )
+    p.add_argument("--task", choices=("caption", "vqa", "retrieval"), help="what to compare on")
     p.add_argument(
         "--fusions",
         default="all",
@@ -926,8 +924,14 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-minutes-each",
         type=float,
-        required=True,
         help="training budget of every model, in minutes (each captioner gets as much again)",
+    )
+    p.add_argument(
+        "--join",
+        nargs="+",
+        metavar="DIR",
+        help="only join the results of comparisons run apart (same data, budget and seeds; "
+        "other strategies, e.g. one process per core) into --out",
     )
     p.add_argument(
         "--out", required=True, help="folder for data, runs and compare.{csv,md,png,json}"
@@ -978,9 +982,16 @@ def run_compare(args: argparse.Namespace) -> int:
         CompareSpec,
         DataFiles,
         compare,
+        join,
         parse_fusions,
         synthetic_data,
     )
+
+    if args.join:
+        join([Path(part) for part in args.join], Path(args.out), args.command_line)
+        return 0
+    if args.task is None or args.max_minutes_each is None:
+        raise ValueError("--task and --max-minutes-each are needed (unless --join)")
 
     own_data = [f for f in ("train", "val", "test") if getattr(args, f)]
     if own_data and len(own_data) < 3:
