@@ -31,7 +31,7 @@ from pathlib import Path
 
 HEADLINE = {
     "vqa": ("accuracy", "accuracy_non-relational", "accuracy_relational"),
-    "caption": ("object_f1", "cider", "bleu4"),
+    "caption": ("object_f1", "object_f1_colour_shape", "object_f1_colour_place", "cider", "bleu4"),
 }
 
 

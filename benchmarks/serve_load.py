@@ -1,6 +1,6 @@
 """Load on `vtfuse serve`: N requests at concurrency C on localhost, micro-batching on vs off.
 
-    python benchmarks/serve_load.py RUN [--requests 200] [--concurrency 16] [--task caption]
+    python benchmarks/serve_load.py RUN [--requests 200] [--concurrency 16] [--out FILE.json]
 
 RUN is a run or model folder (the quickstart's `runs/caption` or `runs/vqa`). Prints, for
 batching on (max batch 16, 5 ms wait) and off (max batch 1): throughput, latency p50/p95/p99
@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
+import shlex
 import socket
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -89,6 +93,7 @@ def main() -> None:
     parser.add_argument("run", help="run or model folder")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--out", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args()
     folder = resolve_model_folder(args.run)
     pipe = Pipeline.load(folder)
@@ -110,6 +115,13 @@ def main() -> None:
         )
     ratio = rows["batching on"]["throughput"] / rows["batching off"]["throughput"]
     print(f"throughput ratio, batching on / off: {ratio:.2f}")
+    if args.out:
+        command = ["python", "benchmarks/serve_load.py", *sys.argv[1:]]
+        result = {"command": shlex.join(command), "model": str(folder), "task": pipe.task}
+        result |= {"requests": args.requests, "concurrency": args.concurrency}
+        result |= {"rows": rows, "throughput_ratio": ratio}
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

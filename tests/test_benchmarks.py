@@ -1,8 +1,11 @@
 """The speed benchmark compares like with like: vtfuse's captioner and transformers'
-VisionEncoderDecoderModel are built at the same size, and every workload runs on both."""
+VisionEncoderDecoderModel are built at the same size, and every workload runs on both. The
+joint-training and video benchmarks run the README's commands (here at tiny settings) and store
+what its tables show."""
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +18,8 @@ from tests.tools import require_module
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 matched = require_module("matched")
 run = require_module("run")
+joint = require_module("joint")
+video = require_module("video")
 require_module("transformers")
 
 
@@ -48,3 +53,82 @@ def test_every_workload_does_the_same_work_on_both():
                 assert [len(t) for t in out.tokens] == [tiny.new_tokens] * work.batch
             else:
                 assert out.shape == (work.batch, tiny.new_tokens + 1)  # with the start token
+
+
+def run_in_process(monkeypatch, tmp_path, module) -> list[list[str]]:
+    """`module.vtfuse` runs the command in this process (no interpreter start-up each time,
+    so a script's seven commands fit in seconds) and records it. PATH is emptied: without
+    Java, captions are scored without METEOR and the PTB tokenizer, whose start-ups would
+    double the joint test's time."""
+    from vtfuse.cli.main import main as cli
+
+    commands = []
+
+    def in_process(*args, prefix=None):
+        commands.append(list(args))
+        assert cli(list(args)) == 0, args
+
+    monkeypatch.setattr(module, "vtfuse", in_process)
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    return commands
+
+
+@pytest.mark.filterwarnings("ignore:java not found")
+def test_the_joint_benchmark_runs_the_readmes_commands(tmp_path, monkeypatch):
+    commands = run_in_process(monkeypatch, tmp_path, joint)
+    out = tmp_path / "joint.json"
+    data, runs = str(tmp_path / "data"), str(tmp_path / "runs")
+    tiny = ["--images", "30", "--minutes", "0.05", "--data", data, "--runs", runs]
+    joint.main([*tiny, "--out", str(out)])
+    trains = [c for c in commands if c[0] == "train"]
+    assert [c[1:3] for c in trains] == [
+        ["--task", "caption"],
+        ["--task", "retrieval"],
+        ["--losses", "itc,itm,lm"],
+    ]
+    assert all(c[c.index("--max-minutes") + 1] == "0.05" for c in trains)  # nothing else set
+    assert not any("--batch-size" in c or "--config" in c or "--epochs" in c for c in trains)
+    assert [c[1].endswith("last") for c in commands if c[0] == "eval"] == [True] * 3
+    report = json.loads(out.read_text())
+    caption, retrieval, both = report["runs"]
+    assert {"cider", "object_f1"} <= caption["test"].keys()  # pointing: once it names objects
+    keys = {"i2t_r1", "t2i_r1", "itm_i2t_r1", "itm_t2i_r1"}
+    assert keys <= retrieval["test"].keys() and keys | {"cider", "object_f1"} <= both["test"].keys()
+    assert {"val_itc", "val_itm", "val_lm"} <= both["final_val"].keys()
+    assert caption["steps"] > 0 and both["steps"] > 0 and both["seconds"] <= 0.05 * 60 + 5
+
+
+def test_the_joint_benchmark_counts_a_capped_epoch_in_part(tmp_path):
+    """Three epochs of 15 steps, then the time cap at step 57: 3.8 epochs."""
+    lines = [{"step": 15 * e, "epoch": e, "minutes": e / 10, "val_loss": 1 / e} for e in (1, 2, 3)]
+    lines += [{"step": 50, "epoch": 4, "loss": 0.5, "samples_per_s": 400.0}]
+    lines += [{"step": 57, "epoch": 4, "minutes": 0.42, "train_loss": 0.5}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    log = joint.read_log(tmp_path)
+    assert (log["steps"], log["epochs"], log["epochs_completed"]) == (57, 3.8, 3)
+    assert log["stopped_by_cap"] and log["seconds"] == 25.2 and log["examples_per_s"] == 400.0
+    assert log["final_val"] == {"val_loss": 1 / 3}
+    assert video.read_log(tmp_path)["epochs"] == 3.8
+
+
+def test_the_video_benchmark_runs_the_readmes_commands(tmp_path, monkeypatch):
+    commands = run_in_process(monkeypatch, tmp_path, video)
+    out = tmp_path / "video.json"
+    data, runs = str(tmp_path / "data"), str(tmp_path / "runs")
+    tiny = ["--clips", "30", "--minutes", "2", "--epochs", "2", "--data", data, "--runs", runs]
+    video.main([*tiny, "--out", str(out)])
+    trains = [c for c in commands if c[0] == "train"]
+    assert [c[c.index("--frames") + 1] for c in trains] == ["4", "1"]
+    assert ["--blind" in c for c in commands if c[0] == "eval"] == [False, False, True]
+    report = json.loads(out.read_text())
+    assert [(row["frames"], row["blind"]) for row in report["runs"]] == [
+        (4, False),
+        (1, False),
+        (4, True),
+    ]
+    for row in report["runs"]:
+        assert {"accuracy", "which_way", "does_it_move", "epochs", "minutes"} <= row.keys()
+        assert row["which_way"] is not None and row["does_it_move"] is not None
+    assert report["config"]["train"]["epochs"] == 2 and report["data"]["test"]["questions"] > 0

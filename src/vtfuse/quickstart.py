@@ -44,6 +44,7 @@ class QuickstartPlan:
     seed: int = 0
     minutes: float | None = None  # cap on each model's training time (None: the stage's own)
     progress: bool = True
+    warm_start: bool = True  # the VQA, retrieval and pair models start from the captioner
     # Measured on 2 CPU cores: a captioner learns colours, positions and then shapes within a few
     # minutes; a VQA model trained from scratch sits near chance for as long (one answer per
     # question is a sparse signal). So the VQA model starts from the captioner (vision encoder,
@@ -281,12 +282,17 @@ def train_evaluate_report(
     runs, pictures_dir = out / "runs", out / "pictures"
     print("[2/5] training the captioner")
     caption_run = _train_stage("caption", plan.caption, data, runs, plan)
-    print("[3/5] training the VQA, retrieval and pair-classification models from the captioner")
+    start = "from the captioner" if plan.warm_start else "from scratch"
+    print(f"[3/5] training the VQA, retrieval and pair-classification models {start}")
     trained = {"caption": caption_run}
-    trained["vqa"] = _train_stage("vqa", plan.vqa, data, runs, plan, init_from=str(caption_run))
-    for task, stage in (("retrieval", plan.retrieval), ("classify", plan.classify)):
+    init_from = str(caption_run) if plan.warm_start else ""
+    for task, stage in (
+        ("vqa", plan.vqa),
+        ("retrieval", plan.retrieval),
+        ("classify", plan.classify),
+    ):
         if stage is not None:
-            trained[task] = _train_stage(task, stage, data, runs, plan, init_from=str(caption_run))
+            trained[task] = _train_stage(task, stage, data, runs, plan, init_from=init_from)
 
     print("[4/5] evaluating on the test split, with and without the image")
     results: dict[str, Any] = {"blind": {}, "parameters": {}}
