@@ -99,6 +99,7 @@ def read_log(run: Path) -> dict:
         trained += (last["step"] - validated[-1]["step"]) / per_epoch
     return {
         "seconds": round(last["minutes"] * 60, 1),
+        "minutes": last["minutes"],
         "stopped_by_cap": capped,
         "steps": last["step"],
         "epochs": round(trained, 2) if validated or not capped else None,

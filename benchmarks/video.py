@@ -35,6 +35,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from joint import read_log  # the same log.jsonl reading (run as benchmarks/video.py)
+
 MODEL = {
     "vision": {"depth": 0, "channels": [16, 32, 64]},
     "text": {"depth": 2, "max_length": 48},
@@ -72,33 +74,6 @@ def questions(path: Path) -> dict[str, float]:
         "questions": len(lines),
         **{stored: kinds[kind] for kind, stored in KINDS.items()},
         "does_it_move_yes": round(moving.count("yes") / len(moving), 3) if moving else None,
-    }
-
-
-def read_log(run: Path) -> dict:
-    """Epochs (fractional if stopped mid-epoch), steps and minutes of a run and its last
-    validation, from `log.jsonl`: epoch lines carry `minutes`, and `val_*` unless the time cap
-    ended the epoch early."""
-    entries = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line]
-    epochs = [entry for entry in entries if "minutes" in entry]
-    validated = [entry for entry in epochs if "val_loss" in entry]
-    last = epochs[-1]
-    capped = "val_loss" not in last  # the trainer validates every epoch it completes
-    trained = float(validated[-1]["epoch"]) if validated else 0.0
-    if capped and validated:  # and the partial epoch's steps over an epoch's
-        per_epoch = validated[0]["step"] / validated[0]["epoch"]
-        trained += (last["step"] - validated[-1]["step"]) / per_epoch
-    return {
-        "epochs": round(trained, 2) if validated or not capped else None,
-        "epochs_completed": int(validated[-1]["epoch"]) if validated else 0,
-        "steps": last["step"],
-        "minutes": last["minutes"],
-        "stopped_by_cap": capped,
-        "final_val": {k: v for k, v in (validated or [{}])[-1].items() if k.startswith("val_")},
-        "curve": [
-            {k: v for k, v in entry.items() if k in ("epoch", "step", "minutes") or "val_" in k}
-            for entry in epochs
-        ],
     }
 
 

@@ -440,6 +440,9 @@ def write_results(out: Path, raw: dict[str, Any], conditions: list[str]) -> dict
     return summaries
 
 
+CONDITIONS = ("task", "max_minutes_each", "seeds", "caption_warm_start")  # equal in joined parts
+
+
 def join(parts: Sequence[Path], out: Path, command: str = "") -> dict[str, Summary]:
     """One comparison from several run on the same data, budget and seeds with disjoint
     strategies (e.g. one process per core: `--fusions a,b` and `--fusions c,d`): their runs
@@ -447,14 +450,14 @@ def join(parts: Sequence[Path], out: Path, command: str = "") -> dict[str, Summa
     raws = [json.loads((Path(part) / "compare.json").read_text()) for part in parts]
     first = raws[0]
     for part, raw in zip(parts, raws, strict=True):
-        for key in ("task", "max_minutes_each", "seeds", "caption_warm_start"):
+        for key in CONDITIONS:
             if raw[key] != first[key]:
                 raise ValueError(f"{part}: {key} is {raw[key]}, not {first[key]} as in {parts[0]}")
         if shared := set(raw["runs"]) & {f for r in raws if r is not raw for f in r["runs"]}:
             raise ValueError(f"{part}: {sorted(shared)} appear in more than one part")
     out.mkdir(parents=True, exist_ok=True)
     joined = {
-        **{key: first[key] for key in ("task", "max_minutes_each", "seeds", "caption_warm_start")},
+        **{key: first[key] for key in CONDITIONS},
         "command": command,
         "parts": [raw["command"] for raw in raws],
         "runs": {f: results for raw in raws for f, results in raw["runs"].items()},
