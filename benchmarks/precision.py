@@ -38,10 +38,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from vtfuse.data.dataset import collate, load_records, read_jsonl, task_dataset
+from vtfuse.data.bank import load_records
+from vtfuse.data.items import collate
 from vtfuse.models.base import create_model
 from vtfuse.quickstart import QuickstartPlan
 from vtfuse.runtime import autocast, seed_everything
+from vtfuse.tasks import read_jsonl, task_dataset
 from vtfuse.training.trainer import (
     build_tokenizer,
     epoch_batches,

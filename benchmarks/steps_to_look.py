@@ -30,9 +30,11 @@ from blindness import grad_norm, probe
 from torch.utils.data import DataLoader
 
 from vtfuse.config import ModelConfig, TrainConfig
-from vtfuse.data.dataset import collate, load_records, read_jsonl, task_dataset
+from vtfuse.data.bank import load_records
+from vtfuse.data.items import collate
 from vtfuse.models.base import create_model
 from vtfuse.runtime import seed_everything
+from vtfuse.tasks import read_jsonl, task_dataset
 from vtfuse.training.trainer import (
     build_tokenizer,
     epoch_batches,

@@ -23,8 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vtfuse.data.dataset import DataError, ImagePathRefused, load_records, read_jsonl
+from vtfuse.data.bank import load_records
 from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image
+from vtfuse.data.jsonl import DataError, ImagePathRefused
+from vtfuse.tasks import read_jsonl
 
 CASES: Counter[str] = Counter()  # generated cases by test (and parameter), see the last test
 TASKS = ["caption", "vqa", "retrieval"]

@@ -479,3 +479,71 @@ def test_pretrained_parts_with_only_pickle_weights_need_allow_pickle(
     assert "pytorch_model.bin is a pickle file" in capsys.readouterr().err
     assert main([*command, "--allow-pickle"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def _parse_train(*flags: str):
+    from vtfuse.cli.main import build_parser
+
+    argv = ["train", "--task", "caption", "--train", "t.jsonl", "--out", "o", *flags]
+    return build_parser().parse_args(argv)
+
+
+def test_every_config_field_is_a_train_flag_or_set_by_a_named_one(capsys):
+    """A new field in a config dataclass is a new flag; the few set otherwise say by what."""
+    import dataclasses
+
+    from vtfuse.cli.config_flags import HANDWRITTEN, MODEL_PARTS, config_flags
+    from vtfuse.config import ModelConfig, TrainConfig
+
+    generated = {(flag.part, flag.field) for flag in config_flags()}
+    parts = {"": TrainConfig, "model": ModelConfig, **MODEL_PARTS}
+    every = {
+        (part, f.name)
+        for part, cls in parts.items()
+        for f in dataclasses.fields(cls)
+        if not dataclasses.is_dataclass(f.type) and f.name not in MODEL_PARTS
+    }
+    assert generated | set(HANDWRITTEN) == every
+    assert not generated & set(HANDWRITTEN)
+    shown = train_help(capsys)
+    for how in HANDWRITTEN.values():
+        if how.startswith("--"):
+            assert how in shown
+
+
+def train_help(capsys) -> str:
+    """`vtfuse train --help`, its lines joined."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_config_flags_override_the_config_file_and_carry_its_comments(tmp_path, capsys):
+    from vtfuse.cli.main import configs_from_args
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": {"text": {"dropout": 0.3}}, "train": {"lr": 0.01}}))
+    args = _parse_train(
+        "--config", str(config), "--text-dropout", "0.1", "--weight-decay", "0.2",
+        "--vision-channels", "16,32", "--no-vision-pixel-shortcut", "--precision", "bf16",
+    )  # fmt: skip
+    model, train = configs_from_args(args)
+    assert (model.text.dropout, model.vision.channels, model.vision.pixel_shortcut) == (
+        0.1,
+        (16, 32),
+        False,
+    )
+    assert (train.weight_decay, train.lr, train.precision) == (0.2, 0.01, "bf16")  # lr: file's
+    model, train = configs_from_args(_parse_train("--vision", "efficientnet-lite0"))
+    assert model.vision.image_size == 224  # the preset
+    model, _ = configs_from_args(
+        _parse_train("--vision", "efficientnet-lite0", "--vision-image-size", "160")
+    )
+    assert model.vision.image_size == 160  # a config flag wins over the preset
+    help_text = train_help(capsys)
+    assert "--text-dropout DROPOUT dropout on attention weights" in help_text
+    assert "cosine decay ends at lr * min_lr_ratio (default: 0.05)" in help_text
+    with pytest.raises(SystemExit):
+        _parse_train("--precision", "fp16")
+    with pytest.raises(SystemExit):
+        _parse_train("--vision-channels", "16,x")

@@ -158,3 +158,54 @@ def test_importing_the_package_loads_its_parts_only_when_used():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         vtfuse.nope  # noqa: B018
     assert set(vtfuse.__all__) <= set(dir(vtfuse))
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Each vtfuse module → the vtfuse modules it imports when it is loaded (module-level
+    imports; those under `if TYPE_CHECKING:` and inside functions run later, if at all)."""
+    import ast
+    from pathlib import Path
+
+    import vtfuse
+
+    root = Path(vtfuse.__file__).parent.parent
+    files = {}
+    for path in root.joinpath("vtfuse").rglob("*.py"):
+        name = ".".join(path.relative_to(root).with_suffix("").parts)
+        files[name.removesuffix(".__init__")] = path
+
+    def module_of(name: str) -> str:
+        while name not in files:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, path in files.items():
+        imported = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vtfuse"):
+                imported |= {module_of(f"{node.module}.{alias.name}") for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {module_of(a.name) for a in node.names if a.name.startswith("vtfuse")}
+        graph[name] = imported - {name}
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """Imports run downwards only: no cycle among vtfuse's modules, however long."""
+    graph = _module_imports()
+    assert "vtfuse.tasks.caption" in graph["vtfuse.tasks"]  # the graph is read, not empty
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycle = [*path[path.index(module) :], module]
+            pytest.fail("import cycle: " + " → ".join(cycle))
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
+            visit(imported, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])

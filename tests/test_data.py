@@ -11,16 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vtfuse.data.dataset import (
-    DataError,
-    TextTruncated,
-    collate,
-    grouped_order,
-    load_records,
-    read_jsonl,
-    task_dataset,
-)
+from vtfuse.data.bank import load_records
 from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image, normalise
+from vtfuse.data.items import TextTruncated, collate, grouped_order
+from vtfuse.data.jsonl import DataError
 from vtfuse.data.synth import (
     TASKS,
     SceneObject,
@@ -33,6 +27,7 @@ from vtfuse.data.synth import (
     sample_scene,
 )
 from vtfuse.data.tokenizer import Tokenizer, normalise_answer, split_words
+from vtfuse.tasks import read_jsonl, task_dataset
 
 SIZE = 16
 

@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 
 from vtfuse.cli.main import main
 from vtfuse.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
-from vtfuse.data.dataset import collate, load_records, read_jsonl, task_dataset
+from vtfuse.data.bank import load_records
+from vtfuse.data.items import collate
 from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.models.base import load_pretrained
 from vtfuse.models.vqa import VQAModel
+from vtfuse.tasks import read_jsonl, task_dataset
 from vtfuse.training import train
 from vtfuse.training.trainer import TrainingDiverged
 

@@ -11,8 +11,10 @@ from PIL import Image
 
 from tests.tools import require_module
 from vtfuse.cli.main import main
-from vtfuse.data.dataset import DataError, ImagePathRefused, load_records, read_jsonl
+from vtfuse.data.bank import load_records
 from vtfuse.data.importers import ImportOptions, import_dataset, outside_image_root
+from vtfuse.data.jsonl import DataError, ImagePathRefused
+from vtfuse.tasks import read_jsonl
 
 
 def image(path: Path) -> Path:

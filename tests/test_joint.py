@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tests.tools import require_module
 from vtfuse.cli.main import main
 from vtfuse.config import ModelConfig, TextConfig, VisionConfig
-from vtfuse.data.dataset import pad_tokens
+from vtfuse.data.items import pad_tokens
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.models.base import create_model, load_pretrained
 from vtfuse.models.captioner import Captioner

@@ -20,13 +20,15 @@ from vtfuse.config import (
     VisionConfig,
     from_dict,
 )
-from vtfuse.data.dataset import collate, load_records, read_jsonl, task_dataset
+from vtfuse.data.bank import load_records
+from vtfuse.data.items import collate
 from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.encoders.context import RecurrentCache
 from vtfuse.fusion import FUSIONS
 from vtfuse.generation import beam_search, greedy
 from vtfuse.models import create_model, load_pretrained
+from vtfuse.tasks import read_jsonl, task_dataset
 from vtfuse.training.trainer import build_tokenizer
 
 RECURRENT = ["lstm", "gru"]

@@ -11,10 +11,12 @@ import torch
 from tests.tools import require_module
 from vtfuse.cli.main import main
 from vtfuse.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
-from vtfuse.data.dataset import DataError, load_records, read_jsonl, task_dataset
+from vtfuse.data.bank import load_records
+from vtfuse.data.jsonl import DataError
 from vtfuse.data.shards import ShardDataset, shard_records, write_shards
 from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.data.tokenizer import Tokenizer
+from vtfuse.tasks import read_jsonl, task_dataset
 from vtfuse.training import train
 
 MODEL = ModelConfig(
@@ -136,7 +138,7 @@ def test_the_command_line_shards_a_folder_and_trains_on_it(data, tmp_path, capsy
 
 
 def test_streamed_over_long_texts_are_cut_with_one_warning_naming_the_source(data, tmp_path):
-    from vtfuse.data.dataset import TextTruncated
+    from vtfuse.data.items import TextTruncated
 
     jsonl = data / "caption_train.jsonl"
     write_shards(jsonl, "caption", tmp_path / "s", shard_size=4)
@@ -158,7 +160,7 @@ def test_a_missing_image_is_named_when_sharding(tmp_path):
 def test_worker_processes_split_the_shards(data, tmp_path):
     from torch.utils.data import DataLoader
 
-    from vtfuse.data.dataset import collate
+    from vtfuse.data.items import collate
 
     write_shards(data / "caption_train.jsonl", "caption", tmp_path / "s", shard_size=3)
     stream = ShardDataset(tmp_path / "s", "caption", Tokenizer.build(["a"]), 48, 24, shuffle=True)

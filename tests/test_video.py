@@ -15,11 +15,13 @@ from PIL import Image
 from tests.tools import require_module
 from vtfuse.cli.main import main
 from vtfuse.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
+from vtfuse.data.bank import load_records
 from vtfuse.data.clips import load_visual, sample_indices
-from vtfuse.data.dataset import DataError, ImagePathRefused, load_records, read_jsonl
+from vtfuse.data.jsonl import DataError, ImagePathRefused
 from vtfuse.data.synth import COLOURS
 from vtfuse.data.synth_clips import DIRECTIONS, ClipSpec, generate_clips
 from vtfuse.models.base import create_model
+from vtfuse.tasks import read_jsonl
 
 SIZE = 16
 VISION = VisionConfig(image_size=SIZE, patch_size=4, channels=(8, 8), dim=16, heads=2)

@@ -42,12 +42,12 @@ from typing import Any
 from PIL import Image
 
 from vtfuse.config import ModelConfig, TrainConfig
-from vtfuse.data.dataset import read_jsonl
 from vtfuse.data.images import load_image
 from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.evaluation import EvalOptions, evaluate
 from vtfuse.fusion import FUSIONS
 from vtfuse.pipeline import Pipeline
+from vtfuse.tasks import read_jsonl
 from vtfuse.training import train
 
 TASKS = ("caption", "vqa", "retrieval")

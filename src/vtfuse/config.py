@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 DEFAULT_EPOCHS = 10  # `TrainConfig.epochs` 0 without a time budget
 FORMAT_VERSION = 4  # bump when a saved checkpoint can no longer be read by this code
@@ -34,9 +34,9 @@ class VisionConfig:
     # Transformer layers over the image tokens; None: the encoder's own `default_depth` (0 after
     # a CNN, 1 for ViT), written into the model's saved config when it is built
     depth: int | None = None
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+    heads: int = 4  # attention heads of those layers
+    mlp_ratio: float = 4.0  # their MLP's hidden width ÷ dim
+    dropout: float = 0.0  # dropout in those layers (attention weights, MLP)
     freeze_backbone: bool = True  # a pretrained encoder (efficientnet-lite0) keeps its weights
     # cnn/resnet/vgg: add to each token a linear embedding of its own pixels and their x, y
     # coordinates, so colour and place reach the fusion from the first step (ConvStemEncoder)
@@ -47,12 +47,12 @@ class VisionConfig:
 @dataclass(frozen=True)
 class TextConfig:
     vocab_size: int = 0  # filled from the tokenizer when a model is built
-    dim: int = 128
+    dim: int = 128  # width of the text tokens
     depth: int = 3  # blocks of self-attention → fusion → MLP (after lstm/gru: fusion → MLP)
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    heads: int = 4  # attention heads (self-attention and fusion)
+    mlp_ratio: float = 4.0  # the MLP's hidden width ÷ dim
     max_length: int = 64  # longest token sequence (positions are learned)
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on attention weights and in the MLPs of the text blocks
     # How the words meet each other (see vtfuse.encoders.context): "transformer", self-attention
     # in every block; "lstm" or "gru", one recurrent stack under the blocks instead.
     encoder: str = "transformer"
@@ -96,42 +96,47 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Passes over the training data. 0: with a time budget (max_minutes), as many as fit in it,
-    # the learning-rate schedule laid over the minutes; without one, 10.
+    # Passes over the training data; 0: as many as the time budget (max_minutes) allows, the
+    # learning-rate schedule laid over the minutes; without a budget, 10
     epochs: int = 0
-    batch_size: int = 64
-    # 3e-4, not 1e-3: measured on Sort-of-CLEVR from scratch (benchmarks/blindness.py), at
-    # 1e-3 the VQA model's image tokens stop depending on the image (their spread across
-    # images fell 10×, the vision gradient 400×, the attention went back to uniform); in
-    # exploratory runs (one seed each) a 6-minute captioner's object F1 was 0.11 at 1e-3,
-    # 0.37 at 3e-4 and 0.13 at 1e-4
+    batch_size: int = 64  # examples per step (per process)
+    # Peak learning rate. 3e-4, not 1e-3: measured on Sort-of-CLEVR from scratch
+    # (benchmarks/blindness.py), at 1e-3 the VQA model's image tokens stop depending on the
+    # image (their spread across images fell 10×, the vision gradient 400×, the attention went
+    # back to uniform)
     lr: float = 3e-4
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # AdamW's, on weight matrices and embeddings (not on vectors)
     warmup_ratio: float = 0.05  # share of all steps spent warming the learning rate up
     min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     grad_accum: int = 1  # batches per optimiser step (gradients summed, scaled by 1/k)
     max_bad_steps: int = 10  # consecutive non-finite steps (each skipped) before the run stops
-    label_smoothing: float = 0.0
-    seed: int = 0
-    # The time budget in minutes (0: none). With `epochs` 0 the run is planned on it: warm-up
-    # and cosine decay follow the clock and training ends, validated, when it is spent. With
-    # `epochs` set it is a stop (the `last` checkpoint is saved; `--resume` goes on).
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    seed: int = 0  # random seed (weights, data order)
+    # Time budget in minutes (0: none). Alone (epochs 0), the run is planned on it: warm-up and
+    # cosine decay follow the clock and training ends, validated, when it is spent. With epochs
+    # set, a stop: the `last` checkpoint is saved and --resume goes on
     max_minutes: float = 0.0
     save_every: int = 500  # also write the `last` checkpoint every N steps
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
-    num_workers: int = 0
-    shuffle: bool = True  # False: examples in file (or shard) order, every epoch
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (weights stay fp32)
+    num_workers: int = 0  # data-loading worker processes
+    shuffle: bool = True  # shuffle the examples every epoch; False: file (or shard) order
     # at most this many examples of one image stand together in a batch (0: all of them):
-    # more images a batch, a less noisy vision gradient (see data.dataset.grouped_order)
+    # more images a batch, a less noisy vision gradient (see data.items.grouped_order)
     examples_per_image: int = 4
     skip_bad: bool = False  # skip (and count) examples whose image is missing or corrupt
-    eval_batch_size: int = 128
-    init_from: str = ""  # warm start from this run or model folder (matching weights copied)
+    eval_batch_size: int = 128  # examples per validation batch
+    # Warm start from a vtfuse run or model folder (e.g. VQA from a captioner): weights with
+    # matching names and shapes, and shared words' embeddings, are copied
+    init_from: str = ""
     image_roots: tuple[str, ...] = ()  # folders besides the JSONL's own images may come from
-    grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory
-    fsdp: bool = False  # under torchrun: shard weights, gradients and optimiser state (FSDP2)
+    # recompute activations in the backward pass (text blocks, vision layers, a pretrained
+    # LM's layers): less memory, slower steps
+    grad_checkpointing: bool = False
+    # under torchrun (--nproc N): shard weights, gradients and optimiser state over the
+    # processes (FSDP2) instead of replicating them (DDP); checkpoints gathered whole on rank 0
+    fsdp: bool = False
 
     @property
     def on_the_clock(self) -> bool:
@@ -181,6 +186,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
         return tuple(_coerce(item, v, where) for v in value)
     if origin in (typing.Union, types.UnionType):
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(map(repr, typing.get_args(hint)))
+            raise ConfigError(f"{where}: expected one of {choices}, got {value!r}")
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

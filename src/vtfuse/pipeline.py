@@ -18,12 +18,13 @@ from PIL import Image
 from torch import Tensor
 
 from vtfuse.data.clips import Visual, is_still, load_visual
-from vtfuse.data.dataset import Truncation, pad_tokens
 from vtfuse.data.images import blank_like, load_image
+from vtfuse.data.items import Truncation, pad_tokens
 from vtfuse.data.tokenizer import AnyTokenizer
 from vtfuse.generation import Generated, beam_search, greedy, most_likely, nucleus
 from vtfuse.models.base import TaskModel, load_pretrained
 from vtfuse.runtime import resolve_device
+from vtfuse.tasks import task_spec
 from vtfuse.training.checkpoint import resolve_model_folder
 from vtfuse.visualisation import save_attention_figure, select_layer, to_grid
 
@@ -313,7 +314,7 @@ class Pipeline:
         pil = self.background(image)
         if not isinstance(image, Image.Image) and is_still(image):
             image = pil  # decoded once
-        if self.task in ("vqa", "classify"):
+        if task_spec(self.task).label:  # a question (or text) in, a class out
             if not question:
                 raise ValueError(f"a {self.task} model needs --question (its text)")
             attention = self.question_attention(image, question)

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from vtfuse.config import FusionConfig, LMConfig, ModelConfig, TextConfig, TrainConfig, VisionConfig
-from vtfuse.data.dataset import read_jsonl
 from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.evaluation import EvalOptions, evaluate, format_table
 from vtfuse.pipeline import Pipeline
+from vtfuse.tasks import read_jsonl
 from vtfuse.training import train
 
 

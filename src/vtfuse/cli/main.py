@@ -13,11 +13,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vtfuse.attention import SCORES
+from vtfuse.cli.config_flags import add_config_flags, apply_config_flags
 from vtfuse.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_run_config
 from vtfuse.encoders import VISION_ENCODERS
 from vtfuse.encoders.context import CONTEXTUALISERS, RecurrentContext
 from vtfuse.encoders.vision import vision_preset
 from vtfuse.fusion import FUSIONS
+from vtfuse.tasks import task_names, task_spec
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command, str]] = {}
@@ -174,9 +176,10 @@ def _synth_sort_of_clevr(args: argparse.Namespace) -> int:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
-        choices=("caption", "vqa", "retrieval", "classify", "joint"),
-        help="what to train (joint: one model on a weighted sum of losses, see --losses; "
-        "the default when --losses is given)",
+        choices=task_names(),
+        help="what to train: "
+        + "; ".join(f"{name}, {task_spec(name).help}" for name in task_names())
+        + " (joint is the default when --losses is given)",
     )
     p.add_argument(
         "--losses",
@@ -262,66 +265,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "or none",
     )
     p.add_argument(
-        "--epochs",
-        type=int,
-        help="passes over the training data (default: as many as --max-minutes allows, else 10)",
-    )
-    p.add_argument(
-        "--max-minutes",
-        type=float,
-        help="time budget: alone, the run is planned on it (the learning rate warms up and "
-        "decays over the minutes); with --epochs, a stop (resume later with --resume)",
-    )
-    p.add_argument("--batch-size", type=int, help="examples per step (per process)")
-    p.add_argument("--grad-accum", type=int, help="batches per optimiser step")
-    p.add_argument(
-        "--examples-per-image",
-        type=int,
-        help="at most this many of one image's examples together in a batch (default 4; 0: all)",
-    )
-    p.add_argument(
         "--nproc",
         type=int,
         default=1,
         help="data-parallel processes: launches torchrun --nproc-per-node N (DDP; gloo on CPU)",
     )
-    p.add_argument(
-        "--fsdp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="with --nproc N (or under torchrun): shard weights, gradients and optimiser state "
-        "over the processes (FSDP2) instead of replicating them (DDP); checkpoints gathered "
-        "whole on rank 0",
-    )
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing")
-    p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 uses autocast")
-    p.add_argument(
-        "--skip-bad",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="skip examples whose image is missing or corrupt (counted in the summary)",
-    )
-    p.add_argument(
-        "--init-from",
-        help="warm start from a vtfuse run or model folder (e.g. VQA from a captioner): "
-        "weights with matching names and shapes, and shared words' embeddings, are copied",
-    )
-    p.add_argument(
-        "--grad-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="recompute activations in the backward pass (text blocks, vision layers, a "
-        "pretrained LM's layers): less memory, slower steps (measured: 22%% slower)",
-    )
-    p.add_argument(
-        "--shuffle",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="shuffle the examples every epoch (default); --no-shuffle keeps file order",
-    )
+    add_config_flags(p)
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
@@ -332,25 +281,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
     )
-
-
-TRAIN_FLAGS = (
-    "epochs",
-    "max_minutes",
-    "batch_size",
-    "grad_accum",
-    "examples_per_image",
-    "lr",
-    "label_smoothing",
-    "seed",
-    "device",
-    "precision",
-    "skip_bad",
-    "init_from",
-    "shuffle",
-    "grad_checkpointing",
-    "fsdp",
-)
 
 
 FREEZABLE = ("lm", "vision")
@@ -375,7 +305,7 @@ def _task_and_losses(args: argparse.Namespace, model: ModelConfig) -> ModelConfi
     losses, weights = args.losses, args.loss_weights
     task = args.task or ("joint" if losses is not None or weights is not None else None)
     if task is None:
-        raise ValueError("give --task (caption, vqa, retrieval, classify or joint)")
+        raise ValueError(f"give --task ({', '.join(task_names())})")
     if task != "joint" and (losses is not None or weights is not None):
         raise ValueError(
             f"--losses and --loss-weights choose the joint model's terms: use --task joint "
@@ -413,10 +343,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
 
         saved = read_run_file(args.out)
         base = RunConfig(saved["model"], saved["train_config"])
-    overrides = {f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) is not None}
+    train_config = base.train
     if args.image_roots:
-        overrides["image_roots"] = _given_roots(args)
-    train_config = dataclasses.replace(base.train, **overrides)
+        train_config = dataclasses.replace(train_config, image_roots=_given_roots(args))
     model = _task_and_losses(args, base.model)
     if args.vision:
         preset = vision_preset(args.vision)
@@ -443,7 +372,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         lm = dataclasses.replace(model.lm, freeze="lm" in args.freeze)
         vision = dataclasses.replace(model.vision, freeze_backbone="vision" in args.freeze)
         model = dataclasses.replace(model, lm=lm, vision=vision)
-    return model, train_config
+    return apply_config_flags(args, model, train_config)  # after --vision's preset: they win
 
 
 RNN_FLAGS = {"rnn_layers": "--rnn-layers", "rnn_hidden": "--rnn-hidden"}
@@ -823,7 +752,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
         "shard", help="JSONL (a file, or every *.jsonl in a folder) → WebDataset tar shards"
     )
     shard.add_argument("source", type=Path, help="a JSONL file, or a folder of them")
-    shard.add_argument("--task", choices=("caption", "vqa", "retrieval", "classify"), required=True)
+    shard.add_argument("--task", choices=task_names(), required=True)
     shard.add_argument("--out", type=Path, required=True, help="shard folder (one per file)")
     shard.add_argument("--shard-size", type=int, default=1000, help="records per shard")
     _image_root_arg(shard)
@@ -1052,8 +981,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["vtfuse", *argv])
-    from vtfuse.data.dataset import DataError
     from vtfuse.data.images import ImageLoadError
+    from vtfuse.data.jsonl import DataError
     from vtfuse.models.base import CheckpointError
 
     try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vtfuse.data.dataset import DataError, ImagePathRefused, safe_image_path
+from vtfuse.data.jsonl import DataError, ImagePathRefused, safe_image_path
 from vtfuse.registry import Registry
 
 IMPORTERS: Registry[Callable[..., Imported]] = Registry("dataset format")

@@ -6,7 +6,7 @@ files' own bytes — the image (`.image`), or a clip's video file (`.video`) or 
 between DataLoader workers, optionally shuffled per epoch (shard order, then a buffer) — and
 decodes each record's picture once per epoch, a clip's sampled frames only (`data/clips.py`);
 its examples (captions, questions, statements) are the same as the in-memory datasets build
-(`dataset.ITEMS`).
+(the task's `items`, `vtfuse.tasks`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vtfuse.data.clips import load_frames, load_video
-from vtfuse.data.dataset import ITEMS, TEXTS, DataError, Record, Truncation, read_jsonl
 from vtfuse.data.images import ImageLoadError
+from vtfuse.data.items import Truncation
+from vtfuse.data.jsonl import DataError, Record
 from vtfuse.data.tokenizer import AnyTokenizer
+from vtfuse.tasks import read_jsonl, task_spec
 
 INDEX = "index.json"
 FRAME = "frame"  # a clip's frames are stored as frame000000, frame000001, ...
@@ -163,7 +165,7 @@ class ShardDataset(IterableDataset):
     def __len__(self) -> int:
         """Examples per epoch (counted once, from the records' text)."""
         if self._length is None:
-            items, uncounted = ITEMS[self.task], Truncation(self.max_length)
+            items, uncounted = task_spec(self.task).items, Truncation(self.max_length)
             self._length = sum(
                 len(items(r, self.tokenizer, uncounted))
                 for r in shard_records(self.folder, self.task)
@@ -183,7 +185,7 @@ class ShardDataset(IterableDataset):
 
     def _examples(self, shards: list[str]) -> Iterator[dict[str, torch.Tensor]]:
         """Each record's examples; texts cut to max_length are reported once per pass."""
-        items_of, cut = ITEMS[self.task], ShardTruncation(self.max_length)
+        items_of, cut = task_spec(self.task).items, ShardTruncation(self.max_length)
         for record, sample in _samples(self.folder, shards):
             try:
                 image = decode_picture(sample, record.fields, self.image_size, self.frames)
@@ -194,7 +196,7 @@ class ShardDataset(IterableDataset):
                 if label is not None:
                     item["answers"] = torch.tensor(label)
                 yield item
-        cut.warn(TEXTS[self.task])
+        cut.warn(task_spec(self.task).reads)
 
     def _shuffled(self, examples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         """A shuffle buffer: keep `buffer` examples, emit a random one as each arrives."""

@@ -12,14 +12,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vtfuse.data.dataset import (
-    LoadedData,
-    TextTruncated,
-    load_records,
-    read_jsonl,
-    warn_long_texts,
-)
+from vtfuse.data.bank import LoadedData, load_records
 from vtfuse.data.images import blank_like
+from vtfuse.data.items import TextTruncated
 from vtfuse.data.synth import canonical_position, parse_caption
 from vtfuse.evaluation.grounding import pointing_hits
 from vtfuse.evaluation.metrics import (
@@ -31,6 +26,7 @@ from vtfuse.evaluation.metrics import (
 )
 from vtfuse.pipeline import Pipeline
 from vtfuse.registry import Registry
+from vtfuse.tasks import read_jsonl, task_spec, warn_long_texts
 from vtfuse.visualisation.maps import select_layer
 from vtfuse.visualisation.plot import save_confusion_matrix
 
@@ -193,7 +189,7 @@ def _score(
     pipe: Pipeline, data: LoadedData, options: EvalOptions, task: str
 ) -> tuple[dict[str, Any], list[Any]]:
     """The metrics and per-record predictions of `task`'s evaluator."""
-    if task != "caption":  # the texts the model reads (references are only scored)
+    if not task_spec(task).generates:  # texts the model reads (references are only scored)
         max_length = pipe.model.config.text.max_length
         warn_long_texts(task, data.records, pipe.tokenizer, max_length)
     with warnings.catch_warnings():

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from vtfuse.config import ModelConfig
-from vtfuse.data.dataset import encoder_view
+from vtfuse.data.items import encoder_view
 from vtfuse.encoders.text import FusedTextTransformer
 from vtfuse.models.base import TASKS
 from vtfuse.models.captioner import CaptionDecoding

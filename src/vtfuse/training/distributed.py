@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data.distributed import DistributedSampler
 
-from vtfuse.data.dataset import grouped_order
+from vtfuse.data.items import grouped_order
 
 
 @dataclass(frozen=True)

@@ -26,20 +26,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vtfuse.config import ModelConfig, TrainConfig, from_dict, to_dict
-from vtfuse.data.dataset import (
-    TEXTS,
-    ImageTextDataset,
-    collate,
-    load_records,
-    read_jsonl,
-    task_dataset,
-)
+from vtfuse.data.bank import ImageTextDataset, load_records
 from vtfuse.data.images import blank_like
+from vtfuse.data.items import collate
 from vtfuse.data.shards import ShardDataset, is_shard_folder, shard_records
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, normalise_answer
 from vtfuse.grad_checkpointing import set_grad_checkpointing
 from vtfuse.models.base import TaskModel, create_model, load_pretrained, warm_start
 from vtfuse.runtime import autocast, resolve_device, seed_everything
+from vtfuse.tasks import read_jsonl, task_dataset, task_spec
 from vtfuse.training.checkpoint import (
     atomic_folder,
     load_training_state,
@@ -60,16 +55,14 @@ RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
 def build_tokenizer(task: str, records, model_config: ModelConfig) -> AnyTokenizer:
     """A pretrained LM's own tokenizer, or a word vocabulary built from the training text;
     for VQA, with the answers seen in training."""
-    label_field = {"vqa": "answer", "classify": "label"}.get(task)
-    answers = sorted({normalise_answer(r.fields[label_field]) for r in records if label_field})
+    spec = task_spec(task)
+    answers = sorted({normalise_answer(r.fields[spec.label]) for r in records if spec.label})
     if model_config.lm.name:
         from vtfuse.models.pretrained_lm import load_lm_tokenizer
 
         return load_lm_tokenizer(model_config.lm.name, answers)
-    if TEXTS[task] == "caption":  # caption, retrieval, joint
-        return Tokenizer.build(c for r in records for c in r.captions)
-    text_field = {"vqa": "question", "classify": "text"}[task]
-    return Tokenizer.build((r.fields[text_field] for r in records), answers=answers)
+    texts = (text for record in records for text in spec.texts(record))
+    return Tokenizer.build(texts, answers=answers)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -307,7 +300,7 @@ def blindness_warning(entry: dict[str, Any], task: str = "", warm: bool = False)
         f"the model does not use the image yet: validation loss {loss:.4f}, {blind:.4f} with "
         "every image blanked (README: 'Training on your own data: does the model look?')"
     )
-    if task and task not in ("caption", "joint") and not warm:
+    if task and not task_spec(task).generates and not warm:
         warning += (
             "; a captioner trained first on the same images, given as --init-from RUN, "
             "often teaches it to look sooner"

@@ -1,0 +1,35 @@
+"""Captioning: {"image": ..., "caption": "..."} or {"image": ..., "captions": ["...", ...]}.
+The model writes the caption: one item per reference, <bos> words <eos>."""
+
+from __future__ import annotations
+
+from vtfuse.data.items import Item, Truncation
+from vtfuse.data.jsonl import Record
+from vtfuse.data.tokenizer import AnyTokenizer
+from vtfuse.tasks.fields import check_captions
+from vtfuse.tasks.spec import TaskSpec, register
+
+
+def caption_items(record: Record, tokenizer: AnyTokenizer, cut: Truncation) -> list[Item]:
+    """One item per reference caption: <bos> words <eos> (a caption cut short has no <eos>)."""
+    return [
+        (
+            cut.fit(
+                tokenizer.encode(caption, bos=True, eos=True), cut.max_length, cut.where(record)
+            ),
+            None,
+        )
+        for caption in record.captions
+    ]
+
+
+CAPTION = register(
+    TaskSpec(
+        "caption",
+        check_captions,
+        caption_items,
+        reads="caption",
+        generates=True,
+        help="describe an image in words (a decoder cross-attends to the image)",
+    )
+)
