@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import re
 import types
@@ -69,18 +70,19 @@ class ConfigFlag:
         return f"set:{self.part}.{self.field}"  # apart from every hand-written flag's dest
 
 
-def config_flags() -> list[ConfigFlag]:
-    """One flag per settable field: TrainConfig's, then each model part's."""
-    parts = {"": TrainConfig, **MODEL_PARTS}
+@functools.cache
+def config_flags() -> tuple[ConfigFlag, ...]:
+    """One flag per settable field: TrainConfig's, then each model part's (read from the
+    sources once a process: every `vtfuse` command builds the train parser)."""
     flags = []
-    for part, cls in parts.items():
+    for part, cls in {"": TrainConfig, **MODEL_PARTS}.items():
         hints, comments = typing.get_type_hints(cls), field_comments(cls)
-        for field in dataclasses.fields(cls):
-            if (part, field.name) not in HANDWRITTEN:
-                default = field.default
-                help_text = comments.get(field.name, "")
-                flags.append(ConfigFlag(part, field.name, hints[field.name], default, help_text))
-    return flags
+        flags += [
+            ConfigFlag(part, f.name, hints[f.name], f.default, comments.get(f.name, ""))
+            for f in dataclasses.fields(cls)
+            if (part, f.name) not in HANDWRITTEN
+        ]
+    return tuple(flags)
 
 
 _FIELD = re.compile(r"^\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$")

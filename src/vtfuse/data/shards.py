@@ -185,18 +185,18 @@ class ShardDataset(IterableDataset):
 
     def _examples(self, shards: list[str]) -> Iterator[dict[str, torch.Tensor]]:
         """Each record's examples; texts cut to max_length are reported once per pass."""
-        items_of, cut = task_spec(self.task).items, ShardTruncation(self.max_length)
+        spec, cut = task_spec(self.task), ShardTruncation(self.max_length)
         for record, sample in _samples(self.folder, shards):
             try:
                 image = decode_picture(sample, record.fields, self.image_size, self.frames)
             except ImageLoadError as error:
                 raise DataError(f"{record.fields.get('source', record.where)}: {error}") from None
-            for ids, label in items_of(record, self.tokenizer, cut):
+            for ids, label in spec.items(record, self.tokenizer, cut):
                 item = {"image_id": record.line, "images": image, "tokens": torch.tensor(ids)}
                 if label is not None:
                     item["answers"] = torch.tensor(label)
                 yield item
-        cut.warn(task_spec(self.task).reads)
+        cut.warn(spec.reads)
 
     def _shuffled(self, examples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         """A shuffle buffer: keep `buffer` examples, emit a random one as each arrives."""
