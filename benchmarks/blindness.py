@@ -37,12 +37,9 @@ from vtfuse.data.items import collate
 from vtfuse.models.base import create_model
 from vtfuse.runtime import seed_everything
 from vtfuse.tasks import read_jsonl, task_dataset
-from vtfuse.training.trainer import (
-    build_tokenizer,
-    epoch_batches,
-    make_optimizer,
-    warmup_cosine,
-)
+from vtfuse.training.batches import epoch_batches
+from vtfuse.training.optim import make_optimizer, warmup_cosine
+from vtfuse.training.setup import build_tokenizer
 
 
 def grad_norm(model: torch.nn.Module, vision: bool) -> float:

@@ -66,6 +66,7 @@ def vtfuse_captioner(size: Size) -> nn.Module:
             depth=size.layers,
             heads=size.heads,
             max_length=size.max_length,
+            dropout=0.0,  # as the transformers model below: the same arithmetic in training
         ),
         fusion=FusionConfig(name="cross_attention"),
     )
@@ -97,7 +98,7 @@ def hf_captioner(size: Size) -> nn.Module:
         n_head=size.heads,
         n_inner=size.mlp,
         activation_function="gelu",
-        resid_pdrop=0.0,  # GPT-2's default 0.1; vtfuse trains without dropout by default
+        resid_pdrop=0.0,  # GPT-2's default 0.1, as vtfuse's captioner's: both without here
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         add_cross_attention=True,

@@ -44,13 +44,10 @@ from vtfuse.models.base import create_model
 from vtfuse.quickstart import QuickstartPlan
 from vtfuse.runtime import autocast, seed_everything
 from vtfuse.tasks import read_jsonl, task_dataset
-from vtfuse.training.trainer import (
-    build_tokenizer,
-    epoch_batches,
-    make_optimizer,
-    validate,
-    warmup_cosine,
-)
+from vtfuse.training.batches import epoch_batches
+from vtfuse.training.optim import make_optimizer, warmup_cosine
+from vtfuse.training.setup import build_tokenizer
+from vtfuse.training.trainer import validate
 
 TASK = "caption"
 PRECISIONS = ("fp32", "bf16")

@@ -43,7 +43,7 @@ import torch
 
 from vtfuse.config import FusionConfig, ModelConfig, TextConfig, TrainConfig, VisionConfig
 from vtfuse.models.base import create_model
-from vtfuse.training.trainer import make_optimizer
+from vtfuse.training.optim import make_optimizer
 
 FUSIONS = ("cross_attention", "resampler")
 HIDDEN, LAYERS, HEADS, VOCAB, PATCH, LATENTS = 256, 4, 4, 1000, 8, 16

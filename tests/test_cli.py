@@ -519,7 +519,7 @@ def train_help(capsys) -> str:
 
 
 def test_config_flags_override_the_config_file_and_carry_its_comments(tmp_path, capsys):
-    from vtfuse.cli.main import configs_from_args
+    from vtfuse.cli.train import configs_from_args
 
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"model": {"text": {"dropout": 0.3}}, "train": {"lr": 0.01}}))
@@ -541,7 +541,7 @@ def test_config_flags_override_the_config_file_and_carry_its_comments(tmp_path, 
     )
     assert model.vision.image_size == 160  # a config flag wins over the preset
     help_text = train_help(capsys)
-    assert "--text-dropout DROPOUT dropout on attention weights" in help_text
+    assert "--text-dropout DROPOUT Dropout on the attention weights and in the MLPs" in help_text
     assert "cosine decay ends at lr * min_lr_ratio (default: 0.05)" in help_text
     with pytest.raises(SystemExit):
         _parse_train("--precision", "fp16")

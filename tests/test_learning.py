@@ -80,7 +80,9 @@ def test_a_captioner_trained_with_the_default_schedule_uses_the_image(scenes, tm
     minute: its validation loss falls far below its loss with every image blanked (the
     trainer's `val_blind_loss`), and its held-out captions score a higher CIDEr than its
     blind ones."""
-    config = replace(TrainConfig(), epochs=30, batch_size=16, save_every=0)
+    # 45 epochs: with the decoder's default dropout (0.1) 30 left it at 0.81 of the blind loss;
+    # 45 reach 0.63
+    config = replace(TrainConfig(), epochs=45, batch_size=16, save_every=0)
     model = ModelConfig(vision=VISION, text=TEXT)
     result = train(
         "caption",

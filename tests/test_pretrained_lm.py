@@ -14,20 +14,15 @@ from transformers import GPT2Config
 from vtfuse.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
 from vtfuse.data.tokenizer import LMTokenizer
 from vtfuse.generation import beam_search, greedy
+from vtfuse.lm.inject import decoder_layers
+from vtfuse.lm.load import load_causal_lm, load_lm_tokenizer, load_text_encoder
 from vtfuse.models.base import (
     CheckpointError,
     create_model,
     load_pretrained,
     warm_start,
 )
-from vtfuse.models.pretrained_lm import (
-    LMCaptioner,
-    LMQuestionAnswerer,
-    decoder_layers,
-    load_causal_lm,
-    load_lm_tokenizer,
-    load_text_encoder,
-)
+from vtfuse.models.pretrained_lm import LMCaptioner, LMQuestionAnswerer
 from vtfuse.weights import from_pretrained
 
 VOCAB, BOS, EOS = 64, 1, 2

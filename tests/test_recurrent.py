@@ -29,7 +29,7 @@ from vtfuse.fusion import FUSIONS
 from vtfuse.generation import beam_search, greedy
 from vtfuse.models import create_model, load_pretrained
 from vtfuse.tasks import read_jsonl, task_dataset
-from vtfuse.training.trainer import build_tokenizer
+from vtfuse.training.setup import build_tokenizer
 
 RECURRENT = ["lstm", "gru"]
 VISION = VisionConfig(image_size=24, channels=(8, 8, 16), dim=16, depth=0, heads=2)

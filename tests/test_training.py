@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from vtfuse.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
 from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.training import train
-from vtfuse.training.trainer import warmup_cosine, warmup_cosine_on_the_clock
+from vtfuse.training.optim import warmup_cosine, warmup_cosine_on_the_clock
 
 VISION = VisionConfig(image_size=24, channels=(8, 8, 16), dim=32, depth=1, heads=2)
 TEXT = TextConfig(dim=32, depth=1, heads=2, max_length=48)
@@ -25,20 +26,27 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
-def run(data: Path, out: Path, task: str = "caption", resume: bool = False, **overrides):
+def run(
+    data: Path,
+    out: Path,
+    task: str = "caption",
+    resume: bool = False,
+    text: TextConfig = TEXT,
+    **overrides,
+):
     config = TrainConfig(
         **{"epochs": 2, "batch_size": 16, "lr": 3e-3, "save_every": 0, **overrides}
     )
-    return train_model(data, out, task, config, resume)
+    return train_model(data, out, task, config, resume, text)
 
 
-def train_model(data, out, task, config, resume=False):
+def train_model(data, out, task, config, resume=False, text: TextConfig = TEXT):
     return train(
         task,
         data / f"{task}_train.jsonl",
         out,
         data / f"{task}_val.jsonl",
-        ModelConfig(task=task, vision=VISION, text=TEXT),
+        ModelConfig(task=task, vision=VISION, text=text),
         config,
         resume=resume,
         progress=False,
@@ -104,14 +112,19 @@ def test_same_seed_same_weights(data, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_after_a_stop_continues_from_the_saved_step(data, tmp_path):
-    """Stop mid-run (max_minutes tiny), resume: same step count and weights as one straight run."""
-    straight = run(data, tmp_path / "straight", epochs=3)
-    stopped = run(data, tmp_path / "resumed", epochs=3, max_minutes=1e-9)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_after_a_stop_continues_from_the_saved_step(data, tmp_path, dropout):
+    """Stop mid-run (max_minutes tiny), resume: same step count and weights as one straight run.
+    With dropout the masks must continue too: the random generators are part of the state, and
+    nothing but the model may draw from the global one (a DataLoader does, for its workers'
+    seeds, unless it is given its own generator)."""
+    text = dataclasses.replace(TEXT, dropout=dropout)
+    straight = run(data, tmp_path / "straight", epochs=3, text=text)
+    stopped = run(data, tmp_path / "resumed", epochs=3, max_minutes=1e-9, text=text)
     assert not stopped.finished and stopped.step == 1
     state = json.loads((tmp_path / "resumed" / "last" / "training_state.json").read_text())
     assert state["progress"]["step"] == 1
-    resumed = run(data, tmp_path / "resumed", epochs=3, resume=True)
+    resumed = run(data, tmp_path / "resumed", epochs=3, resume=True, text=text)
     assert resumed.finished and resumed.step == straight.step
     a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "last" / "model.safetensors"))

@@ -52,7 +52,10 @@ class TextConfig:
     heads: int = 4  # attention heads (self-attention and fusion)
     mlp_ratio: float = 4.0  # the MLP's hidden width ÷ dim
     max_length: int = 64  # longest token sequence (positions are learned)
-    dropout: float = 0.0  # dropout on attention weights and in the MLPs of the text blocks
+    # Dropout on the attention weights and in the MLPs of the text blocks. None: the task
+    # model's own default (`TaskModel.default_text_dropout`: 0.1 in a caption decoder, 0 in a
+    # text encoder), written into the saved config when the model is built
+    dropout: float | None = None
     # How the words meet each other (see vtfuse.encoders.context): "transformer", self-attention
     # in every block; "lstm" or "gru", one recurrent stack under the blocks instead.
     encoder: str = "transformer"

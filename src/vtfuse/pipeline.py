@@ -23,6 +23,7 @@ from vtfuse.data.items import Truncation, pad_tokens
 from vtfuse.data.tokenizer import AnyTokenizer
 from vtfuse.generation import Generated, beam_search, greedy, most_likely, nucleus
 from vtfuse.models.base import TaskModel, load_pretrained
+from vtfuse.quantisation import convert_weights
 from vtfuse.runtime import resolve_device
 from vtfuse.tasks import task_spec
 from vtfuse.training.checkpoint import resolve_model_folder
@@ -57,15 +58,29 @@ class Attention:
 
 
 class Pipeline:
-    def __init__(self, model: TaskModel, tokenizer: AnyTokenizer, device: torch.device):
+    def __init__(
+        self,
+        model: TaskModel,
+        tokenizer: AnyTokenizer,
+        device: torch.device,
+        weights: str = "fp32",
+    ):
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
+        self.weights = weights  # the linear layers' precision (see vtfuse.quantisation)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", allow_pickle: bool = False) -> Pipeline:
-        """A run or model folder's model; `allow_pickle`: see `load_pretrained`."""
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        allow_pickle: bool = False,
+        weights: str = "fp32",
+    ) -> Pipeline:
+        """A run or model folder's model; `allow_pickle`: see `load_pretrained`; `weights`:
+        the linear layers' precision for inference (see `vtfuse.quantisation`)."""
         resolved = resolve_device(device)
         model, tokenizer = load_pretrained(resolve_model_folder(path), resolved, allow_pickle)
-        return cls(model, tokenizer, resolved)
+        return cls(convert_weights(model.eval(), weights), tokenizer, resolved, weights)
 
     @property
     def task(self) -> str:
@@ -334,8 +349,10 @@ class Pipeline:
         return path, text
 
 
-def load(path: str | Path, device: str = "auto", allow_pickle: bool = False) -> Pipeline:
-    return Pipeline.load(path, device, allow_pickle)
+def load(
+    path: str | Path, device: str = "auto", allow_pickle: bool = False, weights: str = "fp32"
+) -> Pipeline:
+    return Pipeline.load(path, device, allow_pickle, weights)
 
 
 def check_template(template: str) -> None:

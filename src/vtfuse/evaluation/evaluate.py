@@ -46,6 +46,7 @@ class EvalOptions:
     confusion_png: str | None = None  # classify: draw the confusion matrix here
     allow_pickle: bool = False  # load a model folder's pickle weights (see load_pretrained)
     image_roots: tuple[str, ...] = ()  # folders besides the JSONL's own images may come from
+    weights: str = "fp32"  # the linear layers' precision (see vtfuse.quantisation)
 
 
 EVALUATORS: Registry[Callable[..., tuple[dict[str, Any], list[str]]]] = Registry("evaluator")
@@ -208,7 +209,9 @@ def evaluate(
     """Score the model at `model_path` (a run or model folder) on `data_path`. A model with
     several capabilities (a joint model: caption and retrieval) is scored as each, its
     metrics and each record's predictions nested under the task's name."""
-    pipe = pipe or Pipeline.load(model_path, allow_pickle=options.allow_pickle)
+    pipe = pipe or Pipeline.load(
+        model_path, allow_pickle=options.allow_pickle, weights=options.weights
+    )
     records = read_jsonl(data_path, pipe.task, roots=options.image_roots)
     vision = pipe.model.config.vision
     data = load_records(

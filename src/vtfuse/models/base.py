@@ -8,7 +8,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save_file
@@ -35,14 +35,19 @@ CONFIG_HEADER = ("format_version", "vtfuse_version", "model", "trained")  # conf
 
 class TaskModel(nn.Module):
     task: str
+    # `text.dropout` when the config leaves it None
+    default_text_dropout: ClassVar[float] = 0.0
 
     def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
         """`allow_pickle`: a pretrained vision tower (or LM) may load from pickle weights."""
         super().__init__()
         self.vision = create_vision_encoder(config.vision, allow_pickle=allow_pickle)
-        # as the encoder was built: its own defaults (vision.depth) written in, so a saved model
-        # keeps them whatever later versions default to
-        self.config = dataclasses.replace(config, vision=self.vision.config)
+        text = config.text
+        if text.dropout is None:
+            text = dataclasses.replace(text, dropout=self.default_text_dropout)
+        # as the parts are built: their defaults (vision.depth, text.dropout) written in, so a
+        # saved model keeps them whatever later versions default to. Subclasses build from it.
+        self.config = dataclasses.replace(config, vision=self.vision.config, text=text)
 
     def init_weights(self) -> None:
         """Linear weights N(0, 1/fan_in) (LeCun et al. 1998) and zero biases; token embeddings

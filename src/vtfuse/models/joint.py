@@ -122,10 +122,10 @@ class JointModel(CaptionDecoding, RetrievalModel):
         super().__init__(config, allow_pickle=allow_pickle)
         self.weights = weights
         self.decoder = FusedTextTransformer(
-            config.text, self.vision.dim, config.fusion, causal=True
+            self.config.text, self.vision.dim, config.fusion, causal=True
         )
         share_all_but_self_attention(self.decoder, self.text)
-        self.lm_head = nn.Linear(config.text.dim, config.text.vocab_size, bias=False)
+        self.lm_head = nn.Linear(self.config.text.dim, self.config.text.vocab_size, bias=False)
         self.lm_head.weight = self.text.token_embedding.weight  # weight tying (Press & Wolf 2017)
         self.init_weights()
 

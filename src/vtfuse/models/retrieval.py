@@ -37,8 +37,10 @@ class RetrievalModel(TaskModel):
 
     def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
         super().__init__(config, allow_pickle=allow_pickle)
-        dim = config.text.dim
-        self.text = FusedTextTransformer(config.text, self.vision.dim, config.fusion, causal=False)
+        dim = self.config.text.dim
+        self.text = FusedTextTransformer(
+            self.config.text, self.vision.dim, config.fusion, causal=False
+        )
         self.cls = nn.Parameter(torch.randn(1, 1, dim))
         self.image_projection = nn.Linear(self.vision.dim, dim)
         self.text_projection = nn.Linear(dim, dim)

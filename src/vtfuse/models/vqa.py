@@ -94,8 +94,10 @@ def read_with_cls(
 class VQAModel(AnswerClassifier):
     def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
         super().__init__(config, allow_pickle=allow_pickle)
-        dim = config.text.dim
-        self.text = FusedTextTransformer(config.text, self.vision.dim, config.fusion, causal=False)
+        dim = self.config.text.dim
+        self.text = FusedTextTransformer(
+            self.config.text, self.vision.dim, config.fusion, causal=False
+        )
         self.cls = nn.Parameter(torch.randn(1, 1, dim))  # unit scale, as the scaled embeddings
         self.head = answer_head(dim, config.num_answers)
         self.init_weights()

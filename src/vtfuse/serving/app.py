@@ -17,9 +17,6 @@ model call runs beside another.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 from collections.abc import Hashable, Sequence
 from contextlib import asynccontextmanager
@@ -30,125 +27,24 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from vtfuse.pipeline import Pipeline, check_template
 from vtfuse.serving.batching import Alone, Busy, MicroBatcher
+from vtfuse.serving.requests import (
+    RequestError,
+    ServeSettings,
+    decode_image,
+    field_of,
+    one_image,
+    read_fields,
+)
 from vtfuse.visualisation.maps import select_layer, to_grid
 
 PAGE = Path(__file__).with_name("page.html")
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    max_batch: int = 16
-    max_wait_ms: float = 5.0
-    max_queue: int = 256
-    max_image_bytes: int = 10 * 2**20
-    max_image_pixels: int = 40_000_000
-    max_texts: int = 1000  # candidates per retrieval request
-    max_images: int = 64  # candidate images per retrieval request
-    max_beam_size: int = 8  # a beam's memory grows with its width: a bound, not a DoS
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-# -- reading requests --------------------------------------------------------------------------
-def decode_image(data: bytes, settings: ServeSettings, name: str = "image") -> Image.Image:
-    if len(data) > settings.max_image_bytes:
-        raise RequestError(
-            413, f"{name}: {len(data)} bytes, over the {settings.max_image_bytes} limit"
-        )
-    try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > settings.max_image_pixels:
-            raise RequestError(
-                413, f"{name}: {width}×{height} pixels, over the {settings.max_image_pixels} limit"
-            )
-        image.load()
-        return image.convert("RGB")
-    except RequestError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise RequestError(415, f"{name}: not an image Pillow can read") from None
-
-
-async def read_fields(request) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
-    """(fields, images by field name) from a multipart form or a JSON body."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip()
-    if kind == "multipart/form-data":
-        form = await request.form()
-        fields: dict[str, Any] = {}
-        files: dict[str, list[bytes]] = {}
-        for key, value in form.multi_items():
-            if hasattr(value, "read"):
-                files.setdefault(key, []).append(await value.read())
-            else:
-                fields.setdefault(key, []).append(value)
-        return {k: v[0] if len(v) == 1 else v for k, v in fields.items()}, files
-    if kind == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RequestError(422, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise RequestError(422, "the JSON body must be an object")
-        files = {}
-        for key, target in (("image_base64", "image"), ("images_base64", "images")):
-            value = body.pop(key, None)
-            if value is None:
-                continue
-            values = value if isinstance(value, list) else [value]
-            try:
-                files[target] = [base64.b64decode(v, validate=True) for v in values]
-            except (binascii.Error, TypeError, ValueError):  # ValueError: not ASCII
-                raise RequestError(422, f"{key}: not base64") from None
-        return body, files
-    raise RequestError(
-        415, f"send multipart/form-data or application/json, not {kind or 'nothing'}"
-    )
-
-
-def _field(fields: dict, name: str, kind: type, default: Any = None, low: float | None = None):
-    value = fields.get(name, default)
-    if value is None:
-        raise RequestError(422, f"missing field '{name}'")
-    try:
-        if kind is bool:
-            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        elif kind is list:
-            value = _as_list(value)
-        else:
-            value = kind(value)
-    except (TypeError, ValueError, json.JSONDecodeError):
-        raise RequestError(422, f"field '{name}' must be {kind.__name__}, got {value!r}") from None
-    if low is not None and value < low:
-        raise RequestError(422, f"field '{name}' must be at least {low}, got {value}")
-    return value
-
-
-def _as_list(value: Any) -> list:
-    """A list as JSON sends it, or as a form does: a JSON array, or comma-separated text."""
-    if isinstance(value, list):
-        return value
-    text = str(value)
-    return json.loads(text) if text.startswith("[") else [v.strip() for v in text.split(",")]
-
-
-def _one_image(files: dict, settings: ServeSettings) -> Image.Image:
-    images = files.get("image", [])
-    if len(images) != 1:
-        raise RequestError(422, "send exactly one 'image' (a file, or image_base64 in JSON)")
-    return decode_image(images[0], settings)
-
-
-# -- the model side: batched calls -------------------------------------------------------------
 def _maps(attention: torch.Tensor, grid: tuple[int, int]) -> list:
     """(T, layers, heads, N) → per token an h × w map (mean of layers and heads; a clip's
     summed over its frames), rounded."""
@@ -225,6 +121,7 @@ def model_info(pipe: Pipeline, folder: Path | None) -> dict[str, Any]:
         "step": trained.get("step"),
         "checkpoint": str(folder) if folder else None,
         "device": str(pipe.device),
+        "weights": pipe.weights,
     }
 
 
@@ -233,13 +130,13 @@ def _body_doc(fields: dict[str, dict], images: tuple[str, ...] = ("image",)) -> 
     """OpenAPI for a body that is a multipart form (image files) or JSON (base64 images):
     `fields` as they are, plus each of `images` ("image": one, "images": several)."""
 
-    def image_field(name: str, encoded: dict) -> dict:
+    def imagefield_of(name: str, encoded: dict) -> dict:
         return encoded if name == "image" else {"type": "array", "items": encoded}
 
     binary = {"type": "string", "format": "binary"}
     base64_text = {"type": "string", "contentEncoding": "base64"}
-    form = {**fields, **{name: image_field(name, binary) for name in images}}
-    body = {**fields, **{f"{name}_base64": image_field(name, base64_text) for name in images}}
+    form = {**fields, **{name: imagefield_of(name, binary) for name in images}}
+    body = {**fields, **{f"{name}_base64": imagefield_of(name, base64_text) for name in images}}
     return {
         "requestBody": {
             "required": True,
@@ -251,9 +148,8 @@ def _body_doc(fields: dict[str, dict], images: tuple[str, ...] = ("image",)) -> 
     }
 
 
-def create_app(
-    pipe: Pipeline, settings: ServeSettings = ServeSettings(), folder: Path | None = None
-):
+def create_app(pipe: Pipeline, settings: ServeSettings | None = None, folder: Path | None = None):
+    settings = settings or ServeSettings()
     engine = Engine(pipe)
     batcher = MicroBatcher(engine.run, settings.max_batch, settings.max_wait_ms, settings.max_queue)
 
@@ -264,7 +160,32 @@ def create_app(
 
     app = FastAPI(title="vtfuse", version="1", lifespan=lifespan)
     app.state.batcher = batcher
-    info = model_info(pipe, folder)
+    add_error_handlers(app)
+    add_info_routes(app, model_info(pipe, folder), batcher)
+    served = Served(pipe, batcher, settings)
+    for add_routes in (add_caption, add_ask, add_retrieve, add_classify):
+        add_routes(app, served)
+    return app
+
+
+@dataclass
+class Served:
+    """What the task routes share: the model, the batcher in front of it, the limits."""
+
+    pipe: Pipeline
+    batcher: MicroBatcher
+    settings: ServeSettings
+
+    def require(self, task: str) -> None:
+        if not self.pipe.serves(task):
+            raise RequestError(
+                422, f"this server runs a {self.pipe.task!r} model; that needs {task!r}"
+            )
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as JSON `{"error": ...}`: the request's fault (4xx), busy (503 with
+    Retry-After), or ours (500, without a traceback)."""
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError):
@@ -286,10 +207,8 @@ def create_app(
     async def unexpected(request: Request, error: Exception):  # no traceback leaves the server
         return JSONResponse({"error": f"internal error: {type(error).__name__}"}, status_code=500)
 
-    def require(task: str) -> None:
-        if not pipe.serves(task):
-            raise RequestError(422, f"this server runs a {pipe.task!r} model; that needs {task!r}")
 
+def add_info_routes(app: FastAPI, info: dict[str, Any], batcher: MicroBatcher) -> None:
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok"}
@@ -302,56 +221,70 @@ def create_app(
     async def page() -> str:
         return PAGE.read_text()
 
-    caption_fields = {
-        "beam_size": {"type": "integer", "minimum": 1, "maximum": 8},
-        "max_length": {"type": "integer", "minimum": 1},
-        "attention": {"type": "boolean"},
-    }
 
-    @app.post("/v1/caption", openapi_extra=_body_doc(caption_fields))
+CAPTION_FIELDS = {
+    "beam_size": {"type": "integer", "minimum": 1, "maximum": 8},
+    "max_length": {"type": "integer", "minimum": 1},
+    "attention": {"type": "boolean"},
+}
+
+
+def add_caption(app: FastAPI, served: Served) -> None:
+    pipe, settings = served.pipe, served.settings
+
+    @app.post("/v1/caption", openapi_extra=_body_doc(CAPTION_FIELDS))
     async def caption(request: Request) -> dict:
-        require("caption")
+        served.require("caption")
         fields, files = await read_fields(request)
-        image = _one_image(files, settings)
-        beam = _field(fields, "beam_size", int, 1, low=1)
+        image = one_image(files, settings)
+        beam = field_of(fields, "beam_size", int, 1, low=1)
         if beam > settings.max_beam_size:
             raise RequestError(422, f"field 'beam_size' must be at most {settings.max_beam_size}")
         longest = pipe.model.config.text.max_length - 1
-        max_length = min(_field(fields, "max_length", int, longest, low=1), longest)
-        attention = _field(fields, "attention", bool, False)
+        max_length = min(field_of(fields, "max_length", int, longest, low=1), longest)
+        attention = field_of(fields, "attention", bool, False)
         if attention and beam > 1:
             raise RequestError(422, "attention maps come from greedy decoding: use beam_size 1")
-        return await batcher.submit(("caption", beam, max_length, attention), image)
+        return await served.batcher.submit(("caption", beam, max_length, attention), image)
 
-    ask_fields = {
-        "question": {"type": "string"},
-        "top_k": {"type": "integer", "minimum": 1},
-        "attention": {"type": "boolean"},
-    }
 
-    @app.post("/v1/ask", openapi_extra=_body_doc(ask_fields))
+ASK_FIELDS = {
+    "question": {"type": "string"},
+    "top_k": {"type": "integer", "minimum": 1},
+    "attention": {"type": "boolean"},
+}
+
+
+def add_ask(app: FastAPI, served: Served) -> None:
+    @app.post("/v1/ask", openapi_extra=_body_doc(ASK_FIELDS))
     async def ask(request: Request) -> dict:
-        require("vqa")
+        served.require("vqa")
         fields, files = await read_fields(request)
-        image = _one_image(files, settings)
-        question = _field(fields, "question", str)
+        image = one_image(files, served.settings)
+        question = field_of(fields, "question", str)
         if not question.strip():
             raise RequestError(422, "field 'question' is empty")
-        top_k = _field(fields, "top_k", int, 5, low=1)
-        attention = _field(fields, "attention", bool, False)
-        return await batcher.submit(("ask", top_k, attention), (image, question))
+        top_k = field_of(fields, "top_k", int, 5, low=1)
+        attention = field_of(fields, "attention", bool, False)
+        return await served.batcher.submit(("ask", top_k, attention), (image, question))
 
-    retrieve_fields = {
-        "texts": {"type": "array", "items": {"type": "string"}},
-        "query": {"type": "string"},
-        "top_k": {"type": "integer", "minimum": 1},
-    }
 
-    @app.post("/v1/retrieve", openapi_extra=_body_doc(retrieve_fields, ("image", "images")))
+RETRIEVE_FIELDS = {
+    "texts": {"type": "array", "items": {"type": "string"}},
+    "query": {"type": "string"},
+    "top_k": {"type": "integer", "minimum": 1},
+}
+
+
+def add_retrieve(app: FastAPI, served: Served) -> None:
+    """A `query` ranks the uploaded `images`; an `image` ranks the `texts`."""
+    pipe, settings, batcher = served.pipe, served.settings, served.batcher
+
+    @app.post("/v1/retrieve", openapi_extra=_body_doc(RETRIEVE_FIELDS, ("image", "images")))
     async def retrieve(request: Request) -> dict:
-        require("retrieval")
+        served.require("retrieval")
         fields, files = await read_fields(request)
-        top_k = _field(fields, "top_k", int, 5, low=1)
+        top_k = field_of(fields, "top_k", int, 5, low=1)
         if "query" in fields:
             candidates = files.get("images", [])
             if len(candidates) > settings.max_images:
@@ -362,8 +295,8 @@ def create_app(
             query = str(fields["query"])
             ranked = await batcher.submit(Alone(), (pipe.retrieve_images, (query, images, top_k)))
             return {"results": [{"index": i, "score": round(s, 6)} for i, s in ranked]}
-        image = _one_image(files, settings)
-        texts = _field(fields, "texts", list)
+        image = one_image(files, settings)
+        texts = field_of(fields, "texts", list)
         if (
             not texts
             or len(texts) > settings.max_texts
@@ -375,25 +308,27 @@ def create_app(
             "results": [{"index": i, "text": texts[i], "score": round(s, 6)} for i, s in ranked]
         }
 
-    classify_fields = {
-        "labels": {"type": "array", "items": {"type": "string"}},
-        "template": {"type": "string"},
-    }
 
-    @app.post("/v1/classify", openapi_extra=_body_doc(classify_fields))
+CLASSIFY_FIELDS = {
+    "labels": {"type": "array", "items": {"type": "string"}},
+    "template": {"type": "string"},
+}
+
+
+def add_classify(app: FastAPI, served: Served) -> None:
+    @app.post("/v1/classify", openapi_extra=_body_doc(CLASSIFY_FIELDS))
     async def classify(request: Request) -> dict:
-        require("retrieval")
+        served.require("retrieval")
         fields, files = await read_fields(request)
-        image = _one_image(files, settings)
-        labels = [str(label) for label in _field(fields, "labels", list) if str(label).strip()]
-        template = _field(fields, "template", str, "{}")
+        image = one_image(files, served.settings)
+        labels = [str(label) for label in field_of(fields, "labels", list) if str(label).strip()]
+        template = field_of(fields, "template", str, "{}")
         if not labels:
             raise RequestError(422, "need 'labels': the classes to choose among")
         try:
             check_template(template)
         except ValueError as error:
             raise RequestError(422, str(error)) from None
-        ranked = await batcher.submit(Alone(), (pipe.classify, (image, labels, template)))
+        job = (served.pipe.classify, (image, labels, template))
+        ranked = await served.batcher.submit(Alone(), job)
         return {"labels": [{"label": label, "probability": round(p, 6)} for label, p in ranked]}
-
-    return app

@@ -16,9 +16,17 @@ from vtfuse.data.items import Truncation
 from vtfuse.data.jsonl import Record, read_records
 from vtfuse.data.tokenizer import AnyTokenizer
 from vtfuse.tasks import caption, classify, joint, retrieval, vqa  # noqa: F401  (they register)
-from vtfuse.tasks.spec import TaskSpec, register, task_names, task_spec
+from vtfuse.tasks.spec import TaskSpec, ranked_tasks, register, task_names, task_spec
 
-__all__ = ["TaskSpec", "read_jsonl", "register", "task_dataset", "task_names", "task_spec"]
+__all__ = [
+    "TaskSpec",
+    "ranked_tasks",
+    "read_jsonl",
+    "register",
+    "task_dataset",
+    "task_names",
+    "task_spec",
+]
 
 
 def read_jsonl(

@@ -31,5 +31,7 @@ CAPTION = register(
         reads="caption",
         generates=True,
         help="describe an image in words (a decoder cross-attends to the image)",
+        metrics=("cider", "bleu4", "meteor", "object_f1", "pointing_accuracy"),
+        headline="cider",
     )
 )

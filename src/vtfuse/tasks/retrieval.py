@@ -29,5 +29,7 @@ RETRIEVAL = register(
         retrieval_items,
         reads="caption",
         help="match images and texts (contrastive and image-text matching)",
+        metrics=("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "itm_i2t_r1", "itm_t2i_r1"),
+        headline="t2i_r1",
     )
 )

@@ -21,6 +21,10 @@ class TaskSpec:
     label: str = ""  # the field holding a class to predict (its values are the classes)
     generates: bool = False  # a decoder writes text: the model learns from captions alone
     help: str = ""  # one line for the CLI
+    # the metrics that rank models of this task (`vtfuse compare`'s columns, in order) and the
+    # one its chart shows; none: compare does not take the task
+    metrics: tuple[str, ...] = ()
+    headline: str = ""
 
     def texts(self, record: Record) -> list[str]:
         """The texts of a line the tokenizer learns its words from."""
@@ -49,6 +53,11 @@ def task_spec(name: str) -> TaskSpec:
 def task_names() -> list[str]:
     """Every registered task, by name."""
     return sorted(_SPECS)
+
+
+def ranked_tasks() -> list[str]:
+    """The tasks whose spec names the metrics that rank models (what `vtfuse compare` takes)."""
+    return [name for name in task_names() if _SPECS[name].metrics]
 
 
 def text_to_class(reads: str, label: str) -> ItemsOf:

@@ -30,5 +30,7 @@ VQA = register(
         reads="question",
         label="answer",
         help="answer a question about an image (the answers seen in training are the classes)",
+        metrics=("accuracy", "pointing_accuracy"),  # and accuracy_<type> after accuracy
+        headline="accuracy",
     )
 )

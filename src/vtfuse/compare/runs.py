@@ -1,35 +1,8 @@
-"""`vtfuse compare`: fusion strategies side by side, on the same data, budget and seeds.
-
-Why: a fusion strategy is only better than another if it wins under equal conditions, and a
-single seed on a few CPU minutes is noise. So every chosen strategy is trained with
-`vtfuse.training.train` on the same files, with the same schedule and time budget, once per seed
-(0 … N−1), and scored on the same test file with `vtfuse.evaluation.evaluate` (greedy decoding).
-
-What is measured, per run:
-
-* the task's main metrics — captioning: CIDEr, BLEU-4, METEOR, object F1, pointing accuracy;
-  VQA: accuracy, accuracy per question type (`accuracy_<type>`), pointing accuracy (object F1
-  and pointing accuracy only when the data has scenes and boxes, METEOR only with Java);
-* its costs — total and trainable parameters; training samples/s (the mean of the rates the
-  training log reports every 50 steps, or, for runs too short for that, samples seen / wall
-  time of the whole `train` call); inference latency in ms per image at batch size 1
-  (`Pipeline.caption` or `Pipeline.ask` over up to 32 test images, after one warm-up call,
-  images already decoded).
-
-Seeds are summarised as mean ± *sample* standard deviation (n − 1; 0 for a single seed) and
-written as `compare.csv`, `compare.md`, a bar chart `compare.png`, and the raw per-seed numbers
-in `compare.json`.
-
-Every run uses the library's defaults (`ModelConfig()`, `TrainConfig()` planned on the clock of
-its budget) on the built-in scenes and on your data alike, unless a `--config` file says
-otherwise: the table then shows what a user gets. With `caption_warm_start` (VQA or retrieval),
-each (strategy, seed) first trains a captioner with the same strategy and budget, and the model
-starts from it (`TrainConfig.init_from`).
-"""
+"""The comparison's runs: every (strategy, seed) trained on the same files and budget, scored on
+the same test file, and several comparisons joined into one (see `vtfuse.compare`)."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -41,31 +14,22 @@ from typing import Any
 
 from PIL import Image
 
+from vtfuse.compare.report import (
+    RunResult,
+    Summary,
+    plot,
+    summarise,
+    write_csv,
+    write_markdown,
+)
 from vtfuse.config import ModelConfig, TrainConfig
 from vtfuse.data.images import load_image
 from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.evaluation import EvalOptions, evaluate
 from vtfuse.fusion import FUSIONS
 from vtfuse.pipeline import Pipeline
-from vtfuse.tasks import read_jsonl
+from vtfuse.tasks import ranked_tasks, read_jsonl, task_spec
 from vtfuse.training import train
-
-TASKS = ("caption", "vqa", "retrieval")
-# The task's main metrics, in table order; VQA adds `accuracy_<type>` after `accuracy`.
-MAIN_METRICS = {
-    "caption": ("cider", "bleu4", "meteor", "object_f1", "pointing_accuracy"),
-    "vqa": ("accuracy", "pointing_accuracy"),
-    "retrieval": ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "itm_i2t_r1", "itm_t2i_r1"),
-}
-HEADLINE = {
-    "caption": "cider",
-    "vqa": "accuracy",
-    "retrieval": "t2i_r1",
-}  # the metric the chart shows
-COSTS = ("parameters", "trainable_parameters", "samples_per_s", "latency_ms_per_image")
-LATENCY_IMAGES = 32
-
-Summary = dict[str, tuple[float, float]]  # metric → (mean, sample std) over seeds
 
 
 @dataclass(frozen=True)
@@ -91,8 +55,11 @@ class CompareSpec:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
+        if self.task not in ranked_tasks():
+            raise ValueError(
+                f"compare takes a task with ranking metrics: {', '.join(ranked_tasks())}; "
+                f"not {self.task!r}"
+            )
         if not self.fusions:
             raise ValueError(
                 f"no fusion strategy given; choose among: {', '.join(FUSIONS.names())}"
@@ -103,23 +70,8 @@ class CompareSpec:
             raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
         if self.train.max_minutes <= 0:
             raise ValueError("a comparison needs a time budget: --max-minutes-each > 0")
-        if self.caption_warm_start and self.task == "caption":
+        if self.caption_warm_start and task_spec(self.task).generates:
             raise ValueError("--caption-warm-start is for --task vqa or retrieval")
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """One (strategy, seed): its scores and costs, as written to compare.json."""
-
-    fusion: str
-    seed: int
-    run: str
-    metrics: dict[str, float]
-    parameters: int
-    trainable_parameters: int
-    samples_per_s: float
-    latency_ms_per_image: float
-    train_seconds: float
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -141,12 +93,15 @@ def synthetic_data(folder: Path, task: str, images: int, progress: bool = True) 
     )
 
 
+LATENCY_IMAGES = 32
+
+
 # -- one run -----------------------------------------------------------------------------------
 def main_metrics(task: str, metrics: dict[str, Any]) -> dict[str, float]:
     """The task's main metrics from `evaluate`'s output, `accuracy_by_type` spread into
     `accuracy_<type>`; metrics that are absent or None (METEOR without Java) are left out."""
     flat: dict[str, float] = {}
-    for key in MAIN_METRICS[task]:
+    for key in task_spec(task).metrics:
         if metrics.get(key) is not None:
             flat[key] = float(metrics[key])
         if key == "accuracy":
@@ -242,78 +197,6 @@ def run_one(spec: CompareSpec, files: DataFiles, fusion: str, seed: int, out: Pa
     )
 
 
-# -- summaries ---------------------------------------------------------------------------------
-def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n − 1); the std of a single value is 0."""
-    mean = math.fsum(values) / len(values)
-    if len(values) == 1:
-        return mean, 0.0
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def aggregate(per_seed: Sequence[dict[str, float]]) -> Summary:
-    """(mean, sample std) of every key present in all seeds, in first-seed order."""
-    keys = [k for k in per_seed[0] if all(k in seed for seed in per_seed)]
-    return {key: mean_and_std([seed[key] for seed in per_seed]) for key in keys}
-
-
-def summarise(runs: Sequence[RunResult]) -> Summary:
-    """One strategy's seeds: its metrics, then its costs, each as (mean, sample std)."""
-    costs = [{name: float(getattr(r, name)) for name in COSTS} for r in runs]
-    return {**aggregate([r.metrics for r in runs]), **aggregate(costs)}
-
-
-def metric_columns(summaries: dict[str, Summary]) -> list[str]:
-    """Every metric some strategy has, in first-seen order (costs excluded)."""
-    keys = dict.fromkeys(k for s in summaries.values() for k in s if k not in COSTS)
-    return list(keys)
-
-
-# -- outputs -----------------------------------------------------------------------------------
-def write_csv(path: Path, summaries: dict[str, Summary], seeds: int) -> None:
-    """One row per strategy: `<metric>_mean`, `<metric>_std`, then the costs (means)."""
-    metrics = metric_columns(summaries)
-    header = ["fusion", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], *COSTS, "seeds"]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for fusion, summary in summaries.items():
-            cells: list[str] = []
-            for metric in metrics:  # a metric one strategy lacks is left empty
-                cells += [f"{v:.6g}" for v in summary[metric]] if metric in summary else ["", ""]
-            costs = [_cost(name, summary[name][0]) for name in COSTS]
-            writer.writerow([fusion, *cells, *costs, seeds])
-
-
-def _cost(name: str, value: float) -> str:
-    return str(round(value)) if name.endswith("parameters") else f"{value:.4g}"
-
-
-def _count(value: float) -> str:
-    """12345 → "12.3k", 4567890 → "4.57M"."""
-    if value >= 1e6:
-        return f"{value / 1e6:.3g}M"
-    return f"{value / 1e3:.3g}k" if value >= 1e3 else f"{value:.0f}"
-
-
-def markdown_table(summaries: dict[str, Summary]) -> str:
-    metrics = metric_columns(summaries)
-    header = [*metrics, "parameters", "trainable", "train samples/s", "latency ms/image"]
-    lines = [f"| fusion | {' | '.join(header)} |", f"|---|{'---:|' * len(header)}"]
-    for fusion, summary in summaries.items():
-        cells = [
-            f"{summary[m][0]:.3f} ± {summary[m][1]:.3f}" if m in summary else "n/a" for m in metrics
-        ]
-        cells += [
-            _count(summary["parameters"][0]),
-            _count(summary["trainable_parameters"][0]),
-            f"{summary['samples_per_s'][0]:.0f}",
-            f"{summary['latency_ms_per_image'][0]:.1f}",
-        ]
-        lines.append(f"| {fusion} | {' | '.join(cells)} |")
-    return "\n".join(lines)
-
-
 def _budget(spec: CompareSpec) -> str:
     line = f"Budget: {_length(spec.train)} per model, seeds 0–{spec.seeds - 1}."
     if spec.caption_warm_start:
@@ -334,65 +217,6 @@ def _length(train: TrainConfig) -> str:
         )
     cap = f"at most {train.max_minutes:g} min, " if train.max_minutes > 0 else ""
     return f"{cap}{train.epoch_count} epoch(s) at batch size {train.batch_size}"
-
-
-def write_markdown(
-    path: Path, summaries: dict[str, Summary], raw: dict[str, Any], conditions: list[str]
-) -> str:
-    """compare.md: the conditions, then the table; returns the table."""
-    table = markdown_table(summaries)
-    command = raw.get("command", "")
-    lines = [
-        f"# vtfuse compare: {raw['task']}",
-        "",
-        *conditions,
-        "",
-        f"Metrics on the test file (greedy): mean ± sample standard deviation (n − 1) over "
-        f"{raw['seeds']} seed(s). Costs are means over seeds: parameters, training samples/s, and "
-        "inference latency in ms per image at batch size 1. Per-seed numbers: compare.json.",
-        "",
-        *([f"Command: `{command}`", ""] if command else []),
-        table,
-        "",
-    ]
-    path.write_text("\n".join(lines))
-    return table
-
-
-def plot(path: Path, summaries: dict[str, Summary], task: str) -> None:
-    """Bar chart of the headline metric per strategy with std error bars; for VQA one group of
-    bars per question type (after the overall accuracy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    headline = HEADLINE[task]
-    groups = [headline, *(m for m in metric_columns(summaries) if m.startswith("accuracy_"))]
-    labels = ["all questions" if g == "accuracy" and len(groups) > 1 else g for g in groups]
-    labels = [label.removeprefix("accuracy_") for label in labels]
-    fusions = list(summaries)
-    width = 0.8 / len(fusions)
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * len(fusions) + 2), 4))
-    for i, fusion in enumerate(fusions):
-        offset = (i - (len(fusions) - 1) / 2) * width
-        summary = summaries[fusion]
-        means = [summary.get(g, (math.nan, 0.0))[0] for g in groups]
-        stds = [summary.get(g, (0.0, 0.0))[1] for g in groups]
-        axes.bar(
-            [x + offset for x in range(len(groups))],
-            means,
-            width,
-            yerr=stds,
-            capsize=3,
-            label=fusion,
-        )
-    axes.set_xticks(range(len(groups)), labels)
-    axes.set_ylabel(f"test {headline} (mean ± std over seeds)")
-    axes.legend(title="fusion", fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 # -- the whole comparison ----------------------------------------------------------------------
