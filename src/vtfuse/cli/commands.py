@@ -53,6 +53,12 @@ def given_roots(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(str(Path(root).resolve()) for root in args.image_roots or ())
 
 
+def image_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "image", help="image file (a clip model: also a video file or a folder of frames)"
+    )
+
+
 def inference_args(p: argparse.ArgumentParser) -> None:
     """Where a trained model runs, and at which weight precision."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

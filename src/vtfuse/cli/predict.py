@@ -10,6 +10,7 @@ from vtfuse.cli.commands import (
     allow_pickle_arg,
     command,
     given_roots,
+    image_arg,
     image_root_arg,
     inference_args,
     progress_arg,
@@ -126,9 +127,7 @@ def run_caption(args: argparse.Namespace) -> int:
 
 def _ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder or model folder of a VQA model")
-    p.add_argument(
-        "image", help="image file (a clip model: also a video file or a folder of frames)"
-    )
+    image_arg(p)
     p.add_argument("question", help="the question, quoted")
     p.add_argument("--top-k", type=int, default=5, help="how many answers to list")
     inference_args(p)
@@ -149,9 +148,7 @@ def run_ask(args: argparse.Namespace) -> int:
 # -- attention --------------------------------------------------------------------------------
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder or model folder of a pair classifier (--task classify)")
-    p.add_argument(
-        "image", help="image file (a clip model: also a video file or a folder of frames)"
-    )
+    image_arg(p)
     p.add_argument("--text", required=True, help="the text paired with the image")
     p.add_argument("--top-k", type=int, default=5, help="how many labels to list")
     inference_args(p)
@@ -232,9 +229,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def _attention_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder or model folder")
-    p.add_argument(
-        "image", help="image file (a clip model: also a video file or a folder of frames)"
-    )
+    image_arg(p)
     p.add_argument("--question", help="for a VQA model: the question whose tokens to show")
     p.add_argument(
         "--layer",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ def setup(
 
     epochs = config.epoch_count
     batches_per_epoch = micro_batches_per_epoch(len(train_set), config, parallel)
-    steps_per_epoch = -(-batches_per_epoch // config.grad_accum)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     engine = _engine(config)(model, parallel, device)  # before the optimiser: FSDP swaps params
     optimizer = make_optimizer(model, config)
     schedule = (
