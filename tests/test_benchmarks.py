@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tools import require_module
+from tests.helpers import require_module
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 matched = require_module("matched")

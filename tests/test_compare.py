@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import has_tool
+from tests.helpers import has_tool
 from vtfuse.cli.main import main
 from vtfuse.compare import aggregate, main_metrics, mean_and_std, parse_fusions
 from vtfuse.fusion import FUSIONS

@@ -209,3 +209,24 @@ def test_no_module_imports_one_that_imports_it_back():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_no_test_module_imports_another():
+    """What several test modules share lives in tests/helpers.py: a test module imported by
+    another runs its fixtures and module-level set-up twice, and ties the two together."""
+    import ast
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    names = {path.stem for path in tests.glob("test_*.py")}
+    shared = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = []
+            if isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            shared += [f"{path.name}: {m}" for m in modules if m.rpartition(".")[2] in names]
+    assert shared == []
+    assert "helpers" not in names and (tests / "helpers.py").is_file()

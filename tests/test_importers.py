@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.tools import require_module
+from tests.helpers import require_module
 from vtfuse.cli.main import main
 from vtfuse.data.bank import load_records
 from vtfuse.data.importers import ImportOptions, import_dataset, outside_image_root

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tools import require_module
+from tests.helpers import require_module
 from vtfuse.cli.main import main
 from vtfuse.config import ModelConfig, TextConfig, VisionConfig
 from vtfuse.data.items import pad_tokens

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import RETRIEVAL_CONFIG
 from vtfuse.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
 from vtfuse.data.sort_of_clevr import (
     COLOURS,
@@ -138,7 +139,6 @@ def test_zero_shot_classify_names_the_objects_colour(one_object_scenes):
     import torch
     from PIL import Image
 
-    from tests.test_retrieval import CONFIG as RETRIEVAL
     from vtfuse.data.synth import COLOURS
     from vtfuse.models.base import create_model
     from vtfuse.pipeline import Pipeline
@@ -149,7 +149,16 @@ def test_zero_shot_classify_names_the_objects_colour(one_object_scenes):
     train_file.write_text("".join(scenes[:800]))
     config = replace(TrainConfig(), epochs=30, batch_size=32, lr=1e-3, save_every=0)
     run = data / "retrieval_run"
-    train("retrieval", train_file, run, None, RETRIEVAL, config, progress=False, log=lambda _: None)
+    train(
+        "retrieval",
+        train_file,
+        run,
+        None,
+        RETRIEVAL_CONFIG,
+        config,
+        progress=False,
+        log=lambda _: None,
+    )
     trained = Pipeline.load(run, "cpu")
     torch.manual_seed(0)
     untrained = Pipeline(create_model(trained.model.config), trained.tokenizer, trained.device)
@@ -180,11 +189,10 @@ def test_the_pair_classifier_learns_what_only_the_image_tells(one_object_scenes,
     ten seconds of training the classifier is right on held-out scenes far more often than
     chance, and than itself with every image blanked. Measured over seeds 0-2 of data and
     training: 0.750, 0.765, 0.715; blind 0.525, 0.480, 0.545."""
-    from tests.test_retrieval import CONFIG as RETRIEVAL
 
     data, run = one_object_scenes, tmp_path / "run"
     config = replace(TrainConfig(), epochs=10, batch_size=32, lr=1e-3, save_every=0)
-    model = replace(RETRIEVAL, task="classify")
+    model = replace(RETRIEVAL_CONFIG, task="classify")
     train(
         "classify",
         data / "classify_train.jsonl",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tools import require_tool
+from tests.helpers import require_tool
 from vtfuse.data.synth import parse_caption
 from vtfuse.evaluation.grounding import inside, pointing_hits
 from vtfuse.evaluation.metrics import (

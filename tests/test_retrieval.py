@@ -10,19 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import RETRIEVAL_CONFIG
 from vtfuse.cli.main import main
-from vtfuse.config import ModelConfig, TextConfig, VisionConfig
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.fusion import FUSIONS
 from vtfuse.models.base import create_model
 from vtfuse.models.retrieval import RetrievalModel
 from vtfuse.pipeline import Pipeline
 
-CONFIG = ModelConfig(
-    task="retrieval",
-    vision=VisionConfig(image_size=24, channels=(8, 8, 16), dim=32, depth=0, heads=2),
-    text=TextConfig(vocab_size=20, dim=32, depth=2, heads=2, max_length=16),
-)
+CONFIG = RETRIEVAL_CONFIG
 COLOURS = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]])
 
 

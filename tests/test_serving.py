@@ -12,27 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tools import require_module
+from tests.helpers import require_module, tiny_pipeline
 
 require_module("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from vtfuse.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
-from vtfuse.data.tokenizer import Tokenizer  # noqa: E402
-from vtfuse.models.base import create_model  # noqa: E402
-from vtfuse.pipeline import Pipeline  # noqa: E402
 from vtfuse.serving import Busy, MicroBatcher, ServeSettings, create_app  # noqa: E402
 
-VISION = VisionConfig(image_size=24, channels=(8, 8, 16), dim=32, depth=0, heads=2)
-WORDS = ["a", "red", "blue", "circle", "square", "what", "colour", "is", "the", "."]
-
-
-def pipeline(task: str) -> Pipeline:
-    torch.manual_seed(0)
-    tokenizer = Tokenizer.build([" ".join(WORDS)], answers=["red", "blue", "green"])
-    text = TextConfig(vocab_size=len(tokenizer), dim=32, depth=2, heads=2, max_length=16)
-    model = create_model(ModelConfig(task=task, vision=VISION, text=text, num_answers=3))
-    return Pipeline(model, tokenizer, torch.device("cpu"))
+pipeline = tiny_pipeline
 
 
 def png(colour=(200, 30, 30), size=(32, 32)) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import require_module, require_tool
+from tests.helpers import require_module, require_tool, tiny_pipeline
 
 require_module("fastapi")
 webdriver = require_module("selenium.webdriver")
@@ -23,7 +23,6 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from tests.test_serving import pipeline  # noqa: E402
 from vtfuse.serving import create_app  # noqa: E402
 
 FLAGS = [
@@ -42,7 +41,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
-    config = uvicorn.Config(create_app(pipeline("caption")), port=port, log_level="warning")
+    config = uvicorn.Config(create_app(tiny_pipeline("caption")), port=port, log_level="warning")
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()

@@ -3,14 +3,14 @@ every endpoint of a captioning and a VQA server; no request may end in a server 
 
 from __future__ import annotations
 
-from tests.tools import require_module
+from tests.helpers import require_module
 
 schemathesis = require_module("schemathesis")
 require_module("fastapi")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-from tests.test_serving import pipeline  # noqa: E402
+from tests.helpers import tiny_pipeline as pipeline  # noqa: E402
 from vtfuse.serving import create_app  # noqa: E402
 
 SCHEMAS = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tools import require_module
+from tests.helpers import require_module
 from vtfuse.cli.main import main
 from vtfuse.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
 from vtfuse.data.bank import load_records

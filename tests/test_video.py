@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tools import require_module
+from tests.helpers import require_module
 from vtfuse.cli.main import main
 from vtfuse.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 from vtfuse.data.bank import load_records

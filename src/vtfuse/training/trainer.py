@@ -149,7 +149,7 @@ def train(
             if ending is None:
                 run.state["epoch"] += 1
                 run.state["batch_in_epoch"] = 0
-            history.append(end_epoch(run, epoch, losses, validated=ending != "stopped"))
+            history.append(end_epoch(run, epoch, losses, stopped=ending == "stopped"))
     if run.parallel.any(run.parallel.main and recover(run.out / "best") is None):
         save(run, "best", run.engine.full_model())
     run.say(f"run folder: {run.out}  ({time.monotonic() - run.clock.started:.0f}s)")
@@ -243,7 +243,7 @@ def skip_step(run: Run) -> None:
 
 
 def end_epoch(
-    run: Run, epoch: int, losses: dict[str, torch.Tensor], validated: bool
+    run: Run, epoch: int, losses: dict[str, torch.Tensor], stopped: bool
 ) -> dict[str, Any]:
     """Validate (unless stopped), keep the best weights, log the epoch, save `last`."""
     entry: dict[str, Any] = {
@@ -253,12 +253,12 @@ def end_epoch(
         **{f"train_{name}": value.item() for name, value in losses.items()},
     }
     whole = run.engine.full_model()  # every rank, together; the model on rank 0
-    if run.val_loader is not None and validated and whole is not None:
+    if run.val_loader is not None and not stopped and whole is not None:
         entry.update(validate(whole, run.val_loader, run.device, run.config.precision))
         if entry["val_loss"] < run.state["best_val_loss"]:
             run.state["best_val_loss"] = entry["val_loss"]
             save(run, "best", whole)
-    elif run.val_loader is None and validated:
+    elif run.val_loader is None and not stopped:
         save(run, "best", whole)  # no validation data: the latest weights are the best known
     write_log(run, entry)
     run.say(

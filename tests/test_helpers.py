@@ -1,5 +1,5 @@
 """The switch `.ci/run` sets: with VTFUSE_CI=1 a test whose tool is missing fails instead of
-skipping (tests/tools.py). Shown on tiny test files run by pytest in a subprocess, needing a
+skipping (tests/helpers.py). Shown on tiny test files run by pytest in a subprocess, needing a
 program and a package that exist nowhere."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).parents[1]
 ABSENT = "vtfuse-no-such-tool"
 IN_TESTS = f"""
-from tests.tools import has_tool, require_module, require_tool
+from tests.helpers import has_tool, require_module, require_tool
 
 
 def test_a_program():
@@ -29,7 +29,7 @@ def test_more_when_there():
     assert not has_tool({ABSENT!r})
 """
 AT_THE_TOP = f"""
-from tests.tools import require_tool
+from tests.helpers import require_tool
 
 require_tool({ABSENT!r})
 

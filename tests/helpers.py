@@ -1,5 +1,6 @@
-"""What a test needs beyond vtfuse's own dependencies: a program (Chromium, Java) or an optional
-package (schemathesis, FastAPI, transformers, PyAV, ...).
+"""What several test modules share (no test module imports another): tiny models and pipelines,
+and what a test needs beyond vtfuse's own dependencies: a program (Chromium, Java) or an
+optional package (schemathesis, FastAPI, transformers, PyAV, ...).
 
 Missing, the test skips with the reason where a developer runs it, but fails where
 `VTFUSE_CI=1` (set by `.ci/run`): CI installs every tool, so a missing one means the CI machine
@@ -15,6 +16,12 @@ from types import ModuleType
 from typing import NoReturn
 
 import pytest
+import torch
+
+from vtfuse.config import ModelConfig, TextConfig, VisionConfig
+from vtfuse.data.tokenizer import Tokenizer
+from vtfuse.models.base import create_model
+from vtfuse.pipeline import Pipeline
 
 CI_VARIABLE = "VTFUSE_CI"
 
@@ -51,3 +58,22 @@ def has_tool(command: str) -> bool:
     if shutil.which(command) is None and in_ci():
         missing(f"needs {command} on PATH")
     return shutil.which(command) is not None
+
+
+# -- tiny models ---------------------------------------------------------------------------------
+TINY_VISION = VisionConfig(image_size=24, channels=(8, 8, 16), dim=32, depth=0, heads=2)
+RETRIEVAL_CONFIG = ModelConfig(
+    task="retrieval",
+    vision=TINY_VISION,
+    text=TextConfig(vocab_size=20, dim=32, depth=2, heads=2, max_length=16),
+)
+WORDS = ["a", "red", "blue", "circle", "square", "what", "colour", "is", "the", "."]
+
+
+def tiny_pipeline(task: str) -> Pipeline:
+    """A random tiny model of `task` (answers red, blue, green) behind a CPU pipeline."""
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.build([" ".join(WORDS)], answers=["red", "blue", "green"])
+    text = TextConfig(vocab_size=len(tokenizer), dim=32, depth=2, heads=2, max_length=16)
+    model = create_model(ModelConfig(task=task, vision=TINY_VISION, text=text, num_answers=3))
+    return Pipeline(model, tokenizer, torch.device("cpu"))
