@@ -71,7 +71,8 @@ def weights_arg(p: argparse.ArgumentParser) -> None:
         choices=WEIGHTS,
         default="fp32",
         help="precision of the linear layers for inference: fp32 as trained, or int8 "
-        "(dynamically quantised, per-channel weight scales; CPU)",
+        "(dynamically quantised, per-channel weight scales; CPU; faster on larger models, "
+        "slower on the quickstart's: README Performance)",
     )
 
 
