@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from matched import SIZES, Size, hf_captioner, parameters, vtfuse_captioner
 
 from vtfuse.config import TrainConfig
 from vtfuse.generation import beam_search, greedy
-from vtfuse.quantisation import convert_weights
+from vtfuse.quantisation import convert_weights, quantise_torch_linears
 from vtfuse.training.optim import make_optimizer
 
 MODELS = {"vtfuse": vtfuse_captioner, "transformers": hf_captioner}
@@ -169,12 +168,7 @@ def quantise(name: str, model: torch.nn.Module, weights: str) -> None:
     if name == "vtfuse":
         convert_weights(model.eval(), weights)
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        torch.ao.quantization.quantize_dynamic(
-            model.eval(), {torch.nn.Linear: qconfig}, dtype=torch.qint8, inplace=True
-        )
+    quantise_torch_linears(model.eval())
 
 
 def paths_for(work: Workload, dev: torch.device) -> dict[str, tuple[str, str]]:

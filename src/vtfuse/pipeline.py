@@ -80,7 +80,7 @@ class Pipeline:
         the linear layers' precision for inference (see `vtfuse.quantisation`)."""
         resolved = resolve_device(device)
         model, tokenizer = load_pretrained(resolve_model_folder(path), resolved, allow_pickle)
-        return cls(convert_weights(model.eval(), weights), tokenizer, resolved, weights)
+        return cls(convert_weights(model, weights), tokenizer, resolved, weights)
 
     @property
     def task(self) -> str:

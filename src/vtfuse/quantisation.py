@@ -45,6 +45,12 @@ def convert_weights(model: nn.Module, weights: str) -> nn.Module:
     if model.training:
         raise ValueError("int8 weights are for inference: put the model in eval mode first")
     _as_torch_linears(model)
+    return quantise_torch_linears(model)
+
+
+def quantise_torch_linears(model: nn.Module) -> nn.Module:
+    """Every `nn.Linear` of `model` dynamically quantised to int8 in place, per-channel weight
+    scales (any model: the benchmark quantises transformers' the same way)."""
     qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
     with warnings.catch_warnings():  # torch's notice that quantized tensors move to torchao
         warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel)")
