@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from vtfuse.config import ModelConfig, TrainConfig
 from vtfuse.data.bank import load_records
 from vtfuse.data.items import collate
-from vtfuse.models.base import create_model
+from vtfuse.models.factory import create_model
 from vtfuse.runtime import seed_everything
 from vtfuse.tasks import read_jsonl, task_dataset
 from vtfuse.training.batches import epoch_batches

@@ -48,7 +48,7 @@ import torch
 
 from vtfuse.data.bank import load_records
 from vtfuse.data.shards import ShardDataset
-from vtfuse.models.base import create_model
+from vtfuse.models.factory import create_model
 from vtfuse.quickstart import QuickstartPlan
 from vtfuse.runtime import autocast, seed_everything
 from vtfuse.tasks import read_jsonl, task_dataset

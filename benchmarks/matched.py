@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vtfuse.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
-from vtfuse.models.base import create_model
+from vtfuse.models.factory import create_model
 
 DIFFERENCES = (
     "transformers' ViT has a [CLS] token, 1-D position embeddings and a pooler; "

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from vtfuse.data.bank import load_records
 from vtfuse.data.items import collate
-from vtfuse.models.base import create_model
+from vtfuse.models.factory import create_model
 from vtfuse.quickstart import QuickstartPlan
 from vtfuse.runtime import autocast, seed_everything
 from vtfuse.tasks import read_jsonl, task_dataset

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from vtfuse.config import FusionConfig, ModelConfig, TextConfig, TrainConfig, VisionConfig
-from vtfuse.models.base import create_model
+from vtfuse.models.factory import create_model
 from vtfuse.training.optim import make_optimizer
 
 FUSIONS = ("cross_attention", "resampler")

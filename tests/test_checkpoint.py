@@ -21,7 +21,7 @@ from vtfuse.config import (
 )
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.models import CheckpointError, create_model, load_pretrained
-from vtfuse.models.base import warm_start
+from vtfuse.models.warm_start import warm_start
 from vtfuse.training.checkpoint import (
     STATE_JSON,
     STATE_TENSORS,

@@ -16,7 +16,7 @@ from vtfuse.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
 from vtfuse.data.bank import load_records
 from vtfuse.data.items import collate
 from vtfuse.data.synth import SynthSpec, generate
-from vtfuse.models.base import load_pretrained
+from vtfuse.models.factory import load_pretrained
 from vtfuse.models.vqa import VQAModel
 from vtfuse.tasks import read_jsonl, task_dataset
 from vtfuse.training import train

@@ -67,7 +67,7 @@ def test_unset_depth_is_the_encoders_own_and_a_model_saves_it(name, layers, tmp_
     (and so its saved config.json) holds the number, not None."""
     from vtfuse.config import ModelConfig
     from vtfuse.data.tokenizer import Tokenizer
-    from vtfuse.models.base import create_model
+    from vtfuse.models.factory import create_model
 
     unset = {key: value for key, value in SMALL.items() if key != "depth"}
     encoder = create_vision_encoder(VisionConfig(name=name, **unset))

@@ -16,7 +16,8 @@ from vtfuse.data.images import normalise
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.encoders.hf_vision import HuggingFaceVisionEncoder, load_vision_tower
 from vtfuse.encoders.vision import create_vision_encoder, vision_preset
-from vtfuse.models.base import CheckpointError, create_model, load_pretrained
+from vtfuse.models.base import CheckpointError
+from vtfuse.models.factory import create_model, load_pretrained
 
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 VISION = dict(image_size=32, patch_size=8, **SIZES)

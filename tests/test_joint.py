@@ -17,8 +17,8 @@ from vtfuse.cli.main import main
 from vtfuse.config import ModelConfig, TextConfig, VisionConfig
 from vtfuse.data.items import pad_tokens
 from vtfuse.data.tokenizer import Tokenizer
-from vtfuse.models.base import create_model, load_pretrained
 from vtfuse.models.captioner import Captioner
+from vtfuse.models.factory import create_model, load_pretrained
 from vtfuse.models.joint import JointModel, loss_weights
 from vtfuse.models.retrieval import RetrievalModel
 from vtfuse.pipeline import Pipeline

@@ -140,7 +140,7 @@ def test_zero_shot_classify_names_the_objects_colour(one_object_scenes):
     from PIL import Image
 
     from vtfuse.data.synth import COLOURS
-    from vtfuse.models.base import create_model
+    from vtfuse.models.factory import create_model
     from vtfuse.pipeline import Pipeline
 
     data = one_object_scenes

@@ -16,13 +16,10 @@ from vtfuse.data.tokenizer import LMTokenizer
 from vtfuse.generation import beam_search, greedy
 from vtfuse.lm.inject import decoder_layers
 from vtfuse.lm.load import load_causal_lm, load_lm_tokenizer, load_text_encoder
-from vtfuse.models.base import (
-    CheckpointError,
-    create_model,
-    load_pretrained,
-    warm_start,
-)
+from vtfuse.models.base import CheckpointError
+from vtfuse.models.factory import create_model, load_pretrained
 from vtfuse.models.pretrained_lm import LMCaptioner, LMQuestionAnswerer
+from vtfuse.models.warm_start import warm_start
 from vtfuse.weights import from_pretrained
 
 VOCAB, BOS, EOS = 64, 1, 2

@@ -10,7 +10,7 @@ from torch import nn
 from vtfuse.config import ModelConfig, TextConfig, VisionConfig
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.linear import Linear
-from vtfuse.models.base import create_model
+from vtfuse.models.factory import create_model
 from vtfuse.pipeline import Pipeline
 from vtfuse.quantisation import convert_weights
 

@@ -14,7 +14,7 @@ from tests.helpers import RETRIEVAL_CONFIG
 from vtfuse.cli.main import main
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.fusion import FUSIONS
-from vtfuse.models.base import create_model
+from vtfuse.models.factory import create_model
 from vtfuse.models.retrieval import RetrievalModel
 from vtfuse.pipeline import Pipeline
 

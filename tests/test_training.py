@@ -222,7 +222,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one(data, tmp_path,
     import subprocess
     import sys
 
-    from vtfuse.models.base import load_pretrained
+    from vtfuse.models.factory import load_pretrained
 
     straight = run(data, tmp_path / "straight", "vqa", epochs=3, save_every=2)
     script = INTERRUPTED_WRITE.format(

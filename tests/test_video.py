@@ -20,7 +20,7 @@ from vtfuse.data.clips import load_visual, sample_indices
 from vtfuse.data.jsonl import DataError, ImagePathRefused
 from vtfuse.data.synth import COLOURS
 from vtfuse.data.synth_clips import DIRECTIONS, ClipSpec, generate_clips
-from vtfuse.models.base import create_model
+from vtfuse.models.factory import create_model
 from vtfuse.tasks import read_jsonl
 
 SIZE = 16

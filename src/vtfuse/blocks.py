@@ -9,9 +9,8 @@ from typing import Protocol
 from torch import Tensor, nn
 
 from vtfuse.attention import KVCache, MultiHeadAttention
-from vtfuse.config import FusionConfig
 from vtfuse.feedforward import MLP
-from vtfuse.fusion import FUSIONS
+from vtfuse.fusion import FusionBuilder
 
 
 class SelfAttentionBlock(nn.Module):
@@ -90,7 +89,7 @@ class FusionBlock(nn.Module):
         dim: int,
         heads: int,
         image_dim: int,
-        fusion: FusionConfig,
+        fusion: FusionBuilder,
         causal: bool,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
@@ -98,15 +97,14 @@ class FusionBlock(nn.Module):
     ):
         super().__init__()
         self.causal = causal
-        strategy = FUSIONS.get(fusion.name)
-        score = (fusion.score or "dot") if strategy.single_stream else "dot"
         self.norm_attn = self.attn = None
-        if self_attention or strategy.single_stream:
+        if self_attention or fusion.single_stream:
             self.norm_attn = nn.LayerNorm(dim)
+            score = fusion.self_attention_score
             self.attn = MultiHeadAttention(dim, heads, score=score, dropout=dropout)
         self.fusion = None
-        if not strategy.single_stream:
-            self.fusion = strategy(dim, heads, image_dim, fusion, dropout)
+        if not fusion.single_stream:
+            self.fusion = fusion(dim, heads, image_dim, dropout)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
 

@@ -22,10 +22,11 @@ from vtfuse.data.images import blank_like, load_image
 from vtfuse.data.items import Truncation, pad_tokens
 from vtfuse.data.tokenizer import AnyTokenizer
 from vtfuse.generation import Generated, beam_search, greedy, most_likely, nucleus
-from vtfuse.models.base import TaskModel, load_pretrained
+from vtfuse.models.base import TaskModel
+from vtfuse.models.factory import load_pretrained
 from vtfuse.quantisation import convert_weights
 from vtfuse.runtime import resolve_device
-from vtfuse.tasks import task_spec
+from vtfuse.tasks import CAPTION, CLASSIFY, RETRIEVAL, VQA, task_spec
 from vtfuse.training.checkpoint import resolve_model_folder
 from vtfuse.visualisation import save_attention_figure, select_layer, to_grid
 
@@ -123,7 +124,7 @@ class Pipeline:
         sampling: Sampling | None = None,
     ) -> Generated:
         """uint8 images (B, 3, H, W) → generated ids (and attention, greedy or sampled)."""
-        self._require("caption")
+        self._require(CAPTION.name)
         max_length = max_length or self.model.config.text.max_length - 1
         if blind:
             images = blank_like(images)
@@ -158,7 +159,7 @@ class Pipeline:
         """Caption `image` after in-context examples (Flamingo's few-shot prompting): the
         prompt is <s> caption₁ </s> <s> caption₂ </s> ... <s>, each <s> opening its image, and
         each word sees only its latest image."""
-        self._require("caption")
+        self._require(CAPTION.name)
         if getattr(self.model, "image_token_id", None) is None:
             raise ValueError("--shots needs a captioner built on a pretrained LM (train with --lm)")
         bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
@@ -210,7 +211,7 @@ class Pipeline:
         blind: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
         """Probabilities over the answers (B, A) and, if asked, per-layer attention."""
-        self._require("vqa", "classify")
+        self._require(VQA.name, CLASSIFY.name)
         if blind:
             images = blank_like(images)
         logits, weights = self.model(
@@ -226,7 +227,7 @@ class Pipeline:
 
     def predict(self, image: ImageLike, text: str, top_k: int = 5) -> list[tuple[str, float]]:
         """A pair classifier's labels for (image, text), most likely first."""
-        self._require("classify")
+        self._require(CLASSIFY.name)
         return self.ask(image, text, top_k)
 
     def question_attention(self, image: ImageLike, question: str) -> Attention:
@@ -242,7 +243,7 @@ class Pipeline:
     @torch.no_grad()
     def embed_images(self, images: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
         """uint8 images (I, 3, H, W) → unit embeddings (I, D) and image tokens (I, N, d)."""
-        self._require("retrieval")
+        self._require(RETRIEVAL.name)
         parts = [
             self.model.embed_images(images[i : i + batch_size])
             for i in range(0, len(images), batch_size)
@@ -251,7 +252,7 @@ class Pipeline:
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str], batch_size: int = 256) -> Tensor:
-        self._require("retrieval")
+        self._require(RETRIEVAL.name)
         parts = []
         for i in range(0, len(texts), batch_size):
             parts.append(self.model.embed_texts(*self.encode_texts(texts[i : i + batch_size])))

@@ -20,7 +20,7 @@ from vtfuse.config import FusionConfig, LMConfig, ModelConfig, TextConfig, Train
 from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.evaluation import EvalOptions, evaluate, format_table
 from vtfuse.pipeline import Pipeline
-from vtfuse.tasks import read_jsonl
+from vtfuse.tasks import CAPTION, CLASSIFY, RETRIEVAL, VQA, read_jsonl
 from vtfuse.training import train
 
 
@@ -55,13 +55,13 @@ class QuickstartPlan:
     # the retrieval model and the pair classifier do at 2 and 1.5 minutes (0.70 R@1, 0.51).
     caption: Stage = field(
         default_factory=lambda: Stage(
-            ModelConfig(task="caption", vision=SCENE_VISION, text=SCENE_TEXT),
+            ModelConfig(task=CAPTION.name, vision=SCENE_VISION, text=SCENE_TEXT),
             TrainConfig(epochs=12, batch_size=32, lr=1e-3, max_minutes=4.0),
         )
     )
     vqa: Stage = field(
         default_factory=lambda: Stage(
-            ModelConfig(task="vqa", vision=SCENE_VISION, text=SCENE_TEXT),
+            ModelConfig(task=VQA.name, vision=SCENE_VISION, text=SCENE_TEXT),
             TrainConfig(epochs=8, batch_size=32, lr=1e-3, max_minutes=5.0),
         )
     )
@@ -69,14 +69,14 @@ class QuickstartPlan:
     # ~20 images to tell apart. None: no retrieval stage.
     retrieval: Stage | None = field(
         default_factory=lambda: Stage(
-            ModelConfig(task="retrieval", vision=SCENE_VISION, text=SCENE_TEXT),
+            ModelConfig(task=RETRIEVAL.name, vision=SCENE_VISION, text=SCENE_TEXT),
             TrainConfig(epochs=10, batch_size=64, lr=1e-3, max_minutes=2.0),
         )
     )
     # Is a statement about the scene true? Only the image can tell. From the captioner too.
     classify: Stage | None = field(
         default_factory=lambda: Stage(
-            ModelConfig(task="classify", vision=SCENE_VISION, text=SCENE_TEXT),
+            ModelConfig(task=CLASSIFY.name, vision=SCENE_VISION, text=SCENE_TEXT),
             TrainConfig(epochs=10, batch_size=32, lr=1e-3, max_minutes=1.5),
         )
     )
@@ -108,14 +108,14 @@ class QuickstartPlan:
         return cls(
             images=30,
             caption=Stage(
-                ModelConfig(task="caption", vision=small_vision, text=small_text), schedule
+                ModelConfig(task=CAPTION.name, vision=small_vision, text=small_text), schedule
             ),
-            vqa=Stage(ModelConfig(task="vqa", vision=small_vision, text=small_text), schedule),
+            vqa=Stage(ModelConfig(task=VQA.name, vision=small_vision, text=small_text), schedule),
             retrieval=Stage(
-                ModelConfig(task="retrieval", vision=small_vision, text=small_text), schedule
+                ModelConfig(task=RETRIEVAL.name, vision=small_vision, text=small_text), schedule
             ),
             classify=Stage(
-                ModelConfig(task="classify", vision=small_vision, text=small_text), schedule
+                ModelConfig(task=CLASSIFY.name, vision=small_vision, text=small_text), schedule
             ),
         )
 
@@ -175,7 +175,7 @@ def _train_stage(
 def _pictures(run: Path, data: Path, out: Path, task: str, count: int = 2) -> list[Path]:
     pipe = Pipeline.load(run)
     records = read_jsonl(data / f"{task}_test.jsonl", task)
-    if task == "vqa":  # one question of each kind
+    if task == VQA.name:  # one question of each kind
         kinds = ("non-relational", "relational")
         records = [next(r for r in records if r.fields.get("type") == kind) for kind in kinds]
     paths = []
@@ -222,13 +222,13 @@ def write_report(out: Path, metrics: dict[str, Any], pictures: list[Path]) -> Pa
         "| model | metric | with image | blind |",
         "|---|---|---|---|",
         *_metric_row(
-            "caption",
+            CAPTION.name,
             caption,
             blind["caption"],
             ["object_f1", "pointing_accuracy", "cider", "bleu4", "meteor", "rouge_l"],
         ),
         *_metric_row(
-            "vqa",
+            VQA.name,
             vqa_flat,
             blind_vqa,
             [
@@ -238,21 +238,21 @@ def write_report(out: Path, metrics: dict[str, Any], pictures: list[Path]) -> Pa
             ],
         ),
         *_metric_row(
-            "classify",
-            metrics.get("classify", {}),
-            blind.get("classify", {}),
+            CLASSIFY.name,
+            metrics.get(CLASSIFY.name, {}),
+            blind.get(CLASSIFY.name, {}),
             ["accuracy", "macro_f1", "pointing_accuracy"],
         ),
         *_metric_row(
             "classify (text blanked)",
-            metrics.get("blind_text", {}).get("classify", {}),
+            metrics.get("blind_text", {}).get(CLASSIFY.name, {}),
             {},
             ["accuracy", "macro_f1"],
         ),
         *_metric_row(
-            "retrieval",
-            metrics.get("retrieval", {}),
-            blind.get("retrieval", {}),
+            RETRIEVAL.name,
+            metrics.get(RETRIEVAL.name, {}),
+            blind.get(RETRIEVAL.name, {}),
             [*RETRIEVAL_KEYS, *(f"itm_{k}" for k in RETRIEVAL_KEYS if k.endswith("r1"))],
         ),
         "",
@@ -285,15 +285,15 @@ def train_evaluate_report(
     started = time.monotonic() if started is None else started
     runs, pictures_dir = out / "runs", out / "pictures"
     print("[2/5] training the captioner")
-    caption_run = _train_stage("caption", plan.caption, data, runs, plan)
+    caption_run = _train_stage(CAPTION.name, plan.caption, data, runs, plan)
     start = "from the captioner" if plan.warm_start else "from scratch"
     print(f"[3/5] training the VQA, retrieval and pair-classification models {start}")
     trained = {"caption": caption_run}
     init_from = str(caption_run) if plan.warm_start else ""
     for task, stage in (
-        ("vqa", plan.vqa),
-        ("retrieval", plan.retrieval),
-        ("classify", plan.classify),
+        (VQA.name, plan.vqa),
+        (RETRIEVAL.name, plan.retrieval),
+        (CLASSIFY.name, plan.classify),
     ):
         if stage is not None:
             trained[task] = _train_stage(task, stage, data, runs, plan, init_from=init_from)
@@ -308,7 +308,7 @@ def train_evaluate_report(
             run_dir, test, options, out / f"{task}_predictions.jsonl", pipe=pipe
         )
         results["blind"][task] = evaluate(run_dir, test, replace(options, blind=True), pipe=pipe)
-        if task == "classify":  # and the other blind baseline: the image without the text
+        if task == CLASSIFY.name:  # and the other blind baseline: the image without the text
             options = replace(options, blind_text=True, confusion_png=str(out / "confusion.png"))
             results["blind_text"] = {task: evaluate(run_dir, test, options, pipe=pipe)}
         results["parameters"][task] = {
@@ -320,8 +320,8 @@ def train_evaluate_report(
 
     vqa_run = trained["vqa"]
     print("[5/5] drawing attention")
-    pictures = _pictures(caption_run, data, pictures_dir, "caption") + _pictures(
-        vqa_run, data, pictures_dir, "vqa"
+    pictures = _pictures(caption_run, data, pictures_dir, CAPTION.name) + _pictures(
+        vqa_run, data, pictures_dir, VQA.name
     )
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -331,16 +331,16 @@ def train_evaluate_report(
 
 
 SIDE_BY_SIDE = [  # (task, metric) rows of the pretrained-vs-default table
-    ("caption", "object_f1"),
-    ("caption", "cider"),
-    ("caption", "bleu4"),
-    ("caption", "meteor"),
-    ("caption", "pointing_accuracy"),
-    ("vqa", "accuracy"),
-    ("vqa", "pointing_accuracy"),
-    *(("retrieval", key) for key in RETRIEVAL_KEYS),
-    ("classify", "accuracy"),
-    ("classify", "macro_f1"),
+    (CAPTION.name, "object_f1"),
+    (CAPTION.name, "cider"),
+    (CAPTION.name, "bleu4"),
+    (CAPTION.name, "meteor"),
+    (CAPTION.name, "pointing_accuracy"),
+    (VQA.name, "accuracy"),
+    (VQA.name, "pointing_accuracy"),
+    *((RETRIEVAL.name, key) for key in RETRIEVAL_KEYS),
+    (CLASSIFY.name, "accuracy"),
+    (CLASSIFY.name, "macro_f1"),
 ]
 
 
@@ -389,7 +389,7 @@ def write_side_by_side(out: Path, results: dict, plans: dict[str, QuickstartPlan
         *[
             f"| {task} | parameters | {millions(default, task)} | {millions(pretrained, task)} "
             "| | |"
-            for task in ("caption", "vqa")
+            for task in (CAPTION.name, VQA.name)
         ],
         f"| both | training + evaluation (s) | {default['wall_seconds']:.0f} "
         f"| {pretrained['wall_seconds']:.0f} | | |",

@@ -10,7 +10,7 @@ from vtfuse.cli.commands import (
     given_roots,
     image_root_arg,
 )
-from vtfuse.tasks import task_names
+from vtfuse.tasks import CAPTION, task_names
 
 
 # -- synth ------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     imp.add_argument("--questions", type=Path, help="VQAv2 questions file")
     imp.add_argument("--images", type=Path, help="image root (COCO: 2014 or 2017 file names)")
     imp.add_argument("--image-column", default="image", help="csv/tsv/hf: the image column")
-    imp.add_argument("--text-column", default="caption", help="csv/tsv/hf: the text column")
+    imp.add_argument("--text-column", default=CAPTION.reads, help="csv/tsv/hf: the text column")
     imp.add_argument("--split", default="", help="hf: import only this split")
     imp.add_argument("--copy-images", action="store_true", help="copy images into OUT/images")
     imp.add_argument("--strict", action="store_true", help="stop at the first malformed record")

@@ -16,6 +16,7 @@ from vtfuse.cli.commands import (
     progress_arg,
     weights_arg,
 )
+from vtfuse.tasks import CAPTION, CLASSIFY
 
 
 # -- eval -------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def _shot(text: str) -> tuple[str, str]:
     return image, caption
 
 
-@command("caption", "caption images with a trained model")(_caption_args)
+@command(CAPTION.name, "caption images with a trained model")(_caption_args)
 def run_caption(args: argparse.Namespace) -> int:
     from vtfuse.pipeline import Pipeline, Sampling
 
@@ -215,7 +216,7 @@ def _classify_args(p: argparse.ArgumentParser) -> None:
     allow_pickle_arg(p)
 
 
-@command("classify", "zero-shot classification with a retrieval model")(_classify_args)
+@command(CLASSIFY.name, "zero-shot classification with a retrieval model")(_classify_args)
 def run_classify(args: argparse.Namespace) -> int:
     from vtfuse.pipeline import Pipeline, check_template
 

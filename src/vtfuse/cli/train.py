@@ -24,7 +24,7 @@ from vtfuse.encoders import VISION_ENCODERS
 from vtfuse.encoders.context import CONTEXTUALISERS, RecurrentContext
 from vtfuse.encoders.vision import vision_preset
 from vtfuse.fusion import FUSIONS
-from vtfuse.tasks import task_names, task_spec
+from vtfuse.tasks import JOINT, task_names, task_spec
 
 
 # -- train ------------------------------------------------------------------------------------
@@ -156,10 +156,10 @@ def _task_and_losses(args: argparse.Namespace, model: ModelConfig) -> ModelConfi
     from vtfuse.models.joint import loss_weights
 
     losses, weights = args.losses, args.loss_weights
-    task = args.task or ("joint" if losses is not None or weights is not None else None)
+    task = args.task or (JOINT.name if losses is not None or weights is not None else None)
     if task is None:
         raise ValueError(f"give --task ({', '.join(task_names())})")
-    if task != "joint" and (losses is not None or weights is not None):
+    if task != JOINT.name and (losses is not None or weights is not None):
         raise ValueError(
             f"--losses and --loss-weights choose the joint model's terms: use --task joint "
             f"(or leave --task out); --task {task} has its own loss"
@@ -170,7 +170,7 @@ def _task_and_losses(args: argparse.Namespace, model: ModelConfig) -> ModelConfi
         model = dataclasses.replace(model, losses=losses, loss_weights=weights or ())
     elif weights is not None:
         model = dataclasses.replace(model, loss_weights=weights)
-    if task == "joint":
+    if task == JOINT.name:
         loss_weights(model.losses, model.loss_weights)  # a clear error before any data loads
     return dataclasses.replace(model, task=task)
 

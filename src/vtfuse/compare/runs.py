@@ -28,7 +28,7 @@ from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.evaluation import EvalOptions, evaluate
 from vtfuse.fusion import FUSIONS
 from vtfuse.pipeline import Pipeline
-from vtfuse.tasks import ranked_tasks, read_jsonl, task_spec
+from vtfuse.tasks import CAPTION, VQA, ranked_tasks, read_jsonl, task_spec
 from vtfuse.training import train
 
 
@@ -131,9 +131,9 @@ def latency_ms(
     inputs = [(load_image(r.image_path), r.fields.get("question", "")) for r in records]
 
     def infer(image: Image.Image, question: str) -> None:
-        if pipe.task == "caption":
+        if pipe.task == CAPTION.name:
             pipe.caption([image])
-        elif pipe.task == "vqa":
+        elif pipe.task == VQA.name:
             pipe.ask(image, question)
         else:  # retrieval: the image's embedding (texts are embedded once, ahead)
             pipe.embed_images(pipe.images_to_tensor([image]))
@@ -170,7 +170,7 @@ def run_one(spec: CompareSpec, files: DataFiles, fusion: str, seed: int, out: Pa
         captioner = run_dir.with_name(f"seed{seed}-captioner")
         caption_config = replace(spec.caption_train or spec.train, seed=seed)
         _train(
-            "caption",
+            CAPTION.name,
             (files.caption_train, files.caption_val),
             captioner,
             model,

@@ -24,6 +24,7 @@ from typing import Any
 
 from vtfuse.data.jsonl import DataError, ImagePathRefused, safe_image_path
 from vtfuse.registry import Registry
+from vtfuse.tasks import CAPTION
 
 IMPORTERS: Registry[Callable[..., Imported]] = Registry("dataset format")
 NO_SPLIT = "data"
@@ -35,7 +36,7 @@ class ImportOptions:
     questions: Path | None = None  # VQAv2 questions file
     images: Path | None = None  # image root
     image_column: str = "image"  # csv / tsv / hf
-    text_column: str = "caption"
+    text_column: str = CAPTION.reads  # the caption task's field
     split: str = ""  # hf: which split ("" = all)
     strict: bool = False
     out: Path = Path(".")  # the output folder (hf writes the dataset's images under it)

@@ -18,6 +18,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from vtfuse.tasks import CAPTION, CLASSIFY, RETRIEVAL, VQA
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -30,7 +32,7 @@ SHAPES = ("square", "circle", "triangle")
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
-TASKS = ("caption", "vqa", "retrieval", "classify")
+TASKS = (CAPTION.name, VQA.name, RETRIEVAL.name, CLASSIFY.name)
 
 
 def position_name(row: int, col: int) -> str:
@@ -321,12 +323,12 @@ def generate(
             }
             split = split_of(i, spec.images)
             described = captions(objects)
-            lines = {"caption": [{**scene, "captions": described}]}
-            lines["retrieval"] = [{"image": name, "captions": described}]
-            lines["classify"] = [
+            lines = {CAPTION.name: [{**scene, "captions": described}]}
+            lines[RETRIEVAL.name] = [{"image": name, "captions": described}]
+            lines[CLASSIFY.name] = [
                 {"image": name, **pair} for pair in statements(objects, rng, spec.shapes)
             ]
-            lines["vqa"] = [
+            lines[VQA.name] = [
                 {"image": name, **q, "objects": scene["objects"]}
                 for q in questions(objects, rng, spec.questions_per_kind, spec.size)
             ]

@@ -25,6 +25,7 @@ from vtfuse.data.synth import (
     render,
     split_of,
 )
+from vtfuse.tasks import CAPTION, CLASSIFY, RETRIEVAL, VQA
 
 DIRECTIONS: dict[str, tuple[int, int]] = {
     "left": (-1, 0),
@@ -201,10 +202,10 @@ def generate_clips(
             ]
             described = clip_captions(movers)
             lines = {
-                "caption": [{**visual, "captions": described, "motion": motion}],
-                "retrieval": [{**visual, "captions": described}],
-                "classify": [{**visual, **pair} for pair in motion_statements(movers, rng)],
-                "vqa": [{**visual, **q} for q in motion_questions(movers, rng)],
+                CAPTION.name: [{**visual, "captions": described, "motion": motion}],
+                RETRIEVAL.name: [{**visual, "captions": described}],
+                CLASSIFY.name: [{**visual, **pair} for pair in motion_statements(movers, rng)],
+                VQA.name: [{**visual, **q} for q in motion_questions(movers, rng)],
             }
             files.write(split_of(i, spec.clips), lines)
     return files.counts

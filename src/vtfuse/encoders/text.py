@@ -16,25 +16,22 @@ import torch
 from torch import Tensor, nn
 
 from vtfuse.blocks import DecoderCache, FusionBlock, LayerCache
-from vtfuse.config import FusionConfig, TextConfig
+from vtfuse.config import TextConfig
 from vtfuse.encoders.context import CONTEXTUALISERS, embedding_scale
-from vtfuse.fusion import FUSIONS
+from vtfuse.fusion import FusionBuilder
 from vtfuse.grad_checkpointing import Checkpointable
 
 
 class FusedTextTransformer(Checkpointable, nn.Module):
-    def __init__(self, config: TextConfig, image_dim: int, fusion: FusionConfig, causal: bool):
+    def __init__(self, config: TextConfig, image_dim: int, fusion: FusionBuilder, causal: bool):
         super().__init__()
         self.config = config
         self.causal = causal
         self.token_embedding = nn.Embedding(config.vocab_size, config.dim)
         self.context = CONTEXTUALISERS.get(config.encoder)(config, causal)
-        strategy = FUSIONS.get(fusion.name)
         self.image_prefix = None  # single stream: image tokens (B, N, dim) opening the sequence
-        if strategy.single_stream:
-            self.image_prefix = strategy(
-                config.dim, config.heads, image_dim, fusion, config.dropout
-            )
+        if fusion.single_stream:
+            self.image_prefix = fusion(config.dim, config.heads, image_dim, config.dropout)
         self.blocks = nn.ModuleList(
             FusionBlock(
                 config.dim,
@@ -115,3 +112,40 @@ class FusedTextTransformer(Checkpointable, nn.Module):
             return weights
         over_image = weights[:, :, -text_length:, :image_tokens]
         return over_image / over_image.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the positions where `mask` (B, T) is True: (B, T, D) → (B, D)."""
+    keep = mask[:, :, None].to(hidden.dtype)
+    return (hidden * keep).sum(1) / keep.sum(1)
+
+
+def read_with_cls(
+    text: FusedTextTransformer,
+    cls: Tensor,
+    tokens: Tensor,
+    token_mask: Tensor | None,
+    image: Tensor | None,
+    image_index: Tensor | None = None,
+    need_weights: bool = False,
+) -> tuple[Tensor, list[Tensor]]:
+    """A bidirectional reading of the words with a learned [CLS] (1, 1, D) in front: the mean
+    state over [CLS] and the words (B, D), and each block's attention over the image for the
+    words (B, heads, T, N), the [CLS] row dropped. `image` None: the words alone.
+
+    The mean, not [CLS] alone: the loss then reaches each word's own cross-attention directly
+    ("red" learns to look at red) instead of only through [CLS]'s self-attention, which at
+    initialisation barely listens to any word."""
+    batch = tokens.shape[0]
+    if token_mask is None:
+        token_mask = torch.ones_like(tokens, dtype=torch.bool)
+    token_mask = torch.cat([token_mask.new_ones(batch, 1), token_mask], dim=1)
+    hidden, weights = text(
+        tokens,
+        image,
+        token_mask=token_mask,
+        need_weights=need_weights,
+        prefix=cls.expand(batch, -1, -1),
+        image_index=image_index,
+    )
+    return masked_mean(hidden, token_mask), [w[:, :, 1:] for w in weights]

@@ -26,7 +26,7 @@ from vtfuse.evaluation.metrics import (
 )
 from vtfuse.pipeline import Pipeline
 from vtfuse.registry import Registry
-from vtfuse.tasks import read_jsonl, task_spec, warn_long_texts
+from vtfuse.tasks import CAPTION, CLASSIFY, RETRIEVAL, VQA, read_jsonl, task_spec, warn_long_texts
 from vtfuse.visualisation.maps import select_layer
 from vtfuse.visualisation.plot import save_confusion_matrix
 
@@ -67,7 +67,7 @@ def _pointing(hits: int, total: int) -> dict[str, float]:
     return {"pointing_accuracy": hits / total} if total else {}
 
 
-@EVALUATORS.register("caption")
+@EVALUATORS.register(CAPTION.name)
 def evaluate_captions(pipe: Pipeline, data: LoadedData, options: EvalOptions):
     records, bank = data.records, data.bank
     with_boxes = any("boxes" in r.fields for r in records)
@@ -131,7 +131,7 @@ def _classified(
     return predictions, hits, total
 
 
-@EVALUATORS.register("vqa")
+@EVALUATORS.register(VQA.name)
 def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
     records = data.records
     predictions, hits, total = _classified(pipe, data, options, "question")
@@ -145,7 +145,7 @@ def evaluate_answers(pipe: Pipeline, data: LoadedData, options: EvalOptions):
     return metrics, predictions
 
 
-@EVALUATORS.register("classify")
+@EVALUATORS.register(CLASSIFY.name)
 def evaluate_pairs(pipe: Pipeline, data: LoadedData, options: EvalOptions):
     """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (saved as a
     picture with `options.confusion_png`)."""
@@ -158,7 +158,7 @@ def evaluate_pairs(pipe: Pipeline, data: LoadedData, options: EvalOptions):
     return metrics, predictions
 
 
-@EVALUATORS.register("retrieval")
+@EVALUATORS.register(RETRIEVAL.name)
 def evaluate_retrieval(pipe: Pipeline, data: LoadedData, options: EvalOptions):
     """Every image against every caption of the file: Recall@1/5/10 both ways and median
     ranks by the dual encoder, then again after the matching head re-ranks the top

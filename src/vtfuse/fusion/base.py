@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 from vtfuse.attention import KVCache
+from vtfuse.config import FusionConfig
 from vtfuse.registry import Registry
 
 FUSIONS: Registry[nn.Module] = Registry("fusion strategy")
@@ -44,6 +47,35 @@ class Fusion(nn.Module):
         causal: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FusionBuilder:
+    """A strategy chosen and configured, not yet built: what the text side is handed, so a
+    block neither looks a strategy up by name nor reads its config. `builder(dim, heads,
+    image_dim, dropout)` builds one (a fusion step per block; for a single stream, the image
+    prefix opening the sequence)."""
+
+    strategy: type[Fusion]
+    config: FusionConfig
+
+    @property
+    def single_stream(self) -> bool:
+        """The image tokens join the text sequence and the blocks' self-attention fuses them."""
+        return self.strategy.single_stream
+
+    @property
+    def self_attention_score(self) -> str:
+        """The blocks' self-attention score: a single stream's is the strategy's score."""
+        return (self.config.score or "dot") if self.single_stream else "dot"
+
+    def __call__(self, dim: int, heads: int, image_dim: int, dropout: float = 0.0) -> nn.Module:
+        return self.strategy(dim, heads, image_dim, self.config, dropout)
+
+
+def fusion_builder(config: FusionConfig) -> FusionBuilder:
+    """The registered strategy `config.name` with its config (an unknown name is an error)."""
+    return FusionBuilder(FUSIONS.get(config.name), config)
 
 
 def gather_images(image: Tensor, image_index: Tensor | None) -> Tensor:

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from vtfuse.attention import KVCache
-from vtfuse.config import FusionConfig
-from vtfuse.fusion import FUSIONS
+from vtfuse.fusion import FusionBuilder
 from vtfuse.fusion.base import gather_images
 
 
@@ -132,19 +131,18 @@ class CrossAttendingLayer(nn.Module):
 
 
 def inject_cross_attention(
-    lm: nn.Module, image_dim: int, fusion: FusionConfig, every: int = 1
+    lm: nn.Module, image_dim: int, fusion: FusionBuilder, every: int = 1
 ) -> tuple[ImageContext, list[CrossAttendingLayer]]:
     """Wrap every `every`-th decoder layer of `lm` (0, k, 2k, ...) in place."""
     if every < 1:
         raise ValueError(f"xattn_every must be at least 1, got {every}")
-    strategy = FUSIONS.get(fusion.name)
-    if strategy.single_stream:
-        raise ValueError(f"{fusion.name} cannot be injected into a pretrained LM's layers")
+    if fusion.single_stream:
+        raise ValueError(f"{fusion.config.name} cannot be injected into a pretrained LM's layers")
     layers = decoder_layers(lm)
     dim, heads = lm.config.hidden_size, lm.config.num_attention_heads
     context, wrapped = ImageContext(), []
     for slot, i in enumerate(range(0, len(layers), every)):
-        block = strategy(dim, heads, image_dim, fusion, 0.0)
+        block = fusion(dim, heads, image_dim)
         layers[i] = CrossAttendingLayer(layers[i], block, context, slot)
         wrapped.append(layers[i])
     return context, wrapped

@@ -6,35 +6,50 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from vtfuse.config import FORMAT_VERSION, ConfigError, ModelConfig, TextConfig, from_dict, to_dict
+from vtfuse.config import FORMAT_VERSION, ModelConfig, to_dict
 from vtfuse.data.images import normalise
-from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
+from vtfuse.data.tokenizer import AnyTokenizer
 from vtfuse.encoders.vision import create_vision_encoder
 from vtfuse.linear import Linear
 from vtfuse.registry import Registry
+from vtfuse.tasks import TaskSpec, task_spec
 from vtfuse.weights import (
     WEIGHTS_FILE,
     CheckpointError,
-    pickle_note,
     read_weights,
-    weights_file,
 )
 
+# Each task's model, registered under its spec's name (`vtfuse.tasks`): one reading text with
+# vtfuse's own text side (`text.encoder`: transformer, lstm, gru), and, for the tasks that have
+# one, one around a pretrained LM (`lm.name`)
 TASKS: Registry[TaskModel] = Registry("task")
+LM_TASKS: Registry[TaskModel] = Registry("task with a pretrained LM (lm.name)")
+
+
+def task_model(spec: TaskSpec, pretrained_lm: bool = False):
+    """Register a model class as the model of the task `spec` (around a pretrained LM, with
+    `pretrained_lm`); its `task` is the spec's name."""
+
+    def add(cls: type[TaskModel]) -> type[TaskModel]:
+        cls.task = spec.name
+        return (LM_TASKS if pretrained_lm else TASKS).register(spec.name)(cls)
+
+    return add
+
+
 CONFIG_FILE = "config.json"
 CONFIG_HEADER = ("format_version", "vtfuse_version", "model", "trained")  # config.json's keys
 
 
 class TaskModel(nn.Module):
-    task: str
+    task: ClassVar[str]  # the task spec's name, set where the class registers (`task_model`)
     # `text.dropout` when the config leaves it None
     default_text_dropout: ClassVar[float] = 0.0
 
@@ -47,7 +62,9 @@ class TaskModel(nn.Module):
             text = dataclasses.replace(text, dropout=self.default_text_dropout)
         # as the parts are built: their defaults (vision.depth, text.dropout) written in, so a
         # saved model keeps them whatever later versions default to. Subclasses build from it.
-        self.config = dataclasses.replace(config, vision=self.vision.config, text=text)
+        self.config = dataclasses.replace(
+            config, task=self.task, vision=self.vision.config, text=text
+        )
 
     def init_weights(self) -> None:
         """Linear weights N(0, 1/fan_in) (LeCun et al. 1998) and zero biases; token embeddings
@@ -86,8 +103,8 @@ class TaskModel(nn.Module):
     @property
     def capabilities(self) -> tuple[str, ...]:
         """The tasks this model can be used for (pipelines, evaluators): its own; a joint
-        model (`vtfuse.models.joint`) captions and retrieves."""
-        return (self.task,)
+        model captions and retrieves (the task spec's `serves`)."""
+        return task_spec(self.task).capabilities
 
     @property
     def leaves_parameters_unused(self) -> bool:
@@ -230,166 +247,3 @@ def _shape_mismatches(own: dict[str, Tensor], saved: dict[str, Tensor]) -> list[
         for name, tensor in saved.items()
         if name in own and own[name].shape != tensor.shape
     ]
-
-
-def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, int]:
-    """config.json's model config and the format its weights were written in. A checkpoint
-    of a format this version cannot read, a field it does not know or a value of the wrong
-    type raises an error naming the field."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(
-            f"{folder} is not a vtfuse model folder: no {CONFIG_FILE}{pickle_note(Path(folder))}"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    version = data.get("format_version")
-    if version != FORMAT_VERSION and version not in UPGRADES:
-        raise CheckpointError(
-            f"{path}: field 'format_version' is {version!r} (written by vtfuse "
-            f"{data.get('vtfuse_version', '?')}); this vtfuse reads formats "
-            f"{sorted({*UPGRADES, FORMAT_VERSION})}"
-        )
-    unknown = sorted(set(data) - set(CONFIG_HEADER))
-    if unknown or not isinstance(data.get("model"), dict):
-        problem = (
-            f"unknown field(s) {', '.join(unknown)}"
-            if unknown
-            else "field 'model' must be an object"
-        )
-        raise ConfigError(f"{path}: {problem}{_written_by(data)}")
-    try:
-        return from_dict(ModelConfig, data["model"], where=f"{path}: model"), version
-    except ConfigError as error:
-        raise ConfigError(f"{error}{_written_by(data)}") from None
-
-
-def _written_by(data: dict[str, Any]) -> str:
-    """ " (written by vtfuse X; this is vtfuse Y)" when the versions differ."""
-    from vtfuse import __version__
-
-    written = data.get("vtfuse_version")
-    if written is None or written == __version__:
-        return ""
-    return f" (written by vtfuse {written}; this is vtfuse {__version__})"
-
-
-def create_model(config: ModelConfig, allow_pickle: bool = False) -> TaskModel:
-    """The task's model; with `config.lm.name`, the task around that pretrained LM
-    (registered as "<task>_lm"). A pretrained LM or vision tower it names is loaded from
-    safetensors only, unless `allow_pickle` (see `from_pretrained`)."""
-    if config.lm.name and config.text.encoder != TextConfig.encoder:
-        raise ValueError(
-            f"text.encoder {config.text.encoder!r} chooses vtfuse's own text side, which the "
-            f"pretrained lm.name {config.lm.name!r} replaces: give one of the two"
-        )
-    if (config.losses or config.loss_weights) and config.task != "joint":
-        raise ValueError(
-            f"losses and loss_weights choose the terms of the joint model (task 'joint'); "
-            f"task {config.task!r} has its own loss"
-        )
-    task = TASKS.get(f"{config.task}_lm" if config.lm.name else config.task)
-    return task(config, allow_pickle=allow_pickle)
-
-
-def load_pretrained(
-    folder: str | Path, device: str | torch.device = "cpu", allow_pickle: bool = False
-) -> tuple[TaskModel, AnyTokenizer]:
-    """Load a model folder written by `save_pretrained`: config.json and model.safetensors.
-    A folder with a pickle file instead (pytorch_model.bin, *.pt, ...) is refused unless
-    `allow_pickle`, and then read with `torch.load(weights_only=True)`; so are the weights of
-    a pretrained LM or vision tower the config names."""
-    folder = Path(folder)
-    config, version = read_checkpoint_config(folder)
-    weights = weights_file(folder, allow_pickle)
-    try:
-        model = create_model(config, allow_pickle)
-    except ValueError as error:  # e.g. an unknown task, or sizes that do not fit together
-        raise CheckpointError(f"{folder / CONFIG_FILE}: {error}") from None
-    missing, unexpected = model.load_weights(weights, allow_pickle, version)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{weights} does not match its config: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    tokenizer = load_tokenizer(folder)
-    _check_vocabulary(config, tokenizer, folder)
-    return model.to(device).eval(), tokenizer
-
-
-def _check_vocabulary(config: ModelConfig, tokenizer: AnyTokenizer, folder: Path) -> None:
-    """A word vocabulary larger than the embedding would index past it at the first rare word."""
-    if isinstance(tokenizer, Tokenizer) and len(tokenizer) > config.text.vocab_size:
-        raise CheckpointError(
-            f"{folder}: {Tokenizer.FILE} has {len(tokenizer)} words but {CONFIG_FILE}'s "
-            f"model.text.vocab_size is {config.text.vocab_size}"
-        )
-
-
-@dataclass
-class WarmStart:
-    """What `warm_start` copied."""
-
-    tensors: int  # weights copied whole (same name, same shape)
-    words: int  # token-embedding rows copied for words both vocabularies share
-    left: list[str]  # the source's weights that found no same-named, same-shaped target
-
-
-def _fusion_block_key(name: str) -> tuple[int, str] | None:
-    """A fusion block inserted in a pretrained LM, named by its layer and its own parameter:
-    "lm.bert.encoder.layer.2.fusion.attn.to_q.weight" (a BERT decoder) and
-    "lm.encoder.layer.2.fusion.attn.to_q.weight" (the same BERT as an encoder) → (2, ...)."""
-    if not name.startswith("lm.") or ".fusion." not in name:
-        return None
-    path, parameter = name.split(".fusion.", 1)
-    return int(path.rsplit(".", 1)[1]), parameter
-
-
-def _shared_words(tokenizer: AnyTokenizer, source: AnyTokenizer) -> list[tuple[int, int]]:
-    """(row, source row) of the words two word vocabularies share (an LM's tokenizer: none)."""
-    if not (isinstance(tokenizer, Tokenizer) and isinstance(source, Tokenizer)):
-        return []
-    return [
-        (row, source.word_ids[word])
-        for row, word in enumerate(tokenizer.words)
-        if word in source.word_ids
-    ]
-
-
-def warm_start(
-    model: TaskModel, tokenizer: AnyTokenizer, folder: str | Path, allow_pickle: bool = False
-) -> WarmStart:
-    """Initialise `model` from another vtfuse model, e.g. a VQA model from a captioner, as
-    captioning pretraining does for VirTex (Desai & Johnson 2021) and BLIP: every weight with
-    the same name and shape is copied, and the token embedding row by row for the words the
-    two vocabularies share. The rest (a VQA answer head, say) keeps its initialisation."""
-    source, source_tokenizer = load_pretrained(folder, allow_pickle=allow_pickle)
-    target, weights = model.state_dict(), source.state_dict()
-    by_block = {_fusion_block_key(name): name for name in target if _fusion_block_key(name)}
-    embedding, tied_head = "text.token_embedding.weight", "lm_head.weight"
-    tensors, left = 0, []
-    with torch.no_grad():
-        for name, weight in weights.items():
-            if name in (embedding, tied_head):
-                continue
-            to = name if name in target else by_block.get(_fusion_block_key(name), name)
-            if to in target and target[to].shape == weight.shape:
-                target[to].copy_(weight)
-                tensors += 1
-            else:
-                left.append(name)
-        shared = _shared_words(tokenizer, source_tokenizer)  # both: vtfuse's own text side
-        if shared and weights[embedding].shape[1] == target[embedding].shape[1]:
-            rows, from_rows = (list(column) for column in zip(*shared, strict=True))
-            target[embedding][rows] = weights[embedding][from_rows].to(target[embedding].dtype)
-        else:
-            shared = []
-    if tensors == 0:
-        raise CheckpointError(
-            f"{folder}: no weight matches this model by name and shape; nothing to start from"
-        )
-    return WarmStart(tensors, len(shared), left)

@@ -9,8 +9,10 @@ from torch import Tensor, nn
 from vtfuse.blocks import DecoderCache
 from vtfuse.config import ModelConfig
 from vtfuse.encoders.text import FusedTextTransformer
+from vtfuse.fusion import fusion_builder
 from vtfuse.models import across_ranks
-from vtfuse.models.base import TASKS, TaskModel
+from vtfuse.models.base import TaskModel, task_model
+from vtfuse.tasks import CAPTION
 
 
 def next_tokens(tokens: Tensor) -> Tensor:
@@ -72,9 +74,8 @@ class CaptionDecoding:
         return self.lm_head(hidden[:, -1]), weights
 
 
-@TASKS.register("caption")
+@task_model(CAPTION)
 class Captioner(CaptionDecoding, TaskModel):
-    task = "caption"
     # Dropout 0.1 in the decoder (GPT-2's and BLIP's text decoder's rate). Measured from scratch
     # on Sort-of-CLEVR captions (2000 images, 15 minutes on one core, default flags otherwise;
     # benchmarks/learning.py): object F1 0.935 and 0.8975 for seeds 0 and 1 without it, the
@@ -86,7 +87,7 @@ class Captioner(CaptionDecoding, TaskModel):
     def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
         super().__init__(config, allow_pickle=allow_pickle)
         self.text = FusedTextTransformer(
-            self.config.text, self.vision.dim, config.fusion, causal=True
+            self.config.text, self.vision.dim, fusion_builder(config.fusion), causal=True
         )
         self.lm_head = nn.Linear(self.config.text.dim, self.config.text.vocab_size, bias=False)
         self.lm_head.weight = self.text.token_embedding.weight  # weight tying (Press & Wolf 2017)

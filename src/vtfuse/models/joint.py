@@ -39,9 +39,11 @@ from torch import Tensor, nn
 from vtfuse.config import ModelConfig
 from vtfuse.data.items import encoder_view
 from vtfuse.encoders.text import FusedTextTransformer
-from vtfuse.models.base import TASKS
+from vtfuse.fusion import fusion_builder
+from vtfuse.models.base import task_model
 from vtfuse.models.captioner import CaptionDecoding
 from vtfuse.models.retrieval import RetrievalModel
+from vtfuse.tasks import JOINT
 
 # An objective computes some of the chosen terms of a batch: (model, batch, label smoothing,
 # the chosen terms it owns) → {term: loss}. ITC and ITM share one: the contrastive
@@ -109,12 +111,10 @@ def share_all_but_self_attention(
             setattr(own, name, getattr(shared, name))
 
 
-@TASKS.register("joint")
+@task_model(JOINT)
 class JointModel(CaptionDecoding, RetrievalModel):
     """The retrieval model (ITC + ITM) with a caption decoder (LM) beside its text encoder,
     trained on Σ w_k L_k. `forward` is the retrieval model's (matching logits)."""
-
-    task = "joint"
 
     def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
         weights = loss_weights(config.losses, config.loss_weights)
@@ -122,16 +122,12 @@ class JointModel(CaptionDecoding, RetrievalModel):
         super().__init__(config, allow_pickle=allow_pickle)
         self.weights = weights
         self.decoder = FusedTextTransformer(
-            self.config.text, self.vision.dim, config.fusion, causal=True
+            self.config.text, self.vision.dim, fusion_builder(config.fusion), causal=True
         )
         share_all_but_self_attention(self.decoder, self.text)
         self.lm_head = nn.Linear(self.config.text.dim, self.config.text.vocab_size, bias=False)
         self.lm_head.weight = self.text.token_embedding.weight  # weight tying (Press & Wolf 2017)
         self.init_weights()
-
-    @property
-    def capabilities(self) -> tuple[str, ...]:
-        return ("caption", "retrieval")
 
     @property
     def leaves_parameters_unused(self) -> bool:

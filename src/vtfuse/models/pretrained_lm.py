@@ -14,13 +14,16 @@ from torch import Tensor, nn
 
 from vtfuse.attention import KVCache
 from vtfuse.config import ModelConfig
+from vtfuse.encoders.text import masked_mean
+from vtfuse.fusion import fusion_builder
 from vtfuse.fusion.resampler import PerceiverResampler
 from vtfuse.grad_checkpointing import train_checkpointing_layers
 from vtfuse.lm.inject import ImageContext, Interleaving, inject_cross_attention
 from vtfuse.lm.load import load_causal_lm, load_text_encoder
 from vtfuse.models import across_ranks
-from vtfuse.models.base import TASKS, TaskModel
-from vtfuse.models.vqa import AnswerClassifier, answer_head, masked_mean
+from vtfuse.models.base import TaskModel, task_model
+from vtfuse.models.vqa import AnswerClassifier, answer_head
+from vtfuse.tasks import CAPTION, CLASSIFY, VQA
 
 
 @dataclass
@@ -70,7 +73,7 @@ class PretrainedTextModel(TaskModel):
         for name in getattr(lm, "new_weights", ()):
             lm.get_parameter(name).requires_grad_(True)
         self.context, self.inserted = inject_cross_attention(
-            lm, self.vision.dim, config.fusion, config.lm.xattn_every
+            lm, self.vision.dim, fusion_builder(config.fusion), config.lm.xattn_every
         )
         self.resampler = None  # Flamingo: one resampler before all the blocks
         if config.lm.resampler_latents:
@@ -135,7 +138,7 @@ class PretrainedTextModel(TaskModel):
             context.interleaved = context.latent_map = context.token_mask = None
 
 
-@TASKS.register("vqa_lm")
+@task_model(VQA, pretrained_lm=True)
 class LMQuestionAnswerer(AnswerClassifier, PretrainedTextModel):
     """A pretrained text encoder (BERT, MiniLM, or an LM's body) reads the question with
     fusion blocks between its layers; the mean of its states is classified over the answers."""
@@ -167,7 +170,13 @@ class LMQuestionAnswerer(AnswerClassifier, PretrainedTextModel):
         return self.head(masked_mean(hidden, token_mask)), seen.weights
 
 
-@TASKS.register("caption_lm")
+@task_model(CLASSIFY, pretrained_lm=True)
+class LMPairClassifier(LMQuestionAnswerer):
+    """Image+text pair classification with a pretrained text encoder: the question answerer's
+    parts, over the labels."""
+
+
+@task_model(CAPTION, pretrained_lm=True)
 class LMCaptioner(PretrainedTextModel):
     """Vision encoder → a pretrained causal LM that cross-attends to the image tokens.
 
@@ -179,8 +188,6 @@ class LMCaptioner(PretrainedTextModel):
     """
 
     causal = True
-
-    task = "caption"
 
     def __init__(
         self, config: ModelConfig, lm: nn.Module | None = None, *, allow_pickle: bool = False

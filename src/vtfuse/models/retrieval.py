@@ -25,21 +25,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtfuse.config import ModelConfig
-from vtfuse.encoders.text import FusedTextTransformer
-from vtfuse.models.base import TASKS, TaskModel
+from vtfuse.encoders.text import FusedTextTransformer, read_with_cls
+from vtfuse.fusion import fusion_builder
+from vtfuse.models.base import TaskModel, task_model
 from vtfuse.models.contrastive import contrastive_loss
-from vtfuse.models.vqa import read_with_cls
+from vtfuse.tasks import RETRIEVAL
 
 
-@TASKS.register("retrieval")
+@task_model(RETRIEVAL)
 class RetrievalModel(TaskModel):
-    task = "retrieval"
-
     def __init__(self, config: ModelConfig, *, allow_pickle: bool = False):
         super().__init__(config, allow_pickle=allow_pickle)
         dim = self.config.text.dim
         self.text = FusedTextTransformer(
-            self.config.text, self.vision.dim, config.fusion, causal=False
+            self.config.text, self.vision.dim, fusion_builder(config.fusion), causal=False
         )
         self.cls = nn.Parameter(torch.randn(1, 1, dim))
         self.image_projection = nn.Linear(self.vision.dim, dim)

@@ -40,6 +40,7 @@ from vtfuse.serving.requests import (
     one_image,
     read_fields,
 )
+from vtfuse.tasks import CAPTION, RETRIEVAL, VQA
 from vtfuse.visualisation.maps import select_layer, to_grid
 
 PAGE = Path(__file__).with_name("page.html")
@@ -61,7 +62,7 @@ class Engine:
         with torch.inference_mode():
             if isinstance(group, Alone):  # a call of its own: (function, arguments)
                 return [function(*args) for function, args in payloads]
-            call = {"caption": self.caption, "ask": self.ask}[group[0]]
+            call = {CAPTION.name: self.caption, "ask": self.ask}[group[0]]
             return call(group, payloads)
 
     def caption(self, group: tuple, images: Sequence[Image.Image]) -> list[dict]:
@@ -234,7 +235,7 @@ def add_caption(app: FastAPI, served: Served) -> None:
 
     @app.post("/v1/caption", openapi_extra=_body_doc(CAPTION_FIELDS))
     async def caption(request: Request) -> dict:
-        served.require("caption")
+        served.require(CAPTION.name)
         fields, files = await read_fields(request)
         image = one_image(files, settings)
         beam = field_of(fields, "beam_size", int, 1, low=1)
@@ -245,7 +246,7 @@ def add_caption(app: FastAPI, served: Served) -> None:
         attention = field_of(fields, "attention", bool, False)
         if attention and beam > 1:
             raise RequestError(422, "attention maps come from greedy decoding: use beam_size 1")
-        return await served.batcher.submit(("caption", beam, max_length, attention), image)
+        return await served.batcher.submit((CAPTION.name, beam, max_length, attention), image)
 
 
 ASK_FIELDS = {
@@ -258,7 +259,7 @@ ASK_FIELDS = {
 def add_ask(app: FastAPI, served: Served) -> None:
     @app.post("/v1/ask", openapi_extra=_body_doc(ASK_FIELDS))
     async def ask(request: Request) -> dict:
-        served.require("vqa")
+        served.require(VQA.name)
         fields, files = await read_fields(request)
         image = one_image(files, served.settings)
         question = field_of(fields, "question", str)
@@ -282,7 +283,7 @@ def add_retrieve(app: FastAPI, served: Served) -> None:
 
     @app.post("/v1/retrieve", openapi_extra=_body_doc(RETRIEVE_FIELDS, ("image", "images")))
     async def retrieve(request: Request) -> dict:
-        served.require("retrieval")
+        served.require(RETRIEVAL.name)
         fields, files = await read_fields(request)
         top_k = field_of(fields, "top_k", int, 5, low=1)
         if "query" in fields:
@@ -318,7 +319,7 @@ CLASSIFY_FIELDS = {
 def add_classify(app: FastAPI, served: Served) -> None:
     @app.post("/v1/classify", openapi_extra=_body_doc(CLASSIFY_FIELDS))
     async def classify(request: Request) -> dict:
-        served.require("retrieval")
+        served.require(RETRIEVAL.name)
         fields, files = await read_fields(request)
         image = one_image(files, served.settings)
         labels = [str(label) for label in field_of(fields, "labels", list) if str(label).strip()]

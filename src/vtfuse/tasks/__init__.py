@@ -3,7 +3,9 @@
 A spec says what a JSONL line of the task must hold (its check), what the model reads from it
 and what it predicts (the items a line becomes), and which field holds the classes to learn.
 Data loading, the trainer, evaluation and the CLI ask the registry (`task_spec`, `task_names`)
-instead of keeping tables of their own; adding a task is adding a file here that registers one.
+instead of keeping tables of their own, and name a task through its spec (`CAPTION.name`): no
+task name is spelled outside this package. Adding a task is adding a file here that registers
+one, and its model (`vtfuse.models`, registered under the spec's name).
 """
 
 from __future__ import annotations
@@ -15,10 +17,19 @@ from vtfuse.data.bank import ImageTextDataset, LoadedData
 from vtfuse.data.items import Truncation
 from vtfuse.data.jsonl import Record, read_records
 from vtfuse.data.tokenizer import AnyTokenizer
-from vtfuse.tasks import caption, classify, joint, retrieval, vqa  # noqa: F401  (they register)
+from vtfuse.tasks.caption import CAPTION
+from vtfuse.tasks.classify import CLASSIFY
+from vtfuse.tasks.joint import JOINT
+from vtfuse.tasks.retrieval import RETRIEVAL
 from vtfuse.tasks.spec import TaskSpec, ranked_tasks, register, task_names, task_spec
+from vtfuse.tasks.vqa import VQA
 
 __all__ = [
+    "CAPTION",
+    "CLASSIFY",
+    "JOINT",
+    "RETRIEVAL",
+    "VQA",
     "TaskSpec",
     "ranked_tasks",
     "read_jsonl",

@@ -3,8 +3,9 @@ items are the caption task's; the encoder reads them through `data.items.encoder
 
 from __future__ import annotations
 
-from vtfuse.tasks.caption import caption_items
+from vtfuse.tasks.caption import CAPTION, caption_items
 from vtfuse.tasks.fields import check_captions
+from vtfuse.tasks.retrieval import RETRIEVAL
 from vtfuse.tasks.spec import TaskSpec, register
 
 JOINT = register(
@@ -15,5 +16,6 @@ JOINT = register(
         reads="caption",
         generates=True,
         help="caption and retrieve with one model (contrastive, matching and captioning losses)",
+        serves=(CAPTION.name, RETRIEVAL.name),
     )
 )

@@ -25,6 +25,13 @@ class TaskSpec:
     # one its chart shows; none: compare does not take the task
     metrics: tuple[str, ...] = ()
     headline: str = ""
+    # what a model of this task can be used as (pipelines, evaluators, the server); empty: the
+    # task itself. A joint model captions and retrieves.
+    serves: tuple[str, ...] = ()
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        return self.serves or (self.name,)
 
     def texts(self, record: Record) -> list[str]:
         """The texts of a line the tokenizer learns its words from."""

@@ -22,7 +22,9 @@ from vtfuse.data.items import collate
 from vtfuse.data.shards import ShardDataset, is_shard_folder, shard_records
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, normalise_answer
 from vtfuse.grad_checkpointing import set_grad_checkpointing
-from vtfuse.models.base import TaskModel, create_model, load_pretrained, warm_start
+from vtfuse.models.base import TaskModel
+from vtfuse.models.factory import create_model, load_pretrained
+from vtfuse.models.warm_start import warm_start
 from vtfuse.runtime import resolve_device, seed_everything
 from vtfuse.tasks import read_jsonl, task_dataset, task_spec
 from vtfuse.training.batches import micro_batches_per_epoch
