@@ -13,11 +13,13 @@ before the workload on CPU; `max_memory_allocated` on CUDA). Achieved FLOP/s are
 by `torch.utils.flop_counter` over the median time, as a share of the matmul peak measured here.
 Ratios are vtfuse over transformers: > 1 is faster for speed; < 1 is smaller for memory.
 
-Inference is also timed with each model's linear layers dynamically quantised to int8 (`PATHS`;
-on the CPU): each row names vtfuse's fastest path, its speed over transformers eager and over
-transformers' fastest path. `--json` writes, per workload, vtfuse's fastest path ÷ transformers
-eager (`generate_b1`, ...), `best_path`, the eager ratios (`eager`), `vs_best_peer_generate_b1`
-and `peak_memory`.
+Inference is also timed on the faster paths (`PATHS`, on the CPU): each model with its linear
+layers dynamically quantised to int8, and vtfuse's captioner exported to ONNX Runtime
+(`vtfuse export --onnx`, fp32 and int8 step graphs) decoding through the same greedy and beam
+loops (`--runtime onnx`). Each row names vtfuse's fastest path, its speed over transformers
+eager and over transformers' fastest path. `--json` writes, per workload, vtfuse's fastest
+path ÷ transformers eager (`generate_b1`, ...), `best_path`, the eager ratios (`eager`),
+`vs_best_peer_generate_b1` and `peak_memory`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -41,19 +44,23 @@ from matched import SIZES, Size, hf_captioner, parameters, vtfuse_captioner
 
 from vtfuse.config import TrainConfig
 from vtfuse.generation import beam_search, greedy
+from vtfuse.generation.onnx import OnnxDecoder, export_onnx
 from vtfuse.quantisation import convert_weights, quantise_torch_linears
 from vtfuse.training.optim import make_optimizer
 
 MODELS = {"vtfuse": vtfuse_captioner, "transformers": hf_captioner}
-# Ways to run inference: each model eager in fp32, and with its linear layers dynamically
-# quantised to int8 (vtfuse `--weights int8`; transformers through the same torch quantiser,
-# which converts its nn.Linear layers — the ViT's and the output layer — but not GPT-2's
-# Conv1D projections). CPU only.
+# Ways to run inference, path → (model, weights, runtime): each model eager in fp32, and with
+# its linear layers dynamically quantised to int8 (vtfuse `--weights int8`; transformers
+# through the same torch quantiser, which converts its nn.Linear layers — the ViT's and the
+# output layer — but not GPT-2's Conv1D projections); vtfuse's exported ONNX graphs on ONNX
+# Runtime (`--runtime onnx`, fp32 and int8 steps). CPU only.
 PATHS = {
-    "vtfuse": ("vtfuse", "fp32"),
-    "vtfuse int8": ("vtfuse", "int8"),
-    "transformers": ("transformers", "fp32"),
-    "transformers int8": ("transformers", "int8"),
+    "vtfuse": ("vtfuse", "fp32", "torch"),
+    "vtfuse int8": ("vtfuse", "int8", "torch"),
+    "vtfuse onnx": ("vtfuse", "fp32", "onnx"),
+    "vtfuse onnx int8": ("vtfuse", "int8", "onnx"),
+    "transformers": ("transformers", "fp32", "torch"),
+    "transformers int8": ("transformers", "int8", "torch"),
 }
 
 
@@ -153,10 +160,19 @@ def prepare(name: str, model, work: Workload) -> None:
     model.train(work.train)
 
 
-def build(name: str, size: Size, work: Workload, dev: torch.device, weights: str = "fp32"):
+def build(
+    name: str,
+    size: Size,
+    work: Workload,
+    dev: torch.device,
+    weights: str = "fp32",
+    runtime: str = "torch",
+):
     model = MODELS[name](size).to(dev)
     prepare(name, model, work)
-    if weights != "fp32":
+    if runtime == "onnx":
+        model = onnx_decoder(model, weights)
+    elif weights != "fp32":
         quantise(name, model, weights)
     job = JOBS[name](model, size, work, inputs(size, work.batch, dev))
     if work.train:
@@ -171,10 +187,18 @@ def quantise(name: str, model: torch.nn.Module, weights: str) -> None:
     quantise_torch_linears(model.eval())
 
 
-def paths_for(work: Workload, dev: torch.device) -> dict[str, tuple[str, str]]:
-    """The ways to time `work`: training eager fp32 only; inference also int8 on the CPU."""
+def onnx_decoder(model: torch.nn.Module, weights: str) -> OnnxDecoder:
+    """vtfuse's captioner exported to ONNX graphs and loaded on ONNX Runtime (the sessions
+    hold the graphs in memory, so the export folder can go)."""
+    with tempfile.TemporaryDirectory() as folder:
+        return OnnxDecoder(export_onnx(model, folder), weights)
+
+
+def paths_for(work: Workload, dev: torch.device) -> dict[str, tuple[str, str, str]]:
+    """The ways to time `work`: training eager fp32 only; inference also int8 and ONNX
+    Runtime on the CPU."""
     if work.train or dev.type != "cpu":
-        return {name: (name, "fp32") for name in MODELS}
+        return {name: (name, "fp32", "torch") for name in MODELS}
     return PATHS
 
 
@@ -268,7 +292,7 @@ def run_size(size: Size, repeats: int, dev, peak: float, probes: int) -> dict[st
     results = {}
     for work in WORKLOADS:
         paths = paths_for(work, dev)
-        jobs = {path: build(*paths[path][:1], size, work, dev, paths[path][1]) for path in paths}
+        jobs = {path: build(model, size, work, dev, *how) for path, (model, *how) in paths.items()}
         seconds = median_seconds(jobs, repeats)
         row = {"ratio": seconds["transformers"] / seconds["vtfuse"], **best(seconds)}
         for path, job in jobs.items():

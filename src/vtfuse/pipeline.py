@@ -21,7 +21,15 @@ from vtfuse.data.clips import Visual, is_still, load_visual
 from vtfuse.data.images import blank_like, load_image
 from vtfuse.data.items import Truncation, pad_tokens
 from vtfuse.data.tokenizer import AnyTokenizer
-from vtfuse.generation import Generated, beam_search, greedy, most_likely, nucleus
+from vtfuse.generation import (
+    Generated,
+    IncrementalDecoder,
+    beam_search,
+    greedy,
+    most_likely,
+    nucleus,
+)
+from vtfuse.generation.onnx import OnnxDecoder, choose_runtime
 from vtfuse.models.base import TaskModel
 from vtfuse.models.factory import load_pretrained
 from vtfuse.quantisation import convert_weights
@@ -65,9 +73,13 @@ class Pipeline:
         tokenizer: AnyTokenizer,
         device: torch.device,
         weights: str = "fp32",
+        decoder: IncrementalDecoder | None = None,
+        runtime: str = "torch",
     ):
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
         self.weights = weights  # the linear layers' precision (see vtfuse.quantisation)
+        # what decodes captions: the model itself, or its graphs on ONNX Runtime (`runtime`)
+        self.decoder, self.runtime = decoder or model, runtime
 
     @classmethod
     def load(
@@ -76,12 +88,18 @@ class Pipeline:
         device: str = "auto",
         allow_pickle: bool = False,
         weights: str = "fp32",
+        runtime: str = "auto",
     ) -> Pipeline:
         """A run or model folder's model; `allow_pickle`: see `load_pretrained`; `weights`:
-        the linear layers' precision for inference (see `vtfuse.quantisation`)."""
+        the linear layers' precision for inference (see `vtfuse.quantisation`); `runtime`:
+        what decodes captions, "torch", "onnx" (a folder written by `vtfuse export --onnx`) or
+        "auto" (see `vtfuse.generation.onnx.choose_runtime`)."""
         resolved = resolve_device(device)
-        model, tokenizer = load_pretrained(resolve_model_folder(path), resolved, allow_pickle)
-        return cls(convert_weights(model, weights), tokenizer, resolved, weights)
+        folder = resolve_model_folder(path)
+        runtime = choose_runtime(runtime, folder, resolved, weights)
+        model, tokenizer = load_pretrained(folder, resolved, allow_pickle)
+        decoder = OnnxDecoder(folder, weights) if runtime == "onnx" else None
+        return cls(convert_weights(model, weights), tokenizer, resolved, weights, decoder, runtime)
 
     @property
     def task(self) -> str:
@@ -132,9 +150,12 @@ class Pipeline:
         if beam_size > 1:
             if need_weights or sampling:
                 raise ValueError("attention maps and sampling decode one path: use beam_size 1")
-            return beam_search(self.model, images, beam_size, max_length, length_penalty, bos, eos)
+            return beam_search(
+                self.decoder, images, beam_size, max_length, length_penalty, bos, eos
+            )
         pick = sampling.pick(images.device) if sampling else most_likely
-        return greedy(self.model, images, max_length, bos, eos, need_weights, pick=pick)
+        decoder = self.model if need_weights else self.decoder  # attention maps: PyTorch's
+        return greedy(decoder, images, max_length, bos, eos, need_weights, pick=pick)
 
     def caption(
         self,
@@ -351,9 +372,13 @@ class Pipeline:
 
 
 def load(
-    path: str | Path, device: str = "auto", allow_pickle: bool = False, weights: str = "fp32"
+    path: str | Path,
+    device: str = "auto",
+    allow_pickle: bool = False,
+    weights: str = "fp32",
+    runtime: str = "auto",
 ) -> Pipeline:
-    return Pipeline.load(path, device, allow_pickle, weights)
+    return Pipeline.load(path, device, allow_pickle, weights, runtime)
 
 
 def check_template(template: str) -> None:

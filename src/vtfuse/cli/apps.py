@@ -11,6 +11,7 @@ from vtfuse.cli.commands import (
     allow_pickle_arg,
     command,
     inference_args,
+    load_pipeline,
     progress_arg,
 )
 
@@ -80,17 +81,42 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise ImportError('vtfuse serve needs: pip install -e ".[serve]"') from None
-    from vtfuse.pipeline import Pipeline
     from vtfuse.serving import ServeSettings, create_app
     from vtfuse.training.checkpoint import resolve_model_folder
 
     folder = resolve_model_folder(args.run)
     settings = ServeSettings(args.max_batch, args.max_wait_ms, args.max_queue)
-    pipe = Pipeline.load(folder, args.device, args.allow_pickle, args.weights)
+    pipe = load_pipeline(args, folder)
     app = create_app(pipe, settings, folder)
     print(
-        f"serving {folder} ({args.weights} weights, {pipe.device}) on "
+        f"serving {folder} ({args.weights} weights, {pipe.device}, captions decoded by "
+        f"{pipe.runtime}{'' if pipe.runtime == 'onnx' else ' (eager)'}) on "
         f"http://{args.host}:{args.port}/  (API docs: /docs)"
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder (its best model) or model folder")
+    p.add_argument(
+        "--onnx",
+        required=True,
+        metavar="OUT",
+        help="write the caption decoder as ONNX graphs (the image's keys and values; one "
+        "decoding step) into OUT, beside a copy of the model folder: `--runtime onnx` reads it",
+    )
+    allow_pickle_arg(p)
+
+
+@command("export", "export a captioner for deployment: ONNX graphs for ONNX Runtime")(_export_args)
+def run_export(args: argparse.Namespace) -> int:
+    from vtfuse.generation.onnx import OPSET, export_onnx
+    from vtfuse.models.factory import load_pretrained
+    from vtfuse.training.checkpoint import resolve_model_folder
+
+    folder = resolve_model_folder(args.run)
+    model, _ = load_pretrained(folder, allow_pickle=args.allow_pickle)
+    out = export_onnx(model, args.onnx, folder)
+    print(f"wrote {out} (ONNX opset {OPSET}): vtfuse caption {out} IMAGE --runtime onnx")
     return 0

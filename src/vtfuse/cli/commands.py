@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from vtfuse.generation.onnx import RUNTIMES
 from vtfuse.quantisation import WEIGHTS
+
+if TYPE_CHECKING:
+    from vtfuse.pipeline import Pipeline
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command, str]] = {}
@@ -60,9 +65,25 @@ def image_arg(p: argparse.ArgumentParser) -> None:
 
 
 def inference_args(p: argparse.ArgumentParser) -> None:
-    """Where a trained model runs, and at which weight precision."""
+    """Where a trained model runs, at which weight precision, and what decodes captions."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     weights_arg(p)
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="what decodes captions: torch (PyTorch), onnx (the graphs `vtfuse export --onnx` "
+        "wrote, on ONNX Runtime), or auto: onnx when the folder has them (CPU, fp32)",
+    )
+
+
+def load_pipeline(args: argparse.Namespace, path: str | Path | None = None) -> Pipeline:
+    """The model at `path` (default: the RUN argument) as the inference flags ask."""
+    from vtfuse.pipeline import Pipeline
+
+    return Pipeline.load(
+        path or args.run, args.device, args.allow_pickle, args.weights, args.runtime
+    )
 
 
 def weights_arg(p: argparse.ArgumentParser) -> None:

@@ -13,8 +13,8 @@ from vtfuse.cli.commands import (
     image_arg,
     image_root_arg,
     inference_args,
+    load_pipeline,
     progress_arg,
-    weights_arg,
 )
 from vtfuse.tasks import CAPTION, CLASSIFY
 
@@ -42,7 +42,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     )
     allow_pickle_arg(p)
     image_root_arg(p)
-    weights_arg(p)
+    inference_args(p)
     progress_arg(p)
 
 
@@ -64,6 +64,8 @@ def run_eval(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         image_roots=given_roots(args),
         weights=args.weights,
+        runtime=args.runtime,
+        device=args.device,
     )
     metrics = evaluate(args.run, args.data, options, args.predictions, args.metrics)
     print(format_table(metrics, f"{args.data}{' (blind)' if args.blind else ''}"))
@@ -106,9 +108,9 @@ def _shot(text: str) -> tuple[str, str]:
 
 @command(CAPTION.name, "caption images with a trained model")(_caption_args)
 def run_caption(args: argparse.Namespace) -> int:
-    from vtfuse.pipeline import Pipeline, Sampling
+    from vtfuse.pipeline import Sampling
 
-    pipe = Pipeline.load(args.run, args.device, args.allow_pickle, args.weights)
+    pipe = load_pipeline(args)
     sampling = None
     if args.temperature is not None or args.top_p is not None:
         sampling = Sampling(args.temperature or 1.0, args.top_p or 1.0, args.seed)
@@ -137,11 +139,8 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
 
 @command("ask", "answer a question about an image")(_ask_args)
 def run_ask(args: argparse.Namespace) -> int:
-    from vtfuse.pipeline import Pipeline
 
-    for answer, probability in Pipeline.load(
-        args.run, args.device, args.allow_pickle, args.weights
-    ).ask(args.image, args.question, args.top_k):
+    for answer, probability in load_pipeline(args).ask(args.image, args.question, args.top_k):
         print(f"{probability:7.2%}  {answer}")
     return 0
 
@@ -158,9 +157,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 @command("predict", "label an image+text pair with a pair classifier")(_predict_args)
 def run_predict(args: argparse.Namespace) -> int:
-    from vtfuse.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.run, args.device, args.allow_pickle, args.weights)
+    pipe = load_pipeline(args)
     for label, probability in pipe.predict(args.image, args.text, args.top_k):
         print(f"{probability:6.1%}  {label}")
     return 0
@@ -183,9 +181,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @command("retrieve", "rank images for a text, or texts for an image")(_retrieve_args)
 def run_retrieve(args: argparse.Namespace) -> int:
-    from vtfuse.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.run, args.device, args.allow_pickle, args.weights)
+    pipe = load_pipeline(args)
     if args.query:
         if not args.images:
             raise ValueError("--query needs --images DIR, the candidates")
@@ -218,11 +215,11 @@ def _classify_args(p: argparse.ArgumentParser) -> None:
 
 @command(CLASSIFY.name, "zero-shot classification with a retrieval model")(_classify_args)
 def run_classify(args: argparse.Namespace) -> int:
-    from vtfuse.pipeline import Pipeline, check_template
+    from vtfuse.pipeline import check_template
 
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     check_template(args.template)  # before the model loads
-    pipe = Pipeline.load(args.run, args.device, args.allow_pickle, args.weights)
+    pipe = load_pipeline(args)
     for label, probability in pipe.classify(args.image, labels, args.template):
         print(f"{probability:6.1%}  {label}")
     return 0
@@ -244,9 +241,8 @@ def _attention_args(p: argparse.ArgumentParser) -> None:
 
 @command("attention", "draw where the model looked, one panel per token")(_attention_args)
 def run_attention(args: argparse.Namespace) -> int:
-    from vtfuse.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.run, args.device, args.allow_pickle, args.weights)
+    pipe = load_pipeline(args)
     path, text = pipe.draw_attention(args.image, args.out, args.question, args.layer)
     print(f"{text}\nwrote {path}")
     return 0

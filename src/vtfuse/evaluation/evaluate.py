@@ -47,6 +47,8 @@ class EvalOptions:
     allow_pickle: bool = False  # load a model folder's pickle weights (see load_pretrained)
     image_roots: tuple[str, ...] = ()  # folders besides the JSONL's own images may come from
     weights: str = "fp32"  # the linear layers' precision (see vtfuse.quantisation)
+    runtime: str = "auto"  # what decodes captions (see vtfuse.generation.onnx.choose_runtime)
+    device: str = "auto"  # see vtfuse.runtime.resolve_device
 
 
 EVALUATORS: Registry[Callable[..., tuple[dict[str, Any], list[str]]]] = Registry("evaluator")
@@ -210,7 +212,11 @@ def evaluate(
     several capabilities (a joint model: caption and retrieval) is scored as each, its
     metrics and each record's predictions nested under the task's name."""
     pipe = pipe or Pipeline.load(
-        model_path, allow_pickle=options.allow_pickle, weights=options.weights
+        model_path,
+        options.device,
+        allow_pickle=options.allow_pickle,
+        weights=options.weights,
+        runtime=options.runtime,
     )
     records = read_jsonl(data_path, pipe.task, roots=options.image_roots)
     vision = pipe.model.config.vision

@@ -123,6 +123,7 @@ def model_info(pipe: Pipeline, folder: Path | None) -> dict[str, Any]:
         "checkpoint": str(folder) if folder else None,
         "device": str(pipe.device),
         "weights": pipe.weights,
+        "runtime": pipe.runtime,  # what decodes captions: torch or onnx
     }
 
 

@@ -1,0 +1,206 @@
+"""Captioning on ONNX Runtime: `vtfuse export RUN --onnx OUT` and `--runtime onnx`.
+
+Two graphs, exported from the static decoding step (`vtfuse.generation.static`):
+
+* `image.onnx`: uint8 images (B, 3, H, W) → every fusion step's image keys and values
+  (L, B, H, N, hd), once per image;
+* `step.onnx`: (token (B,), position (), self_k, self_v, image_k, image_v) → next-token logits
+  (B, V) and the self-attention caches with the position written in; and `step.int8.onnx`,
+  the same with its matrix products dynamically quantised by ONNX Runtime (int8 weights,
+  per-channel scales; `--weights int8`): a step reads a quarter of the bytes.
+
+`OnnxDecoder` runs them behind the `IncrementalDecoder` protocol, so greedy decoding, sampling
+and beam search are vtfuse's own loops, unchanged. The export folder is a whole model folder
+(config.json, weights, tokenizer) plus the graphs and `onnx.json`, so the pipeline still has
+the PyTorch model for what the graphs do not do (attention maps, other tasks).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vtfuse.generation.static import StaticCache, StaticDecoder
+from vtfuse.weights import CheckpointError
+
+OPSET = 17
+MANIFEST = "onnx.json"
+IMAGE_GRAPH = "image.onnx"
+STEP_GRAPHS = {"fp32": "step.onnx", "int8": "step.int8.onnx"}  # by --weights
+STEP_INPUTS = ["token", "position", "self_k", "self_v", "image_k", "image_v"]
+EXTRA = 'pip install -c constraints.txt -e ".[onnx]"'
+
+
+def onnxruntime() -> Any:
+    """The onnxruntime module, or an error that names the extra that installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(f"ONNX Runtime is not installed: {EXTRA}") from None
+    return onnxruntime
+
+
+def has_graphs(folder: str | Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+RUNTIMES = ("auto", "torch", "onnx")
+
+
+def choose_runtime(asked: str, folder: Path, device: torch.device, weights: str) -> str:
+    """What decodes captions: "torch" (PyTorch, eager) or "onnx" (the folder's graphs on ONNX
+    Runtime). "auto" takes ONNX Runtime when the folder has graphs for `weights`, the device
+    is the CPU and onnxruntime is installed: the fastest path there is."""
+    if asked not in RUNTIMES:
+        raise ValueError(f"unknown runtime {asked!r}; choose one of: {', '.join(RUNTIMES)}")
+    graph = STEP_GRAPHS.get(weights)
+    if asked == "auto":
+        usable = has_graphs(folder) and device.type == "cpu" and graph is not None
+        return "onnx" if usable and (folder / graph).is_file() and _installed() else "torch"
+    if asked == "onnx" and (device.type != "cpu" or graph is None):
+        raise ValueError(
+            f"--runtime onnx runs the exported graphs ({', '.join(STEP_GRAPHS)} weights) on "
+            f"the CPU, not {weights} weights on {device.type}"
+        )
+    return asked
+
+
+def _installed() -> bool:
+    try:
+        onnxruntime()
+    except ImportError:
+        return False
+    return True
+
+
+class _ImageKeys(nn.Module):
+    """The image graph: uint8 images → every fusion step's image keys and values."""
+
+    def __init__(self, static: StaticDecoder):
+        super().__init__()
+        self.static = static
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.static.image_cache(images)
+
+
+def export_onnx(model: nn.Module, out: str | Path, model_folder: str | Path | None = None) -> Path:
+    """Write `model`'s caption decoding as ONNX graphs into `out`, beside a copy of the files
+    of the folder it was loaded from (`model_folder`, if given). Returns `out`."""
+    import warnings
+
+    try:
+        import onnx  # noqa: F401  (the exporter writes the graphs with it)
+    except ImportError:
+        raise ImportError(f"exporting to ONNX needs the onnx package: {EXTRA}") from None
+    static = StaticDecoder(model).eval()  # raises, naming why, for a model without one
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in Path(model_folder).iterdir() if model_folder else ():
+        if path.is_file():
+            shutil.copy2(path, out / path.name)
+    size = model.config.vision.image_size
+    images = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    batch = {0: "batch"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        _, cache = static.start(images)
+        torch.onnx.export(
+            _ImageKeys(static),
+            (images,),
+            out / IMAGE_GRAPH,
+            input_names=["images"],
+            output_names=["image_k", "image_v"],
+            dynamic_axes={"images": batch, "image_k": {1: "batch"}, "image_v": {1: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        arguments = (torch.ones(2, dtype=torch.long), torch.tensor(0), cache.self_k)
+        arguments += (cache.self_v, cache.image_k, cache.image_v)
+        cached = {name: {1: "batch"} for name in [*STEP_INPUTS[2:], "new_self_k", "new_self_v"]}
+        torch.onnx.export(
+            static,
+            arguments,
+            out / STEP_GRAPHS["fp32"],
+            input_names=STEP_INPUTS,
+            output_names=["logits", "new_self_k", "new_self_v"],
+            dynamic_axes={"token": batch, "logits": batch, **cached},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    _quantise(out / STEP_GRAPHS["fp32"], out / STEP_GRAPHS["int8"])
+    layers, heads, head_dim = static.shapes
+    manifest = {"opset": OPSET, "max_length": static.max_length, "layers": layers}
+    manifest |= {"heads": heads, "head_dim": head_dim, "source": str(model_folder or "")}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def _quantise(graph: Path, to: Path) -> None:
+    """ONNX Runtime's dynamic quantisation: int8 weights with per-channel scales, activations
+    quantised on the fly (the same scheme as `vtfuse.quantisation` for PyTorch)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level, _ = root.level, root.setLevel(logging.ERROR)  # its advice to pre-process first
+    try:
+        quantize_dynamic(graph, to, per_channel=True, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+class OnnxDecoder:
+    """The caption decoder on ONNX Runtime, as an `IncrementalDecoder` (`start`, `step`)."""
+
+    def __init__(self, folder: str | Path, weights: str = "fp32", threads: int = 0):
+        folder = Path(folder)
+        if not has_graphs(folder):
+            raise CheckpointError(
+                f"{folder}: no ONNX graphs ({MANIFEST}); write them with "
+                f"`vtfuse export RUN --onnx {folder}`"
+            )
+        runtime = onnxruntime()
+        self.manifest = json.loads((folder / MANIFEST).read_text())
+        options = runtime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.graph_optimization_level = runtime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        cpu = ["CPUExecutionProvider"]
+        self.image = runtime.InferenceSession(str(folder / IMAGE_GRAPH), options, providers=cpu)
+        step = str(folder / STEP_GRAPHS[weights])
+        self.step_graph = runtime.InferenceSession(step, options, providers=cpu)
+
+    def start(self, images: Tensor) -> tuple[Tensor, StaticCache]:
+        image_k, image_v = (
+            torch.from_numpy(array)
+            for array in self.image.run(None, {"images": images.cpu().numpy()})
+        )
+        m = self.manifest
+        shape = (m["layers"], images.shape[0], m["heads"], m["max_length"], m["head_dim"])
+        empty = torch.zeros(shape)
+        # the image tokens themselves stay inside the graphs: beam search carries this along
+        image = torch.zeros(images.shape[0], 1)
+        return image, StaticCache(empty, empty.clone(), image_k, image_v)
+
+    def step(
+        self, tokens: Tensor, image: Tensor, caches: StaticCache, need_weights: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Feed tokens (B, t) one position at a time → the logits after the last."""
+        if need_weights:
+            raise ValueError("ONNX decoding gives no attention maps: use --runtime torch")
+        for column in tokens.cpu().unbind(1):
+            if caches.length >= self.manifest["max_length"]:
+                raise ValueError(f"sequence longer than max_length {self.manifest['max_length']}")
+            feed = {"token": column.numpy(), "position": torch.tensor(caches.length).numpy()}
+            for name in STEP_INPUTS[2:]:
+                feed[name] = getattr(caches, name).contiguous().numpy()
+            logits, self_k, self_v = self.step_graph.run(None, feed)
+            caches.self_k, caches.self_v = torch.from_numpy(self_k), torch.from_numpy(self_v)
+            caches.length += 1
+        return torch.from_numpy(logits), []

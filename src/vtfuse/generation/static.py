@@ -1,0 +1,183 @@
+"""A caption decoder's step with fixed shapes: the path `torch.compile` and ONNX export take.
+
+The eager decoder (`FusedTextTransformer` with a `DecoderCache`) keeps Python state between
+steps: a cache that grows, the number of positions read so far as a Python int. That is cheap
+in eager PyTorch but cannot be traced or compiled once for every step. `StaticDecoder` computes
+the same step as a pure function of tensors,
+
+    logits, self_k, self_v = step(token (B,), position (), self_k, self_v, image_k, image_v)
+
+with the self-attention keys and values in preallocated (layers, B, heads, max_length, head_dim)
+tensors, position `p` written by `where(arange(S) == p, new, old)` and read under the mask
+`arange(S) <= p`, and the image's keys and values computed once (`image_cache`) and read at
+every step. The weights are the model's own modules; nothing is copied.
+
+It serves the decoders most captioners have: vtfuse's Transformer text side (learned positions)
+with a fusion step that cross-attends to fixed image keys and values (`cross_attention`,
+`gated_cross_attention`, `similarity`). `supports(model)` says whether a model has that shape
+and, if not, why; the eager path decodes everything else.
+
+`StaticDecoder` is also an `IncrementalDecoder` (`start` / `step`), so `greedy` and
+`beam_search` drive it unchanged, and must give the eager decoder's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vtfuse.blocks import FusionBlock
+from vtfuse.encoders.context import PositionEmbedding
+from vtfuse.fusion.cross_attention import CrossAttentionFusion
+
+
+def supports(model: nn.Module) -> str | None:
+    """Why `model` has no static decoding step, or None if it has one."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or not hasattr(model, "lm_head"):
+        return "only a caption decoder (vtfuse's own text side) has a static step"
+    if not isinstance(decoder.context, PositionEmbedding):
+        return f"text.encoder {decoder.config.encoder!r}: the static step has learned positions"
+    if decoder.image_prefix is not None:
+        return "a single-stream fusion (concat) has no fixed image keys and values"
+    for block in decoder.blocks:
+        if not isinstance(block, FusionBlock) or block.attn is None:
+            return "every block needs its self-attention"
+        if type(block.fusion).forward is not CrossAttentionFusion.forward:
+            name = type(block.fusion).__name__
+            return f"{name} changes with the text; the static step reads fixed image keys"
+    return None
+
+
+@dataclass
+class StaticCache:
+    """The decoding state as tensors: self-attention K/V (L, B, H, S, hd), the image's
+    (L, B, H, N, hd), and the next position."""
+
+    self_k: Tensor
+    self_v: Tensor
+    image_k: Tensor
+    image_v: Tensor
+    length: int = 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Beam i continues old row index[i]; beams of one image share its K/V, which stay."""
+        self.self_k = self.self_k.index_select(1, index)
+        self.self_v = self.self_v.index_select(1, index)
+
+    def expand(self, index: Tensor) -> None:
+        """Row i starts from row index[i], its image's K/V included."""
+        self.reorder(index)
+        self.image_k = self.image_k.index_select(1, index)
+        self.image_v = self.image_v.index_select(1, index)
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    """(B, T, D) → (B, H, T, D / H)."""
+    batch, length, dim = x.shape
+    return x.view(batch, length, heads, dim // heads).transpose(1, 2)
+
+
+def _attend(attention: nn.Module, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None):
+    """softmax(score(q, k), masked) · v for one query a row, in plain operations (export-safe):
+    the attention module's own score (dot, cosine, negative distance) in its fast form."""
+    q, k, scale, key_bias = attention.score.fast(q, k)
+    logits = (q @ k.transpose(-2, -1)) * scale  # (B, H, 1, S)
+    if key_bias is not None:
+        logits = logits + key_bias
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    out = logits.softmax(dim=-1) @ v  # (B, H, 1, hd)
+    return attention.to_out(out.transpose(1, 2).flatten(2))
+
+
+class StaticDecoder(nn.Module):
+    """The step of `model`'s caption decoder with fixed shapes (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if (reason := supports(model)) is not None:
+            raise ValueError(f"no static decoding step for this model: {reason}")
+        self.model = model
+        self.decoder, self.lm_head = model.decoder, model.lm_head
+        self.max_length = self.decoder.config.max_length
+
+    @property
+    def shapes(self) -> tuple[int, int, int]:
+        """(layers, heads, head_dim) of the self-attention caches."""
+        attention = self.decoder.blocks[0].attn
+        return len(self.decoder.blocks), attention.heads, attention.head_dim
+
+    def image_cache(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 images (B, 3, H, W) → each fusion step's image keys and values (L, B, H, N, hd)."""
+        return self.image_keys(self.model.encode_image(images))
+
+    def image_keys(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Image tokens (B, N, D) → each fusion step's keys and values (L, B, H, N, hd)."""
+        keys, values = zip(
+            *(block.fusion.attn.project_kv(image) for block in self.decoder.blocks), strict=True
+        )
+        return torch.stack(keys), torch.stack(values)
+
+    def forward(
+        self,
+        token: Tensor,
+        position: Tensor,
+        self_k: Tensor,
+        self_v: Tensor,
+        image_k: Tensor,
+        image_v: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """token (B,) at `position` (a 0-d tensor) → next-token logits (B, V) and the caches
+        with this position's keys and values written in."""
+        decoder = self.decoder
+        context = decoder.context
+        x = decoder.token_embedding(token[:, None]) * decoder.embedding_scale
+        x = x + context.position_embedding(position)[None, None] * context.scale  # (B, 1, D)
+        slots = torch.arange(self_k.shape[3], device=token.device)
+        writing = (slots == position)[:, None]  # (S, 1): this step's slot
+        allowed = (slots <= position)[None, None, None]  # (1, 1, 1, S): every slot so far
+        new_k, new_v = [], []
+        for i, block in enumerate(decoder.blocks):
+            attention = block.attn
+            h = block.norm_attn(x)
+            q = _heads(attention.to_q(h), attention.heads)
+            k, v = attention.project_kv(h)  # (B, H, 1, hd)
+            new_k.append(torch.where(writing, k, self_k[i]))
+            new_v.append(torch.where(writing, v, self_v[i]))
+            x = x + _attend(attention, q, new_k[i], new_v[i], allowed)
+            fusion = block.fusion
+            q = _heads(fusion.attn.to_q(fusion.norm(x)), fusion.attn.heads)
+            x = fusion.combine(x, _attend(fusion.attn, q, image_k[i], image_v[i], None))
+            x = x + block.mlp(block.norm_mlp(x))
+        logits = self.lm_head(decoder.norm(x)[:, 0])
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+    # -- the IncrementalDecoder protocol (vtfuse.generation) ---------------------------------
+    def start(self, images: Tensor) -> tuple[Tensor, StaticCache]:
+        """The image tokens (which the step does not read: decoding carries them along) and
+        the caches, the image's keys and values computed here once."""
+        image = self.model.encode_image(images)
+        image_k, image_v = self.image_keys(image)
+        layers, heads, head_dim = self.shapes
+        shape = (layers, images.shape[0], heads, self.max_length, head_dim)
+        empty = image_k.new_zeros(shape)
+        return image, StaticCache(empty, empty.clone(), image_k, image_v)
+
+    def step(
+        self, tokens: Tensor, image: Tensor, caches: StaticCache, need_weights: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Feed tokens (B, t) one position at a time → the logits after the last."""
+        if need_weights:
+            raise ValueError("the static step gives no attention maps: decode eagerly for them")
+        for column in tokens.unbind(1):
+            if caches.length >= self.max_length:
+                raise ValueError(f"sequence longer than text.max_length {self.max_length}")
+            position = torch.tensor(caches.length, device=tokens.device)
+            logits, caches.self_k, caches.self_v = self(
+                column, position, caches.self_k, caches.self_v, caches.image_k, caches.image_v
+            )
+            caches.length += 1
+        return logits, []
