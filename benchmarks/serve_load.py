@@ -1,11 +1,14 @@
-"""Load on `vtfuse serve`: N requests at concurrency C on localhost, micro-batching on vs off.
+"""Load on `vtfuse serve`: N requests at concurrency C on localhost, micro-batching on vs off,
+or (`--runtimes torch,onnx`) with batching on, each decoding runtime.
 
     python benchmarks/serve_load.py RUN [--requests 200] [--concurrency 16] [--out FILE.json]
+    python benchmarks/serve_load.py RUN --runtimes torch,onnx --concurrency 64 --out F.json
 
 RUN is a run or model folder (the quickstart's `runs/caption` or `runs/vqa`). Prints, for
 batching on (max batch 16, 5 ms wait) and off (max batch 1): throughput, latency p50/p95/p99
 and errors, and the ratio of the two throughputs. Figures depend on the machine: compare the
-two rows of one run, not runs on different days.
+two rows of one run, not runs on different days. A captioner's ONNX graphs are exported into a
+temporary folder when RUN has none (`vtfuse export --onnx`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import shlex
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,6 +30,8 @@ import httpx
 import uvicorn
 from PIL import Image
 
+from vtfuse.generation.onnx import export_onnx, has_graphs
+from vtfuse.models.factory import load_pretrained
 from vtfuse.pipeline import Pipeline
 from vtfuse.serving import ServeSettings, create_app
 from vtfuse.training.checkpoint import resolve_model_folder
@@ -88,36 +94,52 @@ async def load(url: str, task: str, requests: int, concurrency: int) -> dict[str
     }
 
 
+def serve_and_load(pipe: Pipeline, folder: Path, batch: int, args) -> dict[str, float]:
+    """Serve `pipe` with micro-batches of up to `batch`, warm it up, then time the load."""
+    settings = ServeSettings(max_batch=batch, max_wait_ms=5.0 if batch > 1 else 0.0)
+    app = create_app(pipe, settings, folder)
+    server, url = start(app)
+    asyncio.run(load(url, pipe.task, 16, args.concurrency))  # warm-up
+    row = asyncio.run(load(url, pipe.task, args.requests, args.concurrency))
+    row["mean_batch"] = app.state.batcher.stats.mean_batch
+    row["runtime"] = pipe.runtime
+    server.should_exit = True
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="run or model folder")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--runtimes", default="", help="e.g. torch,onnx: batching on, each")
     args = parser.parse_args()
     folder = resolve_model_folder(args.run)
-    pipe = Pipeline.load(folder)
-    rows = {}
-    for name, batch in (("batching on", 16), ("batching off", 1)):
-        settings = ServeSettings(max_batch=batch, max_wait_ms=5.0 if batch > 1 else 0.0)
-        app = create_app(pipe, settings, folder)
-        server, url = start(app)
-        asyncio.run(load(url, pipe.task, 16, args.concurrency))  # warm-up
-        rows[name] = asyncio.run(load(url, pipe.task, args.requests, args.concurrency))
-        rows[name]["mean_batch"] = app.state.batcher.stats.mean_batch
-        server.should_exit = True
-    print(f"{pipe.task} model {folder}: {args.requests} requests at concurrency {args.concurrency}")
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.runtimes:
+            variants = {runtime: (runtime, 16) for runtime in args.runtimes.split(",")}
+            if "onnx" in variants and not has_graphs(folder):
+                folder = export_onnx(load_pretrained(folder)[0], Path(scratch), folder)
+        else:
+            variants = {"batching on": ("torch", 16), "batching off": ("torch", 1)}
+        rows = {}
+        for name, (runtime, batch) in variants.items():
+            pipe = Pipeline.load(folder, runtime=runtime)
+            rows[name] = serve_and_load(pipe, folder, batch, args)
+    first, second = list(rows)[:2]
+    print(f"{pipe.task} model {args.run}: {args.requests} requests, concurrency {args.concurrency}")
     print(f"{'':14}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}{'batch':>7}")
     for name, row in rows.items():
         print(
             f"{name:14}{row['throughput']:8.1f}{row['p50_ms']:9.0f}{row['p95_ms']:9.0f}"
             f"{row['p99_ms']:9.0f}{row['errors']:8d}{row['mean_batch']:7.1f}"
         )
-    ratio = rows["batching on"]["throughput"] / rows["batching off"]["throughput"]
-    print(f"throughput ratio, batching on / off: {ratio:.2f}")
+    ratio = rows[first]["throughput"] / rows[second]["throughput"]
+    print(f"throughput ratio, {first} / {second}: {ratio:.2f}")
     if args.out:
         command = ["python", "benchmarks/serve_load.py", *sys.argv[1:]]
-        result = {"command": shlex.join(command), "model": str(folder), "task": pipe.task}
+        result = {"command": shlex.join(command), "model": args.run, "task": pipe.task}
         result |= {"requests": args.requests, "concurrency": args.concurrency}
         result |= {"rows": rows, "throughput_ratio": ratio}
         args.out.write_text(json.dumps(result, indent=2) + "\n")

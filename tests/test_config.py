@@ -218,15 +218,27 @@ def test_no_test_module_imports_another():
     from pathlib import Path
 
     tests = Path(__file__).parent
-    names = {path.stem for path in tests.glob("test_*.py")}
+    modules = sorted(tests.rglob("test_*.py"))
+    names = {path.stem for path in modules}
     shared = []
-    for path in sorted(tests.glob("test_*.py")):
+    for path in modules:
         for node in ast.walk(ast.parse(path.read_text())):
-            modules = []
+            imported = []
             if isinstance(node, ast.ImportFrom):
-                modules = [node.module or ""]
+                imported = [node.module or ""]
             elif isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            shared += [f"{path.name}: {m}" for m in modules if m.rpartition(".")[2] in names]
+                imported = [alias.name for alias in node.names]
+            shared += [f"{path.name}: {m}" for m in imported if m.rpartition(".")[2] in names]
     assert shared == []
     assert "helpers" not in names and (tests / "helpers.py").is_file()
+
+
+def test_the_tests_mirror_the_package():
+    """tests/<package>/test_<module>.py: each test folder is named for a vtfuse package."""
+    from pathlib import Path
+
+    import vtfuse
+
+    package = Path(vtfuse.__file__).parent
+    folders = [path.parent for path in Path(__file__).parent.glob("*/test_*.py")]
+    assert folders and all((package / folder.name / "__init__.py").is_file() for folder in folders)

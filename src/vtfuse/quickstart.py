@@ -204,12 +204,6 @@ RETRIEVAL_KEYS = ["i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"]
 
 
 def write_report(out: Path, metrics: dict[str, Any], pictures: list[Path]) -> Path:
-    caption, vqa, blind = metrics["caption"], metrics["vqa"], metrics["blind"]
-    vqa_flat = {**vqa, **{f"accuracy ({k})": v for k, v in vqa["accuracy_by_type"].items()}}
-    blind_vqa = {
-        **blind["vqa"],
-        **{f"accuracy ({k})": v for k, v in blind["vqa"]["accuracy_by_type"].items()},
-    }
     lines = [
         "# vtfuse quickstart report",
         "",
@@ -221,40 +215,7 @@ def write_report(out: Path, metrics: dict[str, Any], pictures: list[Path]) -> Pa
         "",
         "| model | metric | with image | blind |",
         "|---|---|---|---|",
-        *_metric_row(
-            CAPTION.name,
-            caption,
-            blind["caption"],
-            ["object_f1", "pointing_accuracy", "cider", "bleu4", "meteor", "rouge_l"],
-        ),
-        *_metric_row(
-            VQA.name,
-            vqa_flat,
-            blind_vqa,
-            [
-                "accuracy",
-                *[f"accuracy ({k})" for k in vqa["accuracy_by_type"]],
-                "pointing_accuracy",
-            ],
-        ),
-        *_metric_row(
-            CLASSIFY.name,
-            metrics.get(CLASSIFY.name, {}),
-            blind.get(CLASSIFY.name, {}),
-            ["accuracy", "macro_f1", "pointing_accuracy"],
-        ),
-        *_metric_row(
-            "classify (text blanked)",
-            metrics.get("blind_text", {}).get(CLASSIFY.name, {}),
-            {},
-            ["accuracy", "macro_f1"],
-        ),
-        *_metric_row(
-            RETRIEVAL.name,
-            metrics.get(RETRIEVAL.name, {}),
-            blind.get(RETRIEVAL.name, {}),
-            [*RETRIEVAL_KEYS, *(f"itm_{k}" for k in RETRIEVAL_KEYS if k.endswith("r1"))],
-        ),
+        *_metric_rows(metrics),
         "",
         "## Where the model looked",
         "",
@@ -267,6 +228,29 @@ def write_report(out: Path, metrics: dict[str, Any], pictures: list[Path]) -> Pa
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _metric_rows(metrics: dict[str, Any]) -> list[str]:
+    """The report's table: each model's scores with the image and blind."""
+    blind = metrics["blind"]
+    vqa_types = list(metrics["vqa"]["accuracy_by_type"])
+
+    def by_type(scores: dict[str, Any]) -> dict[str, Any]:
+        return scores | {f"accuracy ({k})": v for k, v in scores["accuracy_by_type"].items()}
+
+    rows = [
+        (CAPTION.name, metrics["caption"], blind["caption"],
+         ["object_f1", "pointing_accuracy", "cider", "bleu4", "meteor", "rouge_l"]),
+        (VQA.name, by_type(metrics["vqa"]), by_type(blind["vqa"]),
+         ["accuracy", *[f"accuracy ({k})" for k in vqa_types], "pointing_accuracy"]),
+        (CLASSIFY.name, metrics.get(CLASSIFY.name, {}), blind.get(CLASSIFY.name, {}),
+         ["accuracy", "macro_f1", "pointing_accuracy"]),
+        ("classify (text blanked)", metrics.get("blind_text", {}).get(CLASSIFY.name, {}), {},
+         ["accuracy", "macro_f1"]),
+        (RETRIEVAL.name, metrics.get(RETRIEVAL.name, {}), blind.get(RETRIEVAL.name, {}),
+         [*RETRIEVAL_KEYS, *(f"itm_{k}" for k in RETRIEVAL_KEYS if k.endswith("r1"))]),
+    ]  # fmt: skip
+    return [line for row in rows for line in _metric_row(*row)]
 
 
 def run(out: Path, plan: QuickstartPlan = QuickstartPlan()) -> dict[str, Any]:

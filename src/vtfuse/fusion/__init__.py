@@ -1,6 +1,7 @@
 """Fusion strategies: how text tokens take in the image. Each is a registered module.
 
-Interface (see `Fusion`): ``Strategy(dim, heads, image_dim, config: FusionConfig, dropout)``,
+Interface (see `Fusion`): ``Strategy(dim, heads, image_dim, config: FusionConfig, dropout)``
+implementing ``fuse(text, image, call: FusionCall)``,
 handed to the text side as a `FusionBuilder` (`fusion_builder(config)`);
 a dual-stream strategy is the fusion step of every text block and returns the updated text,
 the image stream for the next block, and, when asked, the attention over the image tokens
@@ -20,7 +21,7 @@ sequence and leaves the fusing to the blocks' self-attention.
 | relation                | pairs of image cells through an MLP g; the text reads the pairs |
 """
 
-from vtfuse.fusion.base import FUSIONS, Fusion, FusionBuilder, fusion_builder
+from vtfuse.fusion.base import FUSIONS, Fusion, FusionBuilder, FusionCall, fusion_builder
 from vtfuse.fusion.co_attention import CoAttentionFusion
 from vtfuse.fusion.concat import ConcatFusion
 from vtfuse.fusion.cross_attention import CrossAttentionFusion, GatedCrossAttentionFusion
@@ -38,6 +39,7 @@ __all__ = [
     "FiLMFusion",
     "Fusion",
     "FusionBuilder",
+    "FusionCall",
     "GatedCrossAttentionFusion",
     "RelationFusion",
     "ResamplerFusion",

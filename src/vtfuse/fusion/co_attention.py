@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from vtfuse.attention import KVCache, MultiHeadAttention
 from vtfuse.config import FusionConfig
 from vtfuse.feedforward import MLP
-from vtfuse.fusion.base import FUSIONS, Fusion, gather_images
+from vtfuse.fusion.base import FUSIONS, Fusion, FusionCall, attend_per_position, gather_images
 
 
 @FUSIONS.register("co_attention")
@@ -48,41 +48,25 @@ class CoAttentionFusion(Fusion):
         self.ff = MLP(image_dim, dropout=dropout)
         self.ff_gate = nn.Parameter(torch.zeros(()))
 
-    def forward(
-        self,
-        text: Tensor,
-        image: Tensor,
-        *,
-        cache: KVCache | None = None,
-        need_weights: bool = False,
-        image_index: Tensor | None = None,
-        token_mask: Tensor | None = None,
-        causal: bool = False,
+    def fuse(
+        self, text: Tensor, image: Tensor, call: FusionCall
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         if image.dim() == 3:  # the encoder's tokens: one stream shared by every position
-            image = gather_images(image, image_index)[:, None]
-        image = self.read_text(image, text, cache, token_mask, causal)
+            image = gather_images(image, call.image_index)[:, None]
+        image = self.read_text(image, text, call.cache, call.token_mask, call.causal)
         image = image + self.ff_gate.tanh() * self.ff(self.norm_ff(image))
-        attended, weights = self.read_image(text, image, need_weights)
+        attended, weights = self.read_image(text, image, call.need_weights)
         return text + attended, image, weights
 
     def read_image(
         self, text: Tensor, image: Tensor, need_weights: bool
     ) -> tuple[Tensor, Tensor | None]:
         """Each word attends to the image stream at its own position (or the shared one)."""
-        batch, length, dim = text.shape
-        positions, count, width = image.shape[1:]
-        attended, weights = self.text_reads_image(
-            self.norm_text(text).reshape(batch * positions, length // positions, dim),
-            image.reshape(batch * positions, count, width),
-            need_weights=need_weights,
+        return attend_per_position(
+            lambda words, cells: self.text_reads_image(words, cells, need_weights=need_weights),
+            self.norm_text(text),
+            image,
         )
-        attended = attended.reshape(batch, length, dim)
-        if weights is not None:  # (B·P, H, T/P, N) → (B, H, T, N)
-            heads = weights.shape[1]
-            weights = weights.view(batch, positions, heads, length // positions, count)
-            weights = weights.transpose(1, 2).reshape(batch, heads, length, count)
-        return attended, weights
 
     def read_text(
         self,

@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vtfuse.attention import KVCache, MultiHeadAttention
+from vtfuse.attention import MultiHeadAttention
 from vtfuse.config import FusionConfig
 from vtfuse.feedforward import MLP
-from vtfuse.fusion.base import FUSIONS, Fusion
+from vtfuse.fusion.base import FUSIONS, Fusion, FusionCall
 
 
 @FUSIONS.register("cross_attention")
 class CrossAttentionFusion(Fusion):
     """text ← text + CrossAttn(LN(text), image)   (Vaswani et al. 2017, decoder sub-layer 2)."""
+
+    reads_image_mask = True
 
     def __init__(
         self, dim: int, heads: int, image_dim: int, config: FusionConfig, dropout: float = 0.0
@@ -29,48 +31,23 @@ class CrossAttentionFusion(Fusion):
             dim, heads, context_dim=image_dim, score=config.score or "dot", dropout=dropout
         )
 
-    def attend(
-        self,
-        text: Tensor,
-        image: Tensor,
-        *,
-        cache: KVCache | None = None,
-        need_weights: bool = False,
-        image_index: Tensor | None = None,
-        image_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """CrossAttn(LN(text), image) without the residual: (B, T, dim), weights (B, H, T, N).
-        `image_mask` (B, T, N), True where word t may attend image token n (interleaved
+    def attend(self, text: Tensor, image: Tensor, call: FusionCall) -> tuple[Tensor, Tensor | None]:
+        """CrossAttn(LN(text), image) without the residual: (B, T, dim), weights (B, H, T, N);
+        with `call.image_mask`, each word attends only the image tokens it may (interleaved
         images: the tokens of its latest image)."""
         return self.attn(
             self.norm(text),
             image,
-            cache=cache,
-            need_weights=need_weights,
-            context_index=image_index,
-            mask=None if image_mask is None else image_mask[:, None],
+            cache=call.cache,
+            need_weights=call.need_weights,
+            context_index=call.image_index,
+            mask=None if call.image_mask is None else call.image_mask[:, None],
         )
 
-    def forward(
-        self,
-        text: Tensor,
-        image: Tensor,
-        *,
-        cache: KVCache | None = None,
-        need_weights: bool = False,
-        image_index: Tensor | None = None,
-        token_mask: Tensor | None = None,
-        causal: bool = False,
-        image_mask: Tensor | None = None,
+    def fuse(
+        self, text: Tensor, image: Tensor, call: FusionCall
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        attended, weights = self.attend(
-            text,
-            image,
-            cache=cache,
-            need_weights=need_weights,
-            image_index=image_index,
-            image_mask=image_mask,
-        )
+        attended, weights = self.attend(text, image, call)
         return self.combine(text, attended), image, weights
 
     def combine(self, text: Tensor, attended: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from vtfuse.attention import KVCache
 from vtfuse.config import FusionConfig
-from vtfuse.fusion.base import FUSIONS, Fusion, gather_images
+from vtfuse.fusion.base import FUSIONS, Fusion, FusionCall, attend_per_position, gather_images
 from vtfuse.fusion.cross_attention import CrossAttentionFusion
 from vtfuse.linear import Linear
 
@@ -86,21 +86,14 @@ class FiLMFusion(Fusion):
         self.gate = nn.Parameter(torch.zeros(()))
         self.read = CrossAttentionFusion(dim, heads, image_dim, config, dropout)
 
-    def forward(
-        self,
-        text: Tensor,
-        image: Tensor,
-        *,
-        cache: KVCache | None = None,
-        need_weights: bool = False,
-        image_index: Tensor | None = None,
-        token_mask: Tensor | None = None,
-        causal: bool = False,
+    def fuse(
+        self, text: Tensor, image: Tensor, call: FusionCall
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         if image.dim() == 3:  # the encoder's tokens: one stream shared by every position
-            image = gather_images(image, image_index)[:, None]
-        image = self.modulate(image, self.condition(text, cache, token_mask, causal))
-        attended, weights = self.read_image(text, image, need_weights)
+            image = gather_images(image, call.image_index)[:, None]
+        condition = self.condition(text, call.cache, call.token_mask, call.causal)
+        image = self.modulate(image, condition)
+        attended, weights = self.read_image(text, image, call.need_weights)
         return text + attended, image, weights
 
     def features(self, image: Tensor) -> Tensor:
@@ -159,18 +152,8 @@ class FiLMFusion(Fusion):
     def read_image(
         self, text: Tensor, image: Tensor, need_weights: bool
     ) -> tuple[Tensor, Tensor | None]:
-        """Each word attends to the image stream at its own position (or the shared one):
-        text (B, T, dim), image (B, P, N, d) with P = 1 or T → (B, T, dim), (B, H, T, N)."""
-        batch, length, dim = text.shape
-        positions, count, width = image.shape[1:]
-        attended, weights = self.read.attend(
-            text.reshape(batch * positions, length // positions, dim),
-            image.reshape(batch * positions, count, width),
-            need_weights=need_weights,
+        """Each word attends to the modulated image at its own position (or the shared one)."""
+        call = FusionCall(need_weights=need_weights)
+        return attend_per_position(
+            lambda words, cells: self.read.attend(words, cells, call), text, image
         )
-        attended = attended.reshape(batch, length, dim)
-        if weights is not None:  # (B·P, H, T/P, N) → (B, H, T, N)
-            heads = weights.shape[1]
-            weights = weights.view(batch, positions, heads, length // positions, count)
-            weights = weights.transpose(1, 2).reshape(batch, heads, length, count)
-        return attended, weights

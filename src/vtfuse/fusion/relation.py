@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vtfuse.attention import KVCache, MultiHeadAttention
+from vtfuse.attention import MultiHeadAttention
 from vtfuse.config import FusionConfig
-from vtfuse.fusion.base import FUSIONS, Fusion
+from vtfuse.fusion.base import FUSIONS, Fusion, FusionCall
 from vtfuse.linear import Linear
 
 
@@ -129,34 +129,23 @@ class RelationFusion(Fusion):
         first = self.g_first(objects)[:, :, None] + self.g_second(objects)[:, None]  # (I,M,M,h)
         return self.norm_pairs(self.g_rest(first).flatten(1, 2))
 
-    def forward(
-        self,
-        text: Tensor,
-        image: Tensor,
-        *,
-        cache: KVCache | None = None,
-        need_weights: bool = False,
-        image_index: Tensor | None = None,
-        token_mask: Tensor | None = None,
-        causal: bool = False,
-        image_mask: Tensor | None = None,
+    def fuse(
+        self, text: Tensor, image: Tensor, call: FusionCall
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        if image_mask is not None:
-            raise ValueError("relation pairs the cells of one image: no interleaved images")
         pairs = pooling = None  # a static cache already holds the pair tokens' K/V
-        if cache is None or not cache.static:
+        if call.cache is None or not call.cache.static:
             objects, pooling = self.objects(image)
             pairs = self.pair_tokens(objects)
-        elif need_weights:
+        elif call.need_weights:
             side, cells = self.grid(image.shape[1])
             if cells < side:
                 pooling = pooling_matrix(side, cells, image.device, image.dtype)
         attended, weights = self.attn(
             self.norm(text),
             pairs,
-            cache=cache,
-            need_weights=need_weights,
-            context_index=image_index,
+            cache=call.cache,
+            need_weights=call.need_weights,
+            context_index=call.image_index,
         )
         if weights is not None:
             weights = marginalise(weights, None if pooling is None else pooling.to(weights.dtype))

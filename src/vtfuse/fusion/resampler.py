@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vtfuse.attention import KVCache
 from vtfuse.config import FusionConfig
 from vtfuse.feedforward import MLP
-from vtfuse.fusion.base import FUSIONS, Fusion, gather_images
+from vtfuse.fusion.base import FUSIONS, Fusion, FusionCall, gather_images
 from vtfuse.fusion.cross_attention import CrossAttentionFusion
 
 
@@ -55,24 +54,14 @@ class ResamplerFusion(PerceiverResampler, Fusion):
         super().__init__(dim, heads, image_dim, config, dropout)
         self.read_latents = CrossAttentionFusion(dim, heads, dim, config, dropout)
 
-    def forward(
-        self,
-        text: Tensor,
-        image: Tensor,
-        *,
-        cache: KVCache | None = None,
-        need_weights: bool = False,
-        image_index: Tensor | None = None,
-        token_mask: Tensor | None = None,
-        causal: bool = False,
+    def fuse(
+        self, text: Tensor, image: Tensor, call: FusionCall
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         latents = image_weights = None  # a static cache already holds the latents' K/V
-        if need_weights or cache is None or not cache.static:
-            latents, image_weights = self.resample(image, need_weights)
-        text, _, weights = self.read_latents(
-            text, latents, cache=cache, need_weights=need_weights, image_index=image_index
-        )
-        if need_weights:
-            per_latent = gather_images(image_weights.mean(dim=1), image_index)  # (B, M, N)
+        if call.need_weights or call.cache is None or not call.cache.static:
+            latents, image_weights = self.resample(image, call.need_weights)
+        text, _, weights = self.read_latents.fuse(text, latents, call)
+        if call.need_weights:
+            per_latent = gather_images(image_weights.mean(dim=1), call.image_index)  # (B, M, N)
             weights = weights @ per_latent[:, None]  # (B, H, T, M) @ (B, 1, M, N)
         return text, image, weights

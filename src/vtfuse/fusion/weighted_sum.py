@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vtfuse.attention import KVCache
 from vtfuse.config import FusionConfig
-from vtfuse.fusion.base import FUSIONS, Fusion, gather_images
+from vtfuse.fusion.base import FUSIONS, Fusion, FusionCall, gather_images
 
 
 @FUSIONS.register("weighted_sum")
@@ -31,22 +30,14 @@ class WeightedSumFusion(Fusion):
         self.modality_logits = nn.Parameter(torch.zeros(2))  # β: equal weights at the start
         self.dropout = nn.Dropout(dropout)
 
-    def forward(
-        self,
-        text: Tensor,
-        image: Tensor,
-        *,
-        cache: KVCache | None = None,
-        need_weights: bool = False,
-        image_index: Tensor | None = None,
-        token_mask: Tensor | None = None,
-        causal: bool = False,
+    def fuse(
+        self, text: Tensor, image: Tensor, call: FusionCall
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        pooled = gather_images(self.image_proj(image.mean(dim=1)), image_index)  # (B, dim)
+        pooled = gather_images(self.image_proj(image.mean(dim=1)), call.image_index)  # (B, dim)
         w_text, w_image = self.modality_logits.softmax(dim=0)
         fused = w_text * self.text_proj(self.norm(text)) + w_image * pooled[:, None, :]
         weights = None
-        if need_weights:
+        if call.need_weights:
             batch, length, count = text.shape[0], text.shape[1], image.shape[1]
             weights = text.new_full((batch, 1, length, count), 1.0 / count)
         return text + self.dropout(fused), image, weights

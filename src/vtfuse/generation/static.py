@@ -45,7 +45,7 @@ def supports(model: nn.Module) -> str | None:
     for block in decoder.blocks:
         if not isinstance(block, FusionBlock) or block.attn is None:
             return "every block needs its self-attention"
-        if type(block.fusion).forward is not CrossAttentionFusion.forward:
+        if type(block.fusion).fuse is not CrossAttentionFusion.fuse:
             name = type(block.fusion).__name__
             return f"{name} changes with the text; the static step reads fixed image keys"
     return None

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from vtfuse.config import ModelConfig, TrainConfig, from_dict, to_dict
 from vtfuse.data.bank import ImageTextDataset, load_records
 from vtfuse.data.items import collate
+from vtfuse.data.jsonl import Record
 from vtfuse.data.shards import ShardDataset, is_shard_folder, shard_records
 from vtfuse.data.tokenizer import AnyTokenizer, Tokenizer, normalise_answer
 from vtfuse.grad_checkpointing import set_grad_checkpointing
@@ -130,6 +131,19 @@ class Run:
     bad_steps: int = 0  # non-finite steps in a row (each skipped)
 
 
+def training_records(
+    task: str, train_path: str | Path, config: TrainConfig, parallel: Distributed
+) -> list[Record]:
+    """The training set's records: from WebDataset shards (one process) or a JSONL file."""
+    if not is_shard_folder(train_path):
+        return read_jsonl(train_path, task, roots=config.image_roots)
+    if parallel.enabled:
+        raise ValueError(
+            "training from shards runs in one process for now; use JSONL with torchrun"
+        )
+    return shard_records(train_path, task)
+
+
 def setup(
     task: str,
     train_path: str | Path,
@@ -147,16 +161,7 @@ def setup(
     parallel = Distributed.from_environment(resolve_device(config.device))
     device = parallel.device(resolve_device(config.device))
     say = log if parallel.main else (lambda message: None)
-    streaming = is_shard_folder(train_path)
-    if streaming and parallel.enabled:
-        raise ValueError(
-            "training from shards runs in one process for now; use JSONL with torchrun"
-        )
-    records = (
-        shard_records(train_path, task)
-        if streaming
-        else read_jsonl(train_path, task, roots=config.image_roots)
-    )
+    records = training_records(task, train_path, config, parallel)
     last_dir = recover(out / "last") if resume else None
     if resume and last_dir is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/last to resume from")

@@ -176,8 +176,8 @@ def test_a_time_budget_without_epochs_trains_until_it_is_spent(data, tmp_path):
 KILLED_RUN = """
 import os, signal, sys, torch
 torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
-import test_training as t
+sys.path.insert(0, {root!r})
+import tests.training.test_trainer as t
 real, steps = torch.optim.AdamW.step, {{"n": 0}}
 
 def step(self, *args, **kwargs):
@@ -194,8 +194,8 @@ t.run(t.Path({data!r}), t.Path({out!r}), "vqa", epochs=3, save_every=2)
 INTERRUPTED_WRITE = """
 import errno, os, signal, sys, torch
 torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
-import test_training as t
+sys.path.insert(0, {root!r})
+import tests.training.test_trainer as t
 from vtfuse.training import checkpoint
 real, saves = checkpoint.save_file, {{"n": 0}}
 
@@ -226,7 +226,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one(data, tmp_path,
 
     straight = run(data, tmp_path / "straight", "vqa", epochs=3, save_every=2)
     script = INTERRUPTED_WRITE.format(
-        tests=str(Path(__file__).parent),
+        root=str(Path(__file__).parents[2]),
         disk_full=disk_full,
         data=str(data),
         out=str(tmp_path / "cut"),
@@ -254,7 +254,7 @@ def test_a_run_killed_with_sigkill_resumes_to_identical_weights(data, tmp_path):
 
     straight = run(data, tmp_path / "straight", "vqa", epochs=3, save_every=2)
     script = KILLED_RUN.format(
-        tests=str(Path(__file__).parent), kill_at=7, data=str(data), out=str(tmp_path / "killed")
+        root=str(Path(__file__).parents[2]), kill_at=7, data=str(data), out=str(tmp_path / "killed")
     )
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
