@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import builtins
+import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -141,6 +143,12 @@ def test_runtime_choice_and_its_errors(exported, tmp_path, monkeypatch):
         choose_runtime("onnx", onnx_folder, torch.device("cuda"), "fp32")
     with pytest.raises(CheckpointError, match="vtfuse export RUN --onnx"):
         Pipeline.load(model_folder, device="cpu", runtime="onnx")
+    older = tmp_path / "older"
+    shutil.copytree(onnx_folder, older)
+    manifest = json.loads((older / MANIFEST).read_text())
+    (older / MANIFEST).write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(CheckpointError, match=r"onnx\.json: graphs of format 1.*export them again"):
+        OnnxDecoder(older)
 
     real_import = builtins.__import__
 

@@ -5,7 +5,9 @@ Two graphs, exported from the static decoding step (`vtfuse.generation.static`):
 * `image.onnx`: uint8 images (B, 3, H, W) → every fusion step's image keys and values
   (L, B, H, N, hd), once per image;
 * `step.onnx`: (token (B,), position (), self_k, self_v, image_k, image_v) → next-token logits
-  (B, V) and the self-attention caches with the position written in; and `step.int8.onnx`,
+  (B, V) and the position's self-attention keys and values (L, B, H, 1, hd), which
+  `OnnxDecoder` writes into its caches (numpy arrays it hands the graph without a copy); and
+  `step.int8.onnx`,
   the same with its matrix products dynamically quantised by ONNX Runtime (int8 weights,
   per-channel scales; `--weights int8`): a step reads a quarter of the bytes.
 
@@ -29,6 +31,7 @@ from vtfuse.generation.static import StaticCache, StaticDecoder
 from vtfuse.weights import CheckpointError
 
 OPSET = 17
+FORMAT = 2  # 2: the step returns this position's keys and values, not whole caches
 MANIFEST = "onnx.json"
 IMAGE_GRAPH = "image.onnx"
 STEP_GRAPHS = {"fp32": "step.onnx", "int8": "step.int8.onnx"}  # by --weights
@@ -122,20 +125,21 @@ def export_onnx(model: nn.Module, out: str | Path, model_folder: str | Path | No
         )
         arguments = (torch.ones(2, dtype=torch.long), torch.tensor(0), cache.self_k)
         arguments += (cache.self_v, cache.image_k, cache.image_v)
-        cached = {name: {1: "batch"} for name in [*STEP_INPUTS[2:], "new_self_k", "new_self_v"]}
+        cached = {name: {1: "batch"} for name in [*STEP_INPUTS[2:], "step_k", "step_v"]}
         torch.onnx.export(
             static,
             arguments,
             out / STEP_GRAPHS["fp32"],
             input_names=STEP_INPUTS,
-            output_names=["logits", "new_self_k", "new_self_v"],
+            output_names=["logits", "step_k", "step_v"],
             dynamic_axes={"token": batch, "logits": batch, **cached},
             opset_version=OPSET,
             dynamo=False,
         )
     _quantise(out / STEP_GRAPHS["fp32"], out / STEP_GRAPHS["int8"])
     layers, heads, head_dim = static.shapes
-    manifest = {"opset": OPSET, "max_length": static.max_length, "layers": layers}
+    manifest = {"format": FORMAT, "opset": OPSET, "max_length": static.max_length}
+    manifest |= {"layers": layers}
     manifest |= {"heads": heads, "head_dim": head_dim, "source": str(model_folder or "")}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
@@ -168,6 +172,11 @@ class OnnxDecoder:
             )
         runtime = onnxruntime()
         self.manifest = json.loads((folder / MANIFEST).read_text())
+        if self.manifest.get("format", 1) != FORMAT:
+            raise CheckpointError(
+                f"{folder / MANIFEST}: graphs of format {self.manifest.get('format', 1)}, this "
+                f"vtfuse reads format {FORMAT}; export them again with `vtfuse export RUN --onnx`"
+            )
         options = runtime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = runtime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -200,7 +209,6 @@ class OnnxDecoder:
             feed = {"token": column.numpy(), "position": torch.tensor(caches.length).numpy()}
             for name in STEP_INPUTS[2:]:
                 feed[name] = getattr(caches, name).contiguous().numpy()
-            logits, self_k, self_v = self.step_graph.run(None, feed)
-            caches.self_k, caches.self_v = torch.from_numpy(self_k), torch.from_numpy(self_v)
-            caches.length += 1
+            logits, step_k, step_v = self.step_graph.run(None, feed)
+            caches.write(torch.from_numpy(step_k), torch.from_numpy(step_v))
         return torch.from_numpy(logits), []
