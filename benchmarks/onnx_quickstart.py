@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,9 @@ from vtfuse.models.factory import load_pretrained
 from vtfuse.pipeline import Pipeline
 from vtfuse.tasks import CAPTION, read_jsonl
 from vtfuse.training.checkpoint import resolve_model_folder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from weights import timings
 
 # path → (runtime, weights); "static" is the PyTorch model decoding through its static step
 PATHS = {
@@ -60,29 +62,6 @@ def captions(pipe: Pipeline, images: torch.Tensor, beam: int) -> list[list[int]]
         for start in range(0, len(images), 32):
             tokens += pipe.generate(images[start : start + 32], beam_size=beam).tokens
     return tokens
-
-
-def seconds_per_image(pipe: Pipeline, images: torch.Tensor, size: int) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(images), size):
-            pipe.generate(images[i : i + size])
-    return (time.perf_counter() - start) / len(images)
-
-
-def speed(pipes: dict[str, Pipeline], images: torch.Tensor, repeats: int) -> dict[str, dict]:
-    one, many = images[:17], images[:64]
-    for pipe in pipes.values():
-        seconds_per_image(pipe, one[:1], 1), seconds_per_image(pipe, many[:32], 32)
-    times = {path: {"b1": [], "b32": []} for path in pipes}
-    for _ in range(repeats):
-        for path, pipe in pipes.items():
-            times[path]["b1"].append(seconds_per_image(pipe, one[1:], 1))
-            times[path]["b32"].append(seconds_per_image(pipe, many, 32))
-    return {
-        path: {f"ms_per_image_{k}": 1000 * statistics.median(v) for k, v in rows.items()}
-        for path, rows in times.items()
-    }
 
 
 def main() -> None:
@@ -117,7 +96,7 @@ def main() -> None:
                 "cider": metrics["cider"],
                 "object_f1": objects["object_f1"],
             }
-        timing = speed(pipes, images, args.repeats)
+        timing = timings(pipes, images[:17], images[:64], args.repeats)
     eager = timing["torch fp32"]
     for path in results:
         results[path] |= timing[path]

@@ -76,19 +76,27 @@ def seconds_per_image(pipe: Pipeline, batch: torch.Tensor, size: int) -> float:
 
 def speed(folder: Path, repeats: int) -> dict[str, dict[str, float]]:
     pipes = {w: Pipeline.load(folder / "runs" / "caption", "cpu", weights=w) for w in WEIGHTS}
-    one = images(folder, 17, pipes["fp32"])
-    many = images(folder, 64, pipes["fp32"])
-    for pipe in pipes.values():  # warm-up: first-call allocations are not latency
+    one, many = (images(folder, count, pipes["fp32"]) for count in (17, 64))
+    return timings(pipes, one, many, repeats)
+
+
+def timings(
+    pipes: dict[str, Pipeline], one: torch.Tensor, many: torch.Tensor, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Greedy ms an image of each pipeline at batch 1 (`one[1:]`, one image a call) and 32
+    (`many`): medians of `repeats` alternating rounds after a warm-up round (first-call
+    allocations are not latency)."""
+    for pipe in pipes.values():
         seconds_per_image(pipe, one[:1], 1)
         seconds_per_image(pipe, many[:32], 32)
-    times: dict[str, dict[str, list[float]]] = {w: {"b1": [], "b32": []} for w in WEIGHTS}
+    times = {name: {"b1": [], "b32": []} for name in pipes}
     for _ in range(repeats):
-        for weights, pipe in pipes.items():
-            times[weights]["b1"].append(seconds_per_image(pipe, one[1:], 1))
-            times[weights]["b32"].append(seconds_per_image(pipe, many, 32))
+        for name, pipe in pipes.items():
+            times[name]["b1"].append(seconds_per_image(pipe, one[1:], 1))
+            times[name]["b32"].append(seconds_per_image(pipe, many, 32))
     return {
-        w: {f"ms_per_image_{k}": 1000 * statistics.median(v) for k, v in rows.items()}
-        for w, rows in times.items()
+        name: {f"ms_per_image_{k}": 1000 * statistics.median(v) for k, v in rows.items()}
+        for name, rows in times.items()
     }
 
 
