@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vtfuse.generation.static import StaticCache, StaticDecoder
+from vtfuse.generation.static import StaticCache, StaticDecoder, feed_columns
 from vtfuse.weights import CheckpointError
 
 OPSET = 17
@@ -138,9 +138,15 @@ def export_onnx(model: nn.Module, out: str | Path, model_folder: str | Path | No
         )
     _quantise(out / STEP_GRAPHS["fp32"], out / STEP_GRAPHS["int8"])
     layers, heads, head_dim = static.shapes
-    manifest = {"format": FORMAT, "opset": OPSET, "max_length": static.max_length}
-    manifest |= {"layers": layers}
-    manifest |= {"heads": heads, "head_dim": head_dim, "source": str(model_folder or "")}
+    manifest = {
+        "format": FORMAT,
+        "opset": OPSET,
+        "max_length": static.max_length,
+        "layers": layers,
+        "heads": heads,
+        "head_dim": head_dim,
+        "source": str(model_folder or ""),
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -172,9 +178,9 @@ class OnnxDecoder:
             )
         runtime = onnxruntime()
         self.manifest = json.loads((folder / MANIFEST).read_text())
-        if self.manifest.get("format", 1) != FORMAT:
+        if (found := self.manifest.get("format", 1)) != FORMAT:
             raise CheckpointError(
-                f"{folder / MANIFEST}: graphs of format {self.manifest.get('format', 1)}, this "
+                f"{folder / MANIFEST}: graphs of format {found}, this "
                 f"vtfuse reads format {FORMAT}; export them again with `vtfuse export RUN --onnx`"
             )
         options = runtime.SessionOptions()
@@ -203,12 +209,11 @@ class OnnxDecoder:
         """Feed tokens (B, t) one position at a time → the logits after the last."""
         if need_weights:
             raise ValueError("ONNX decoding gives no attention maps: use --runtime torch")
-        for column in tokens.cpu().unbind(1):
-            if caches.length >= self.manifest["max_length"]:
-                raise ValueError(f"sequence longer than max_length {self.manifest['max_length']}")
-            feed = {"token": column.numpy(), "position": torch.tensor(caches.length).numpy()}
-            for name in STEP_INPUTS[2:]:
-                feed[name] = getattr(caches, name).contiguous().numpy()
-            logits, step_k, step_v = self.step_graph.run(None, feed)
-            caches.write(torch.from_numpy(step_k), torch.from_numpy(step_v))
-        return torch.from_numpy(logits), []
+        return feed_columns(tokens.cpu(), caches, self.manifest["max_length"], self._run), []
+
+    def _run(self, column: Tensor, caches: StaticCache) -> tuple[Tensor, Tensor, Tensor]:
+        """One step on ONNX Runtime; the caches go in as numpy views, not copies."""
+        feed = {"token": column.numpy(), "position": torch.tensor(caches.length).numpy()}
+        for name in STEP_INPUTS[2:]:
+            feed[name] = getattr(caches, name).contiguous().numpy()
+        return tuple(map(torch.from_numpy, self.step_graph.run(None, feed)))

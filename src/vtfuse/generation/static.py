@@ -27,6 +27,7 @@ and, if not, why; the eager path decodes everything else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -193,12 +194,25 @@ class StaticDecoder(nn.Module):
         """Feed tokens (B, t) one position at a time → the logits after the last."""
         if need_weights:
             raise ValueError("the static step gives no attention maps: decode eagerly for them")
-        for column in tokens.unbind(1):
-            if caches.length >= self.max_length:
-                raise ValueError(f"sequence longer than text.max_length {self.max_length}")
-            position = torch.tensor(caches.length, device=tokens.device)
-            logits, step_k, step_v = self(
-                column, position, caches.self_k, caches.self_v, caches.image_k, caches.image_v
-            )
-            caches.write(step_k, step_v)
-        return logits, []
+
+        def run(column: Tensor, caches: StaticCache) -> tuple[Tensor, Tensor, Tensor]:
+            position = torch.tensor(caches.length, device=column.device)
+            self_kv, image_kv = (caches.self_k, caches.self_v), (caches.image_k, caches.image_v)
+            return self(column, position, *self_kv, *image_kv)
+
+        return feed_columns(tokens, caches, self.max_length, run), []
+
+
+Step = Callable[[Tensor, StaticCache], tuple[Tensor, Tensor, Tensor]]
+
+
+def feed_columns(tokens: Tensor, caches: StaticCache, max_length: int, run: Step) -> Tensor:
+    """The decoding loop of a static step: each column of tokens (B, t) through
+    `run(column, caches)` → (logits, the position's keys, values), which go into the next slot
+    of `caches`. Returns the logits after the last column."""
+    for column in tokens.unbind(1):
+        if caches.length >= max_length:
+            raise ValueError(f"sequence longer than text.max_length {max_length}")
+        logits, step_k, step_v = run(column, caches)
+        caches.write(step_k, step_v)
+    return logits
