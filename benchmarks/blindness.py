@@ -36,7 +36,7 @@ from vtfuse.data.bank import load_records
 from vtfuse.data.items import collate
 from vtfuse.models.factory import create_model
 from vtfuse.runtime import seed_everything
-from vtfuse.tasks import read_jsonl, task_dataset
+from vtfuse.tasks import read_jsonl, task_dataset, with_task_schedule
 from vtfuse.training.batches import epoch_batches
 from vtfuse.training.optim import make_optimizer, warmup_cosine
 from vtfuse.training.setup import build_tokenizer
@@ -83,7 +83,7 @@ def probe(model, loader: DataLoader, kinds: list[str]) -> dict[str, float]:
 
 
 def run(data: Path, lr: float, steps: int, every: int, seed: int) -> list[dict]:
-    config = dataclasses.replace(TrainConfig(), lr=lr, seed=seed)
+    config = dataclasses.replace(with_task_schedule(TrainConfig(), "vqa"), lr=lr, seed=seed)
     seed_everything(seed)
     records = read_jsonl(data / "vqa_train.jsonl", "vqa")
     tokenizer = build_tokenizer("vqa", records, ModelConfig())

@@ -51,7 +51,7 @@ from vtfuse.data.shards import ShardDataset
 from vtfuse.models.factory import create_model
 from vtfuse.quickstart import QuickstartPlan
 from vtfuse.runtime import autocast, seed_everything
-from vtfuse.tasks import read_jsonl, task_dataset
+from vtfuse.tasks import read_jsonl, task_dataset, with_task_schedule
 from vtfuse.training.batches import epoch_batches
 from vtfuse.training.optim import make_optimizer, warmup_cosine
 from vtfuse.training.setup import build_tokenizer
@@ -162,7 +162,7 @@ def main() -> None:
 
 def run(data: Path, temporary: Path, repeats: int, steps: int, shard_size: int, dev) -> dict:
     stage = QuickstartPlan().caption
-    config = dataclasses.replace(stage.train, seed=0)
+    config = dataclasses.replace(with_task_schedule(stage.train, stage.model.task), seed=0)
     records = read_jsonl(data / f"{TASK}_train.jsonl", TASK)
     tokenizer = build_tokenizer(TASK, records, stage.model)
     text = dataclasses.replace(stage.model.text, vocab_size=len(tokenizer))

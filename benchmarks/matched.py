@@ -50,7 +50,11 @@ SIZES = {
 
 
 def vtfuse_captioner(size: Size) -> nn.Module:
-    config = ModelConfig(
+    return create_model(vtfuse_config(size)).eval()
+
+
+def vtfuse_config(size: Size) -> ModelConfig:
+    return ModelConfig(
         task="caption",
         vision=VisionConfig(
             name="vit",
@@ -70,7 +74,6 @@ def vtfuse_captioner(size: Size) -> nn.Module:
         ),
         fusion=FusionConfig(name="cross_attention"),
     )
-    return create_model(config).eval()
 
 
 def hf_captioner(size: Size) -> nn.Module:

@@ -4,8 +4,15 @@
     python benchmarks/precision.py --quick           # 500 scenes, 60 steps: under a minute
     python benchmarks/precision.py --out DIR         # precision.png/.json (default results/)
     python benchmarks/precision.py --data DIR        # reuse scenes from `vtfuse synth --out DIR`
+    python benchmarks/precision.py --model small --noise   # precision_small.png/.json
 
-Trains the quickstart's captioner (its model config, batch size, learning rate, AdamW from
+`--model`: quickstart (its captioner, the default), default (`ModelConfig(task="caption")`,
+`TrainConfig()`), small or base (run.py's matched ViT captioners, at batch 32): the sizes
+behind `--precision auto`'s threshold (`vtfuse.runtime.BF16_MIN_PARAMETERS`). `--noise` adds a
+third run, fp32 from the same weights with the batches in another order: the gap noise alone
+makes, to hold the bf16 − fp32 gap against.
+
+Trains the captioner (its model config, batch size, learning rate, AdamW from
 `make_optimizer`, warm-up + cosine schedule over the fixed number of steps, gradient clipping)
 on synthetic scenes written to a temporary folder by `python -m vtfuse synth`, twice from the
 same initial weights and in the same data order (the trainer's `epoch_batches`): once in fp32
@@ -36,14 +43,16 @@ import time
 from pathlib import Path
 
 import torch
+from matched import SIZES, vtfuse_config
 from torch.utils.data import DataLoader
 
+from vtfuse.config import ModelConfig, TrainConfig
 from vtfuse.data.bank import load_records
 from vtfuse.data.items import collate
 from vtfuse.models.factory import create_model
 from vtfuse.quickstart import QuickstartPlan
 from vtfuse.runtime import autocast, seed_everything
-from vtfuse.tasks import read_jsonl, task_dataset
+from vtfuse.tasks import read_jsonl, task_dataset, with_task_schedule
 from vtfuse.training.batches import epoch_batches
 from vtfuse.training.optim import make_optimizer, warmup_cosine
 from vtfuse.training.setup import build_tokenizer
@@ -51,6 +60,7 @@ from vtfuse.training.trainer import validate
 
 TASK = "caption"
 PRECISIONS = ("fp32", "bf16")
+OTHER_ORDER = "fp32, other order"
 WARMUP_STEPS = 5  # left out of the samples/s
 
 
@@ -123,13 +133,31 @@ def batches(train_set, config, steps: int):
         epoch += 1
 
 
-def train_both(data: Path, steps: int, seed: int, dev: torch.device) -> tuple[dict, dict]:
-    stage = QuickstartPlan().caption
-    config = dataclasses.replace(stage.train, seed=seed)
+MODELS = ("quickstart", "default", "small", "base")
+
+
+def model_and_schedule(name: str) -> tuple[ModelConfig, TrainConfig]:
+    """quickstart: its captioner and schedule; default: `ModelConfig(task="caption")` and
+    `TrainConfig()`; small, base: run.py's matched captioners (ViT + Transformer decoder, their
+    vocabulary size kept) at batch 32."""
+    if name == "quickstart":
+        stage = QuickstartPlan().caption
+        return stage.model, with_task_schedule(stage.train, TASK)
+    if name == "default":
+        return ModelConfig(task=TASK), with_task_schedule(TrainConfig(), TASK)
+    return vtfuse_config(SIZES[name]), with_task_schedule(TrainConfig(batch_size=32), TASK)
+
+
+def train_both(
+    data: Path, name: str, steps: int, seed: int, noise: bool, dev: torch.device
+) -> tuple[dict, dict]:
+    model_config, config = model_and_schedule(name)
+    config = dataclasses.replace(config, seed=seed)
     records = read_jsonl(data / f"{TASK}_train.jsonl", TASK)
-    tokenizer = build_tokenizer(TASK, records, stage.model)
-    text = dataclasses.replace(stage.model.text, vocab_size=len(tokenizer))
-    model_config = dataclasses.replace(stage.model, task=TASK, text=text)
+    tokenizer = build_tokenizer(TASK, records, model_config)
+    vocab = max(len(tokenizer), model_config.text.vocab_size)
+    text = dataclasses.replace(model_config.text, vocab_size=vocab)
+    model_config = dataclasses.replace(model_config, task=TASK, text=text)
     size, max_length = model_config.vision.image_size, model_config.text.max_length
     train_set = task_dataset(
         TASK, load_records(records, size, progress=False), tokenizer, max_length
@@ -146,6 +174,9 @@ def train_both(data: Path, steps: int, seed: int, dev: torch.device) -> tuple[di
         precision: Run(copy.deepcopy(model), config, precision, steps, dev)
         for precision in PRECISIONS
     }
+    if noise:  # the yardstick: fp32 again from the same weights, batches in another order
+        runs[OTHER_ORDER] = Run(copy.deepcopy(model), config, "fp32", steps, dev)
+    other_order = dataclasses.replace(config, seed=seed + 1)
     epochs = steps / math.ceil(len(train_set) / config.batch_size)
     setting = {
         "training_images": len(records),
@@ -156,28 +187,42 @@ def train_both(data: Path, steps: int, seed: int, dev: torch.device) -> tuple[di
         "batch_size": config.batch_size,
         "lr": config.lr,
         "seed": seed,
+        "model_name": name,
         "parameters": model.num_parameters(),
         "model": dataclasses.asdict(model_config),
     }
     print(
-        f"quickstart captioner ({model.num_parameters() / 1e6:.2f}M parameters), "
+        f"{name} captioner ({model.num_parameters() / 1e6:.2f}M parameters), "
         f"{len(records)} training images ({len(train_set)} captions), batch "
         f"{config.batch_size}, lr {config.lr:g}: {steps} steps ({epochs:.1f} epochs) per precision"
     )
     every = max(1, steps // 10)
-    for number, batch in enumerate(batches(train_set, config, steps), start=1):
-        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-        for run in runs.values():
-            run.step(batch)
+    ours, others = batches(train_set, config, steps), batches(train_set, other_order, steps)
+    orders = zip(ours, others, strict=True)
+    for number, (batch, other) in enumerate(orders, start=1):
+        for precision, run in runs.items():
+            chosen = other if precision == OTHER_ORDER else batch
+            run.step({k: v.to(dev, non_blocking=True) for k, v in chosen.items()})
         if number % every == 0 or number == steps:
             losses = "  ".join(f"{p} {r.losses[-1]:.4f}" for p, r in runs.items())
             print(f"  step {number:4d}  loss {losses}", flush=True)
     validation = {}
     for precision, run in runs.items():
-        own = validate(run.model, val_loader, dev, precision)["val_loss"]
+        own = validate(run.model, val_loader, dev, run.precision)["val_loss"]
         in_fp32 = validate(run.model, val_loader, dev, "fp32")["val_loss"]
         validation[precision] = {"val_loss": own, "val_loss_in_fp32": in_fp32}
     return runs, {"setting": setting, "validation": validation}
+
+
+def noise(runs: dict[str, Run], smoothed: dict[str, list[float]], validation: dict) -> dict:
+    """How far two fp32 runs from the same weights land when only the batch order differs: the
+    yardstick for "bf16 trains as well"."""
+    gaps = [abs(o - f) for o, f in zip(smoothed[OTHER_ORDER], smoothed["fp32"], strict=True)]
+    return {
+        "val_loss_difference": validation[OTHER_ORDER]["val_loss"] - validation["fp32"]["val_loss"],
+        "max_abs_smoothed_loss_difference": max(gaps),
+        "mean_abs_smoothed_loss_difference": statistics.fmean(gaps),
+    }
 
 
 def plot(runs: dict[str, Run], smoothed: dict[str, list[float]], window: int, path: Path, title):
@@ -186,8 +231,12 @@ def plot(runs: dict[str, Run], smoothed: dict[str, list[float]], window: int, pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"fp32": "tab:blue", "bf16": "tab:red"}
-    styles = {"fp32": {"linewidth": 3.0}, "bf16": {"linewidth": 1.2, "linestyle": "--"}}
+    colours = {"fp32": "tab:blue", "bf16": "tab:red", OTHER_ORDER: "tab:grey"}
+    styles = {
+        "fp32": {"linewidth": 3.0},
+        "bf16": {"linewidth": 1.2, "linestyle": "--"},
+        OTHER_ORDER: {"linewidth": 1.0, "linestyle": ":"},
+    }
     figure, (curves, gap) = plt.subplots(
         2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
@@ -224,6 +273,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps per precision (300; quick 60)")
     parser.add_argument("--window", type=int, help="smoothing window in steps (25; quick 10)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=MODELS, default="quickstart", help="which captioner")
+    parser.add_argument(
+        "--noise",
+        action="store_true",
+        help="also fp32 with the batches in another order: how far apart noise alone puts them",
+    )
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results", help="output folder"
     )
@@ -242,7 +297,7 @@ def main() -> None:
             command = [sys.executable, "-m", "vtfuse", "synth", "--out", str(data)]
             subprocess.run([*command, "--images", str(images)], check=True, capture_output=True)
             print(f"synthesised {images} scenes into {data}")
-        runs, report = train_both(data, steps, args.seed, dev)
+        runs, report = train_both(data, args.model, steps, args.seed, args.noise, dev)
 
     smoothed = {precision: smooth(run.losses, window) for precision, run in runs.items()}
     gaps = [abs(b - f) for b, f in zip(smoothed["bf16"], smoothed["fp32"], strict=True)]
@@ -276,6 +331,14 @@ def main() -> None:
         f"({gaps[worst] / smoothed['fp32'][worst]:.2%} of fp32's); mean over steps "
         f"{statistics.fmean(gaps):.4f}"
     )
+    if OTHER_ORDER in runs:
+        report["noise"] = noise(runs, smoothed, validation)
+        print(
+            f"noise (fp32 against fp32 with the batches in another order): validation loss "
+            f"{report['noise']['val_loss_difference']:+.4f}, max smoothed training-loss gap "
+            f"{report['noise']['max_abs_smoothed_loss_difference']:.4f}; bf16 − fp32: "
+            f"{validation['bf16']['val_loss'] - validation['fp32']['val_loss']:+.4f}"
+        )
     skipped = {p: r.skipped for p, r in runs.items() if r.skipped}
     if skipped:
         print(f"steps skipped for a non-finite gradient: {skipped}")
@@ -298,14 +361,15 @@ def main() -> None:
         "loss": {p: r.losses for p, r in runs.items()},
         "step_seconds": {p: r.seconds for p, r in runs.items()},
     }
-    (args.out / "precision.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "precision" if args.model == "quickstart" else f"precision_{args.model}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     title = (
-        f"vtfuse quickstart captioner, bf16 autocast vs fp32 ({dev}, "
+        f"vtfuse {args.model} captioner, bf16 autocast vs fp32 ({dev}, "
         f"{torch.get_num_threads()} threads): samples/s bf16/fp32 {speed:.2f}x, max smoothed "
         f"|Δloss| {gaps[worst]:.3f}"
     )
-    plot(runs, smoothed, window, args.out / "precision.png", title)
-    print(f"wrote {args.out / 'precision.png'}, precision.json")
+    plot(runs, smoothed, window, args.out / f"{stem}.png", title)
+    print(f"wrote {args.out / stem}.png and .json")
 
 
 if __name__ == "__main__":

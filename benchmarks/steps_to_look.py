@@ -34,7 +34,7 @@ from vtfuse.data.bank import load_records
 from vtfuse.data.items import collate
 from vtfuse.models.factory import create_model
 from vtfuse.runtime import seed_everything
-from vtfuse.tasks import read_jsonl, task_dataset
+from vtfuse.tasks import read_jsonl, task_dataset, with_task_schedule
 from vtfuse.training.batches import epoch_batches
 from vtfuse.training.optim import make_optimizer, warmup_cosine
 from vtfuse.training.setup import build_tokenizer
@@ -59,7 +59,7 @@ def model_config(overrides: dict, vocabulary: int, answers: int) -> ModelConfig:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    config = dataclasses.replace(TrainConfig(), seed=args.seed)
+    config = dataclasses.replace(with_task_schedule(TrainConfig(), "vqa"), seed=args.seed)
     seed_everything(args.seed)
     records = of_kinds(read_jsonl(args.train, "vqa"), args.kinds)
     tokenizer = build_tokenizer("vqa", records, ModelConfig())

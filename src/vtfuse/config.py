@@ -102,12 +102,11 @@ class TrainConfig:
     # Passes over the training data; 0: as many as the time budget (max_minutes) allows, the
     # learning-rate schedule laid over the minutes; without a budget, 10
     epochs: int = 0
-    batch_size: int = 64  # examples per step (per process)
-    # Peak learning rate. 3e-4, not 1e-3: measured on Sort-of-CLEVR from scratch
-    # (benchmarks/blindness.py), at 1e-3 the VQA model's image tokens stop depending on the
-    # image (their spread across images fell 10×, the vision gradient 400×, the attention went
-    # back to uniform)
-    lr: float = 3e-4
+    # Examples per step (per process) and the peak learning rate. None: the task's own
+    # (`TaskSpec.batch_size`, `TaskSpec.lr`: 32 and 1e-3 for captioning, 64 and 3e-4 for the
+    # rest; see vtfuse/tasks), written into the run's config
+    batch_size: int | None = None
+    lr: float | None = None
     weight_decay: float = 0.05  # AdamW's, on weight matrices and embeddings (not on vectors)
     warmup_ratio: float = 0.05  # share of all steps spent warming the learning rate up
     min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
@@ -122,7 +121,10 @@ class TrainConfig:
     max_minutes: float = 0.0
     save_every: int = 500  # also write the `last` checkpoint every N steps
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (weights stay fp32)
+    # bf16: autocast (weights, gradients and optimiser state stay fp32); auto: bf16 for a model
+    # of 4M parameters or more on a GPU or CPU with bf16 matrix units, else fp32
+    # (vtfuse.runtime.training_precision). The run's config records the one used
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_workers: int = 0  # data-loading worker processes
     shuffle: bool = True  # shuffle the examples every epoch; False: file (or shard) order
     # at most this many examples of one image stand together in a batch (0: all of them):
@@ -188,8 +190,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
         return tuple(_coerce(item, v, where) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        return value
+    if origin in (typing.Union, types.UnionType):  # X | None: None, or checked as an X
+        (kind,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+        return None if value is None else _coerce(kind, value, where)
     if origin is Literal:
         if value not in typing.get_args(hint):
             choices = ", ".join(map(repr, typing.get_args(hint)))

@@ -265,3 +265,45 @@ def test_a_run_killed_with_sigkill_resumes_to_identical_weights(data, tmp_path):
     a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize(
+    ("asked", "fast", "used"),
+    [
+        ("auto", False, "fp32"),
+        ("auto", True, "bf16"),
+        ("fp32", True, "fp32"),
+        ("bf16", False, "bf16"),
+    ],
+)
+def test_the_precision_used_is_recorded_and_bf16_trains(
+    data, tmp_path, monkeypatch, asked, fast, used
+):
+    """`auto` picks bf16 for a model of BF16_MIN_PARAMETERS or more on bf16 hardware (the tiny
+    model passes with the floor at 0); run.json records the precision used, and a bf16 run
+    learns as fp32 does."""
+    monkeypatch.setattr("vtfuse.runtime.BF16_MIN_PARAMETERS", 0)
+    monkeypatch.setattr("vtfuse.runtime.bf16_is_fast", lambda device: fast)
+    result = run(data, tmp_path / asked, "caption", epochs=4, batch_size=8, precision=asked)
+    recorded = json.loads((tmp_path / asked / "run.json").read_text())["train_config"]["precision"]
+    assert recorded == used
+    history = result.history
+    assert min(h["val_loss"] for h in history[1:]) < 0.9 * history[0]["val_loss"]
+
+
+@pytest.mark.parametrize(
+    ("task", "given", "used"),
+    [
+        ("caption", {}, (32, 1e-3)),
+        ("vqa", {}, (64, 3e-4)),
+        ("classify", {}, (64, 3e-4)),
+        ("caption", {"batch_size": 8, "lr": 5e-4}, (8, 5e-4)),
+        ("vqa", {"lr": 1e-4}, (64, 1e-4)),
+    ],
+)
+def test_the_task_sets_the_batch_size_and_lr_left_open(data, tmp_path, task, given, used):
+    """TrainConfig leaves them None; the run trains, and records, the task's own unless told."""
+    config = TrainConfig(epochs=1, save_every=0, **given)
+    train_model(data, tmp_path, task, config)
+    recorded = json.loads((tmp_path / "run.json").read_text())["train_config"]
+    assert (recorded["batch_size"], recorded["lr"]) == used

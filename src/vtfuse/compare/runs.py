@@ -28,7 +28,7 @@ from vtfuse.data.synth import SynthSpec, generate
 from vtfuse.evaluation import EvalOptions, evaluate
 from vtfuse.fusion import FUSIONS
 from vtfuse.pipeline import Pipeline
-from vtfuse.tasks import CAPTION, VQA, ranked_tasks, read_jsonl, task_spec
+from vtfuse.tasks import CAPTION, VQA, ranked_tasks, read_jsonl, task_spec, with_task_schedule
 from vtfuse.training import train
 
 
@@ -155,6 +155,7 @@ def _train(
     progress: bool,
 ) -> tuple[float, float]:
     """Train one model into `out`; return (samples/s, wall seconds)."""
+    config = with_task_schedule(config, task)
     started = time.monotonic()
     result = train(task, files[0], out, files[1], model, config, progress=progress)
     seconds = time.monotonic() - started
@@ -198,9 +199,10 @@ def run_one(spec: CompareSpec, files: DataFiles, fusion: str, seed: int, out: Pa
 
 
 def _budget(spec: CompareSpec) -> str:
-    line = f"Budget: {_length(spec.train)} per model, seeds 0–{spec.seeds - 1}."
+    train = with_task_schedule(spec.train, spec.task)
+    line = f"Budget: {_length(train)} per model, seeds 0–{spec.seeds - 1}."
     if spec.caption_warm_start:
-        captioner = spec.caption_train or spec.train
+        captioner = with_task_schedule(spec.caption_train or spec.train, CAPTION.name)
         line += (
             " Each VQA model starts from a captioner with the same strategy and seed: "
             f"{_length(captioner)}."

@@ -21,7 +21,14 @@ from vtfuse.tasks.caption import CAPTION
 from vtfuse.tasks.classify import CLASSIFY
 from vtfuse.tasks.joint import JOINT
 from vtfuse.tasks.retrieval import RETRIEVAL
-from vtfuse.tasks.spec import TaskSpec, ranked_tasks, register, task_names, task_spec
+from vtfuse.tasks.spec import (
+    TaskSpec,
+    ranked_tasks,
+    register,
+    task_names,
+    task_spec,
+    with_task_schedule,
+)
 from vtfuse.tasks.vqa import VQA
 
 __all__ = [
@@ -37,6 +44,7 @@ __all__ = [
     "task_dataset",
     "task_names",
     "task_spec",
+    "with_task_schedule",
 ]
 
 

@@ -33,5 +33,10 @@ CAPTION = register(
         help="describe an image in words (a decoder cross-attends to the image)",
         metrics=("cider", "bleu4", "meteor", "object_f1", "pointing_accuracy"),
         headline="cider",
+        # A decoder learns to look in a quarter of the time at 32 captions a step and 1e-3:
+        # the default captioner on the quickstart's scenes, 6 epochs from scratch, object F1
+        # 0.291 at (64, 3e-4), 0.590 at (64, 1e-3), 0.996 at (32, 1e-3) (benchmarks/schedule.py)
+        batch_size=32,
+        lr=1e-3,
     )
 )

@@ -26,7 +26,7 @@ from vtfuse.grad_checkpointing import set_grad_checkpointing
 from vtfuse.models.base import TaskModel
 from vtfuse.models.factory import create_model, load_pretrained
 from vtfuse.models.warm_start import warm_start
-from vtfuse.runtime import resolve_device, seed_everything
+from vtfuse.runtime import resolve_device, seed_everything, training_precision
 from vtfuse.tasks import read_jsonl, task_dataset, task_spec
 from vtfuse.training.batches import micro_batches_per_epoch
 from vtfuse.training.checkpoint import load_training_state, recover, resolve_model_folder
@@ -170,6 +170,8 @@ def setup(
     else:
         model, tokenizer = new_model(task, records, model_config, config, allow_pickle, say)
     model.to(device).train()
+    precision = training_precision(config.precision, device, model.num_parameters())
+    config = dataclasses.replace(config, precision=precision)
     if config.grad_checkpointing:
         parts = set_grad_checkpointing(model)
         say(f"gradient checkpointing in: {', '.join(parts) or 'nothing (no part supports it)'}")
@@ -288,7 +290,8 @@ def describe(run: Run, steps_per_epoch: int) -> str:
     )
     return (
         f"{run.task} model: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
-        f"{len(run.train_set)} training examples, {plan} on {run.device}{processes}"
+        f"{len(run.train_set)} training examples, {plan} at batch {run.config.batch_size}, lr "
+        f"{run.config.lr:g}, on {run.device}{processes} ({run.config.precision})"
     )
 
 

@@ -29,7 +29,7 @@ from vtfuse.config import ModelConfig, TrainConfig
 from vtfuse.data.images import blank_like
 from vtfuse.models.base import TaskModel
 from vtfuse.runtime import autocast
-from vtfuse.tasks import task_spec
+from vtfuse.tasks import task_spec, with_task_schedule
 from vtfuse.training.batches import Batch, epoch_batches, share_the_step, steps_of
 from vtfuse.training.checkpoint import atomic_folder, recover, save_training_state
 from vtfuse.training.setup import LOG_FILE, Run, setup
@@ -136,8 +136,9 @@ def train(
     `allow_pickle`: `--resume` and `init_from`, and the pretrained LM or vision tower the
     model config names, may read pickle weights (see load_pretrained)."""
     model_config = dataclasses.replace(model_config or ModelConfig(), task=task)
+    config = with_task_schedule(config or TrainConfig(), task)
     run = setup(
-        task, train_path, Path(out), val_path, model_config, config or TrainConfig(),
+        task, train_path, Path(out), val_path, model_config, config,
         resume, progress, log, allow_pickle,
     )  # fmt: skip
     history: list[dict[str, Any]] = []
