@@ -45,8 +45,8 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def training_precision(precision: str, device: torch.device, parameters: int) -> str:
-    """The precision a run trains in: "auto" is bf16 where it was measured faster (a model of
-    `BF16_MIN_PARAMETERS` or more on a device with bf16 matrix units), fp32 elsewhere."""
+    """The precision a run trains in: "auto" is bf16 for a model of `BF16_MIN_PARAMETERS` or
+    more on a device with bf16 matrix units, fp32 otherwise; "fp32" and "bf16" as asked."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if precision != "auto":
