@@ -142,17 +142,17 @@ def model_and_schedule(name: str) -> tuple[ModelConfig, TrainConfig]:
     vocabulary size kept) at batch 32."""
     if name == "quickstart":
         stage = QuickstartPlan().caption
-        return stage.model, with_task_schedule(stage.train, TASK)
+        return stage.model, stage.train
     if name == "default":
-        return ModelConfig(task=TASK), with_task_schedule(TrainConfig(), TASK)
-    return vtfuse_config(SIZES[name]), with_task_schedule(TrainConfig(batch_size=32), TASK)
+        return ModelConfig(task=TASK), TrainConfig()
+    return vtfuse_config(SIZES[name]), TrainConfig(batch_size=32)
 
 
 def train_both(
     data: Path, name: str, steps: int, seed: int, noise: bool, dev: torch.device
 ) -> tuple[dict, dict]:
     model_config, config = model_and_schedule(name)
-    config = dataclasses.replace(config, seed=seed)
+    config = dataclasses.replace(with_task_schedule(config, TASK), seed=seed)
     records = read_jsonl(data / f"{TASK}_train.jsonl", TASK)
     tokenizer = build_tokenizer(TASK, records, model_config)
     vocab = max(len(tokenizer), model_config.text.vocab_size)

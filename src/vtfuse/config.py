@@ -153,6 +153,14 @@ class TrainConfig:
         """The passes to make; None when the time budget decides."""
         return None if self.on_the_clock else self.epochs or DEFAULT_EPOCHS
 
+    @property
+    def length(self) -> str:
+        """How long a run trains, in words."""
+        if self.on_the_clock:
+            return f"{self.max_minutes:g} min of training (as many epochs as fit)"
+        cap = f"at most {self.max_minutes:g} min, " if self.max_minutes > 0 else ""
+        return f"{cap}{self.epoch_count} epoch(s)"
+
 
 @dataclass(frozen=True)
 class RunConfig:

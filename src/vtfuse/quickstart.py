@@ -66,7 +66,7 @@ class QuickstartPlan:
         text = f"{model.lm.name} (frozen)" if model.lm.name else "vtfuse Transformer (trained)"
         vision = model.vision
         grid = vision.image_size // vision.patch_size // vision.pool
-        budget = [_length(stage.train) if stage else "none" for stage in (self.caption, self.vqa)]
+        budget = [stage.train.length if stage else "none" for stage in (self.caption, self.vqa)]
         return (
             f"vision {vision.name} at {vision.image_size} px ({grid}×{grid} tokens), text "
             f"{text}, fusion {model.fusion.name}; training: captioner {budget[0]}, VQA "
@@ -102,14 +102,6 @@ PRETRAINED_TEXT = LMConfig(name="minilm", xattn_every=2)
 # what it costs the default model (measured, 2 CPU cores), so the pretrained stages get more
 # minutes and still see only ~2 epochs.
 PRETRAINED_MINUTES = 6.0
-
-
-def _length(train: TrainConfig) -> str:
-    if train.on_the_clock:
-        return f"{train.max_minutes:g} min"
-    return f"{train.epoch_count} epochs" + (
-        f" or {train.max_minutes:g} min" * bool(train.max_minutes)
-    )
 
 
 def pretrained_parts(plan: QuickstartPlan) -> QuickstartPlan:

@@ -211,14 +211,7 @@ def _budget(spec: CompareSpec) -> str:
 
 
 def _length(train: TrainConfig) -> str:
-    """How long a run trains, in words."""
-    if train.on_the_clock:
-        return (
-            f"{train.max_minutes:g} min of training (as many epochs as fit) "
-            f"at batch size {train.batch_size}"
-        )
-    cap = f"at most {train.max_minutes:g} min, " if train.max_minutes > 0 else ""
-    return f"{cap}{train.epoch_count} epoch(s) at batch size {train.batch_size}"
+    return f"{train.length} at batch size {train.batch_size}"
 
 
 # -- the whole comparison ----------------------------------------------------------------------
