@@ -3,9 +3,11 @@
     python benchmarks/onnx_quickstart.py --quickstart vtfuse-quickstart [--out F.json] [--repeats 5]
 
 Exports the captioner of a quickstart's output folder (`runs/caption`) with
-`vtfuse export --onnx`, then captions every test image (`data/caption_test.jsonl`, greedy and
-beam 4, batches of 32) on each path — PyTorch eager fp32 (the reference), PyTorch's static
-step (`vtfuse.generation.static`), ONNX Runtime fp32 and int8, PyTorch int8 — and reports:
+`vtfuse export --onnx` and `--compiled` (into one folder), then captions every test image
+(`data/caption_test.jsonl`, greedy and beam 4, batches of 32) on each path — PyTorch eager fp32
+(the reference), PyTorch's static step (`vtfuse.generation.static`), the step compiled ahead of
+time (AOTInductor, `--runtime compiled`), ONNX Runtime fp32 and int8, PyTorch int8 — and
+reports:
 
 - how many captions are token for token the eager fp32 ones (greedy and beam);
 - CIDEr and object F1 of the greedy captions;
@@ -27,6 +29,7 @@ import torch
 
 from vtfuse.evaluation.evaluate import scene_object_f1
 from vtfuse.evaluation.metrics import caption_metrics
+from vtfuse.generation.compiled import export_compiled
 from vtfuse.generation.onnx import export_onnx
 from vtfuse.generation.static import StaticDecoder
 from vtfuse.models.factory import load_pretrained
@@ -42,6 +45,7 @@ PATHS = {
     "torch fp32": ("torch", "fp32"),
     "torch static": ("torch", "fp32"),
     "torch int8": ("torch", "int8"),
+    "compiled fp32": ("compiled", "fp32"),
     "onnx fp32": ("onnx", "fp32"),
     "onnx int8": ("onnx", "int8"),
 }
@@ -77,8 +81,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
         model, _ = load_pretrained(source)
-        folder = export_onnx(model, Path(scratch) / "onnx", source)
+        folder = export_onnx(model, Path(scratch) / "export", source)
         export_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        export_compiled(model, folder, copy=False)
+        compile_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        Pipeline.load(folder, "cpu", runtime="compiled")  # what a later process pays instead
+        load_seconds = time.perf_counter() - started
         pipes = pipelines(folder)
         images = pipes["torch fp32"].images_to_tensor([r.image_path for r in records])
         results: dict[str, dict] = {}
@@ -108,6 +118,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "test_images": len(records),
         "export_seconds": export_seconds,
+        "compile_seconds": compile_seconds,
+        "compiled_load_seconds": load_seconds,
         "results": results,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -14,12 +14,16 @@ by `torch.utils.flop_counter` over the median time, as a share of the matmul pea
 Ratios are vtfuse over transformers: > 1 is faster for speed; < 1 is smaller for memory.
 
 Inference is also timed on the faster paths (`PATHS`, on the CPU): each model with its linear
-layers dynamically quantised to int8, and vtfuse's captioner exported to ONNX Runtime
-(`vtfuse export --onnx`, fp32 and int8 step graphs) decoding through the same greedy and beam
-loops (`--runtime onnx`). Each row names vtfuse's fastest path, its speed over transformers
-eager and over transformers' fastest path. `--json` writes, per workload, vtfuse's fastest
-path ÷ transformers eager (`generate_b1`, ...), `best_path`, the eager ratios (`eager`),
-`vs_best_peer_generate_b1` and `peak_memory`.
+layers dynamically quantised to int8 (and vtfuse's in bf16, `--weights bf16`); each model
+compiled — vtfuse's captioner ahead of time by AOTInductor (`vtfuse export --compiled`,
+`--runtime compiled`), transformers' decoder by
+`torch.compile` over its static cache (`cache_implementation="static"`, its own recipe for a
+compiled `generate`); and vtfuse's captioner exported to ONNX Runtime (`vtfuse export --onnx`,
+fp32 and int8 step graphs) decoding through the same greedy and beam loops (`--runtime onnx`).
+Compiling is timed apart (`compile_seconds`: the first call's cost, paid once). Each row names
+vtfuse's fastest path, its speed over transformers eager and over transformers' fastest path.
+`--json` writes, per workload, vtfuse's fastest path ÷ transformers eager (`generate_b1`, ...),
+`best_path`, the eager ratios (`eager`), `vs_best_peer_generate_b1` and `peak_memory`.
 """
 
 from __future__ import annotations
@@ -44,24 +48,31 @@ from matched import SIZES, Size, hf_captioner, parameters, vtfuse_captioner
 
 from vtfuse.config import TrainConfig
 from vtfuse.generation import beam_search, greedy
+from vtfuse.generation.compiled import CompiledDecoder, export_compiled
 from vtfuse.generation.onnx import OnnxDecoder, export_onnx
 from vtfuse.quantisation import convert_weights, quantise_torch_linears
 from vtfuse.training.optim import make_optimizer
 
 MODELS = {"vtfuse": vtfuse_captioner, "transformers": hf_captioner}
-# Ways to run inference, path → (model, weights, runtime): each model eager in fp32, and with
-# its linear layers dynamically quantised to int8 (vtfuse `--weights int8`; transformers
+# Ways to run inference, path → (model, weights, runtime): each model eager in fp32, vtfuse's
+# with bf16 linear layers (`--weights bf16`), each with its linear layers dynamically quantised
+# to int8 (vtfuse `--weights int8`; transformers
 # through the same torch quantiser, which converts its nn.Linear layers — the ViT's and the
 # output layer — but not GPT-2's Conv1D projections); vtfuse's exported ONNX graphs on ONNX
-# Runtime (`--runtime onnx`, fp32 and int8 steps). CPU only.
+# Runtime (`--runtime onnx`, fp32 and int8 steps); each compiled (vtfuse: AOTInductor packages,
+# `--runtime compiled`; transformers: torch.compile of its decoder over a static cache). CPU only.
 PATHS = {
     "vtfuse": ("vtfuse", "fp32", "torch"),
     "vtfuse int8": ("vtfuse", "int8", "torch"),
+    "vtfuse bf16": ("vtfuse", "bf16", "torch"),
+    "vtfuse compiled": ("vtfuse", "fp32", "compiled"),
     "vtfuse onnx": ("vtfuse", "fp32", "onnx"),
     "vtfuse onnx int8": ("vtfuse", "int8", "onnx"),
     "transformers": ("transformers", "fp32", "torch"),
     "transformers int8": ("transformers", "int8", "torch"),
+    "transformers compiled": ("transformers", "fp32", "compiled"),
 }
+COMPILE_SECONDS: dict[str, float] = {}  # "path, size [workload]" → its first call's seconds
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,9 @@ def vtfuse_job(model, size: Size, work: Workload, data) -> Callable[[], object]:
     return lambda: greedy(model, data["images"], max_length=size.new_tokens, eos_id=-1)
 
 
-def transformers_job(model, size: Size, work: Workload, data) -> Callable[[], object]:
+def transformers_job(
+    model, size: Size, work: Workload, data, cache: str | None = None
+) -> Callable[[], object]:
     if work.train:
         # transformers' Trainer default with torch >= 2.8: "adamw_torch_fused"
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -147,6 +160,7 @@ def transformers_job(model, size: Size, work: Workload, data) -> Callable[[], ob
         max_new_tokens=size.new_tokens,
         num_beams=work.beam,
         do_sample=False,
+        cache_implementation=cache,
     )
 
 
@@ -170,14 +184,48 @@ def build(
 ):
     model = MODELS[name](size).to(dev)
     prepare(name, model, work)
+    data = inputs(size, work.batch, dev)
     if runtime == "onnx":
         model = onnx_decoder(model, weights)
+    elif runtime == "compiled" and name == "vtfuse":
+        model = compiled_decoder(model, size, dev)
+    elif runtime == "compiled":  # transformers' recipe: a static cache, the decoder compiled
+        model.decoder.forward = torch.compile(model.decoder.forward)
+        job = _no_grad(hf_job(model, size, work, data))
+        return _first_call_timed(f"transformers compiled, {size.name} {work.name}", job)
     elif weights != "fp32":
         quantise(name, model, weights)
-    job = JOBS[name](model, size, work, inputs(size, work.batch, dev))
+    job = JOBS[name](model, size, work, data)
     if work.train:
         return job
     return _no_grad(job)
+
+
+def hf_job(model, size: Size, work: Workload, data) -> Callable[[], object]:
+    return transformers_job(model, size, work, data, cache="static")
+
+
+def _first_call_timed(key: str, job: Callable[[], object]) -> Callable[[], object]:
+    """`job`, called once here: the compile it triggers is timed into COMPILE_SECONDS."""
+    started = time.perf_counter()
+    job()
+    COMPILE_SECONDS[key] = time.perf_counter() - started
+    return job
+
+
+_PACKAGES: dict[str, tempfile.TemporaryDirectory] = {}  # size → its compiled packages
+
+
+def compiled_decoder(model: torch.nn.Module, size: Size, dev: torch.device) -> CompiledDecoder:
+    """vtfuse's captioner compiled by AOTInductor (`vtfuse export --compiled`) and loaded. One
+    compile per size serves every workload: the packages take any batch, and the models are
+    random weights of the same shapes, whose values do not change the time."""
+    if size.name not in _PACKAGES:
+        folder = _PACKAGES[size.name] = tempfile.TemporaryDirectory()
+        started = time.perf_counter()
+        export_compiled(model, folder.name)
+        COMPILE_SECONDS[f"vtfuse compiled, {size.name}"] = time.perf_counter() - started
+    return CompiledDecoder(_PACKAGES[size.name].name, dev)
 
 
 def quantise(name: str, model: torch.nn.Module, weights: str) -> None:
@@ -291,8 +339,14 @@ def run_size(size: Size, repeats: int, dev, peak: float, probes: int) -> dict[st
     generation unless quick (`probes` == 1)."""
     results = {}
     for work in WORKLOADS:
-        paths = paths_for(work, dev)
-        jobs = {path: build(model, size, work, dev, *how) for path, (model, *how) in paths.items()}
+        jobs = {}
+        for path, (model, *how) in paths_for(work, dev).items():
+            try:
+                jobs[path] = build(model, size, work, dev, *how)
+            except Exception as error:  # transformers' compiled generate, where it fails
+                if path != "transformers compiled":
+                    raise
+                print(f"  {work.name}: {path} does not run: {error!r:.300}", flush=True)
         seconds = median_seconds(jobs, repeats)
         row = {"ratio": seconds["transformers"] / seconds["vtfuse"], **best(seconds)}
         for path, job in jobs.items():
@@ -348,10 +402,19 @@ def _line(work: Workload, row: dict) -> str:
             f"  memory MB {theirs['peak_memory_mb']:7.1f} / {ours['peak_memory_mb']:7.1f} "
             f"({row['memory_ratio']:.2f}x)"
         )
+    paths = [p for p in PATHS if p in row and p != "transformers"]
+    each = ", ".join(f"{p} {_faster(work, row[p], theirs):.2f}x" for p in paths)
     return text + (
         f"\n  {'':13s} fastest: {row['best_path']} {row['best_ratio']:.2f}x transformers "
-        f"eager, {row['vs_best_peer']:.2f}x {row['best_peer']}"
+        f"eager, {row['vs_best_peer']:.2f}x {row['best_peer']}\n  {'':13s} each over "
+        f"transformers eager: {each}"
     )
+
+
+def _faster(work: Workload, ours: dict, theirs: dict) -> float:
+    """How many times faster `ours` is than `theirs` (per-unit figures of one workload)."""
+    a, b = ours[work.unit], theirs[work.unit]
+    return a / b if work.train else b / a
 
 
 def markdown(results: dict[str, dict], peak: float) -> str:
@@ -417,6 +480,9 @@ def main() -> None:
         )
         probes = 0 if args.no_memory else (1 if args.quick else 3)
         results[name] = run_size(size, repeats, dev, peak, probes)
+        compiles = {k: round(t, 1) for k, t in COMPILE_SECONDS.items() if f", {name}" in k}
+        results[name]["compile_seconds"] = compiles
+        print(f"  first call (compile) seconds: {compiles}", flush=True)
         if not args.quick:
             ratio = bf16_training(size, repeats, dev)
             results[name]["train_b32_bf16_over_fp32"] = ratio

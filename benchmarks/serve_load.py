@@ -1,14 +1,14 @@
 """Load on `vtfuse serve`: N requests at concurrency C on localhost, micro-batching on vs off,
-or (`--runtimes torch,onnx`) with batching on, each decoding runtime.
+or (`--runtimes torch,compiled,onnx`) with batching on, each decoding runtime.
 
     python benchmarks/serve_load.py RUN [--requests 200] [--concurrency 16] [--out FILE.json]
-    python benchmarks/serve_load.py RUN --runtimes torch,onnx --concurrency 64 --out F.json
+    python benchmarks/serve_load.py RUN --runtimes torch,compiled,onnx --concurrency 64 --out F
 
 RUN is a run or model folder (the quickstart's `runs/caption` or `runs/vqa`). Prints, for
 batching on (max batch 16, 5 ms wait) and off (max batch 1): throughput, latency p50/p95/p99
 and errors, and the ratio of the two throughputs. Figures depend on the machine: compare the
-two rows of one run, not runs on different days. A captioner's ONNX graphs are exported into a
-temporary folder when RUN has none (`vtfuse export --onnx`).
+two rows of one run, not runs on different days. A captioner's ONNX graphs and compiled packages
+are exported into a temporary folder when RUN has none (`vtfuse export --onnx / --compiled`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ import httpx
 import uvicorn
 from PIL import Image
 
+from vtfuse.generation.compiled import export_compiled, packages_for
 from vtfuse.generation.onnx import export_onnx, has_graphs
+from vtfuse.generation.static import copy_model_files
 from vtfuse.models.factory import load_pretrained
 from vtfuse.pipeline import Pipeline
 from vtfuse.serving import ServeSettings, create_app
@@ -107,20 +109,37 @@ def serve_and_load(pipe: Pipeline, folder: Path, batch: int, args) -> dict[str, 
     return row
 
 
+def deployable(folder: Path, runtimes: set[str], scratch: Path) -> Path:
+    """`folder` if it has what `runtimes` read; else a copy in `scratch` with the ONNX graphs
+    and compiled packages they need exported there."""
+    onnx = "onnx" in runtimes and not has_graphs(folder)
+    compiled = "compiled" in runtimes and packages_for(folder) is None
+    if not (onnx or compiled):
+        return folder
+    model = load_pretrained(folder)[0]
+    copy_model_files(folder, scratch)
+    if onnx:
+        export_onnx(model, scratch)
+    if compiled:
+        export_compiled(model, scratch, copy=False)
+    return scratch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="run or model folder")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, help="also write the rows to this JSON file")
-    parser.add_argument("--runtimes", default="", help="e.g. torch,onnx: batching on, each")
+    parser.add_argument(
+        "--runtimes", default="", help="e.g. torch,compiled,onnx: batching on, each"
+    )
     args = parser.parse_args()
     folder = resolve_model_folder(args.run)
     with tempfile.TemporaryDirectory() as scratch:
         if args.runtimes:
             variants = {runtime: (runtime, 16) for runtime in args.runtimes.split(",")}
-            if "onnx" in variants and not has_graphs(folder):
-                folder = export_onnx(load_pretrained(folder)[0], Path(scratch), folder)
+            folder = deployable(folder, set(variants), Path(scratch))
         else:
             variants = {"batching on": ("torch", 16), "batching off": ("torch", 1)}
         rows = {}

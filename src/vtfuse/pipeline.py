@@ -29,7 +29,7 @@ from vtfuse.generation import (
     most_likely,
     nucleus,
 )
-from vtfuse.generation.onnx import OnnxDecoder, choose_runtime
+from vtfuse.generation.runtimes import caption_decoder, choose_runtime
 from vtfuse.models.base import TaskModel
 from vtfuse.models.factory import load_pretrained
 from vtfuse.quantisation import convert_weights
@@ -78,7 +78,8 @@ class Pipeline:
     ):
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
         self.weights = weights  # the linear layers' precision (see vtfuse.quantisation)
-        # what decodes captions: the model itself, or its graphs on ONNX Runtime (`runtime`)
+        # what decodes captions: the model itself, its compiled packages or its graphs on ONNX
+        # Runtime (`runtime`, see vtfuse.generation.runtimes)
         self.decoder, self.runtime = decoder or model, runtime
 
     @classmethod
@@ -92,13 +93,13 @@ class Pipeline:
     ) -> Pipeline:
         """A run or model folder's model; `allow_pickle`: see `load_pretrained`; `weights`:
         the linear layers' precision for inference (see `vtfuse.quantisation`); `runtime`:
-        what decodes captions, "torch", "onnx" (a folder written by `vtfuse export --onnx`) or
-        "auto" (see `vtfuse.generation.onnx.choose_runtime`)."""
+        what decodes captions, "torch", "compiled", "onnx" (a folder written by `vtfuse export
+        --onnx`) or "auto" (see `vtfuse.generation.runtimes.choose_runtime`)."""
         resolved = resolve_device(device)
         folder = resolve_model_folder(path)
         runtime = choose_runtime(runtime, folder, resolved, weights)
         model, tokenizer = load_pretrained(folder, resolved, allow_pickle)
-        decoder = OnnxDecoder(folder, weights) if runtime == "onnx" else None
+        decoder = caption_decoder(runtime, model, folder, resolved, weights)
         return cls(convert_weights(model, weights), tokenizer, resolved, weights, decoder, runtime)
 
     @property

@@ -15,13 +15,8 @@ from vtfuse.cli.main import main
 from vtfuse.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.generation import beam_search, greedy
-from vtfuse.generation.onnx import (
-    MANIFEST,
-    OnnxDecoder,
-    choose_runtime,
-    export_onnx,
-    onnxruntime,
-)
+from vtfuse.generation.onnx import MANIFEST, OnnxDecoder, export_onnx, onnxruntime
+from vtfuse.generation.runtimes import choose_runtime
 from vtfuse.generation.static import StaticDecoder, supports
 from vtfuse.models import create_model
 from vtfuse.pipeline import Pipeline

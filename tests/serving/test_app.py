@@ -171,6 +171,27 @@ def test_micro_batcher_groups_waits_and_refuses_when_full():
     assert busy is not None
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batches_run_on_one_inference_thread_with_its_torch_threads(threads):
+    """Not the event loop's thread, always the same one, with `threads` PyTorch threads (the
+    caller's own setting untouched)."""
+    import threading
+
+    def run(group, payloads):
+        return [(threading.get_ident(), torch.get_num_threads()) for _ in payloads]
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch=2, max_wait_ms=1, threads=threads)
+        seen = [await batcher.submit("x", i) for i in range(3)]
+        await batcher.close()
+        return seen
+
+    before = torch.get_num_threads()
+    seen = asyncio.run(scenario())
+    assert len(set(seen)) == 1 and seen[0][0] != threading.get_ident()
+    assert seen[0][1] == threads and torch.get_num_threads() == before
+
+
 def test_retrieval_endpoints(tmp_path):
     with TestClient(create_app(pipeline("retrieval"))) as client:
         image = {"image": ("a.png", png(), "image/png")}

@@ -71,6 +71,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-queue", type=int, default=256, help="waiting requests before answering 503"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="PyTorch threads of the inference thread (1: parallel regions started off the "
+        "main thread cost more than they save on small models; see vtfuse.serving.batching)",
+    )
     inference_args(p)
     allow_pickle_arg(p)
 
@@ -85,12 +92,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from vtfuse.training.checkpoint import resolve_model_folder
 
     folder = resolve_model_folder(args.run)
-    settings = ServeSettings(args.max_batch, args.max_wait_ms, args.max_queue)
+    settings = ServeSettings(args.max_batch, args.max_wait_ms, args.max_queue, args.threads)
     pipe = load_pipeline(args, folder)
     app = create_app(pipe, settings, folder)
     print(
         f"serving {folder} ({args.weights} weights, {pipe.device}, captions decoded by "
-        f"{pipe.runtime}{'' if pipe.runtime == 'onnx' else ' (eager)'}) on "
+        f"{pipe.runtime}{' (eager)' if pipe.runtime == 'torch' else ''}) on "
         f"http://{args.host}:{args.port}/  (API docs: /docs)"
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -99,24 +106,43 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder (its best model) or model folder")
-    p.add_argument(
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--onnx",
-        required=True,
         metavar="OUT",
         help="write the caption decoder as ONNX graphs (the image's keys and values; one "
         "decoding step) into OUT, beside a copy of the model folder: `--runtime onnx` reads it",
     )
+    what.add_argument(
+        "--compiled",
+        metavar="OUT",
+        help="compile the caption decoder ahead of time (torch.export + AOTInductor, for this "
+        "machine's device and torch) into OUT, beside a copy of the model folder: "
+        "`--runtime compiled` reads it",
+    )
+    p.add_argument("--device", default="auto", help="--compiled: auto, cpu, cuda or cuda:N")
     allow_pickle_arg(p)
 
 
-@command("export", "export a captioner for deployment: ONNX graphs for ONNX Runtime")(_export_args)
+@command(
+    "export",
+    "export a captioner for deployment: compiled packages, or ONNX graphs for ONNX Runtime",
+)(_export_args)
 def run_export(args: argparse.Namespace) -> int:
+    from vtfuse.generation.compiled import export_compiled
     from vtfuse.generation.onnx import OPSET, export_onnx
     from vtfuse.models.factory import load_pretrained
+    from vtfuse.runtime import resolve_device
     from vtfuse.training.checkpoint import resolve_model_folder
 
     folder = resolve_model_folder(args.run)
-    model, _ = load_pretrained(folder, allow_pickle=args.allow_pickle)
-    out = export_onnx(model, args.onnx, folder)
-    print(f"wrote {out} (ONNX opset {OPSET}): vtfuse caption {out} IMAGE --runtime onnx")
+    if args.onnx:
+        model, _ = load_pretrained(folder, allow_pickle=args.allow_pickle)
+        out = export_onnx(model, args.onnx, folder)
+        print(f"wrote {out} (ONNX opset {OPSET}): vtfuse caption {out} IMAGE --runtime onnx")
+        return 0
+    model, _ = load_pretrained(folder, resolve_device(args.device), args.allow_pickle)
+    print("compiling the caption decoder (torch.export + AOTInductor) ...", flush=True)
+    out = export_compiled(model, args.compiled, folder)
+    print(f"wrote {out}: vtfuse caption {out} IMAGE --runtime compiled")
     return 0

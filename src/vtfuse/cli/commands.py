@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vtfuse.generation.onnx import RUNTIMES
+from vtfuse.generation.runtimes import RUNTIMES
 from vtfuse.quantisation import WEIGHTS
 
 if TYPE_CHECKING:
@@ -72,8 +72,18 @@ def inference_args(p: argparse.ArgumentParser) -> None:
         "--runtime",
         choices=RUNTIMES,
         default="auto",
-        help="what decodes captions: torch (PyTorch), onnx (the graphs `vtfuse export --onnx` "
-        "wrote, on ONNX Runtime), or auto: onnx when the folder has them (CPU, fp32)",
+        help="what decodes captions: torch (PyTorch eager), compiled (the decoder compiled "
+        "ahead of time by AOTInductor: `vtfuse export --compiled`, or compiled into the "
+        "model folder's compiled/ the first time; fp32), onnx (the graphs `vtfuse export "
+        "--onnx` wrote, on ONNX Runtime), or auto: the fastest the folder has (compiled, "
+        "then onnx, then torch)",
+    )
+    p.add_argument(
+        "--compile",
+        dest="runtime",
+        action="store_const",
+        const="compiled",
+        help="the same as --runtime compiled",
     )
 
 
@@ -91,9 +101,9 @@ def weights_arg(p: argparse.ArgumentParser) -> None:
         "--weights",
         choices=WEIGHTS,
         default="fp32",
-        help="precision of the linear layers for inference: fp32 as trained, or int8 "
-        "(dynamically quantised, per-channel weight scales; CPU; faster on larger models, "
-        "slower on the quickstart's: README Performance)",
+        help="precision of the linear layers for inference: fp32 as trained; bf16 (half the "
+        "bytes, products in bf16; a CPU with AVX-512 BF16 or AMX, or CUDA); or int8 "
+        "(dynamically quantised, per-channel weight scales; CPU): README Performance",
     )
 
 

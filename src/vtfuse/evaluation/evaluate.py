@@ -47,7 +47,7 @@ class EvalOptions:
     allow_pickle: bool = False  # load a model folder's pickle weights (see load_pretrained)
     image_roots: tuple[str, ...] = ()  # folders besides the JSONL's own images may come from
     weights: str = "fp32"  # the linear layers' precision (see vtfuse.quantisation)
-    runtime: str = "auto"  # what decodes captions (see vtfuse.generation.onnx.choose_runtime)
+    runtime: str = "auto"  # what decodes captions (see vtfuse.generation.runtimes.choose_runtime)
     device: str = "auto"  # see vtfuse.runtime.resolve_device
 
 

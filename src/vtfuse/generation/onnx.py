@@ -20,14 +20,19 @@ the PyTorch model for what the graphs do not do (attention maps, other tasks).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vtfuse.generation.static import StaticCache, StaticDecoder, feed_columns
+from vtfuse.generation.static import (
+    ExportedDecoder,
+    ImageKeys,
+    StaticCache,
+    StaticDecoder,
+    copy_model_files,
+)
 from vtfuse.weights import CheckpointError
 
 OPSET = 17
@@ -52,44 +57,12 @@ def has_graphs(folder: str | Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
-RUNTIMES = ("auto", "torch", "onnx")
-
-
-def choose_runtime(asked: str, folder: Path, device: torch.device, weights: str) -> str:
-    """What decodes captions: "torch" (PyTorch, eager) or "onnx" (the folder's graphs on ONNX
-    Runtime). "auto" takes ONNX Runtime when the folder has graphs for `weights`, the device
-    is the CPU and onnxruntime is installed: the fastest path there is."""
-    if asked not in RUNTIMES:
-        raise ValueError(f"unknown runtime {asked!r}; choose one of: {', '.join(RUNTIMES)}")
-    graph = STEP_GRAPHS.get(weights)
-    if asked == "auto":
-        usable = has_graphs(folder) and device.type == "cpu" and graph is not None
-        return "onnx" if usable and (folder / graph).is_file() and _installed() else "torch"
-    if asked == "onnx" and (device.type != "cpu" or graph is None):
-        raise ValueError(
-            f"--runtime onnx runs the exported graphs ({', '.join(STEP_GRAPHS)} weights) on "
-            f"the CPU, not {weights} weights on {device.type}"
-        )
-    return asked
-
-
-def _installed() -> bool:
+def installed() -> bool:
     try:
         onnxruntime()
     except ImportError:
         return False
     return True
-
-
-class _ImageKeys(nn.Module):
-    """The image graph: uint8 images → every fusion step's image keys and values."""
-
-    def __init__(self, static: StaticDecoder):
-        super().__init__()
-        self.static = static
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.static.image_cache(images)
 
 
 def export_onnx(model: nn.Module, out: str | Path, model_folder: str | Path | None = None) -> Path:
@@ -103,10 +76,7 @@ def export_onnx(model: nn.Module, out: str | Path, model_folder: str | Path | No
         raise ImportError(f"exporting to ONNX needs the onnx package: {EXTRA}") from None
     static = StaticDecoder(model).eval()  # raises, naming why, for a model without one
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in Path(model_folder).iterdir() if model_folder else ():
-        if path.is_file():
-            shutil.copy2(path, out / path.name)
+    copy_model_files(model_folder, out)
     size = model.config.vision.image_size
     images = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     batch = {0: "batch"}
@@ -114,7 +84,7 @@ def export_onnx(model: nn.Module, out: str | Path, model_folder: str | Path | No
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         _, cache = static.start(images)
         torch.onnx.export(
-            _ImageKeys(static),
+            ImageKeys(static),
             (images,),
             out / IMAGE_GRAPH,
             input_names=["images"],
@@ -137,16 +107,8 @@ def export_onnx(model: nn.Module, out: str | Path, model_folder: str | Path | No
             dynamo=False,
         )
     _quantise(out / STEP_GRAPHS["fp32"], out / STEP_GRAPHS["int8"])
-    layers, heads, head_dim = static.shapes
-    manifest = {
-        "format": FORMAT,
-        "opset": OPSET,
-        "max_length": static.max_length,
-        "layers": layers,
-        "heads": heads,
-        "head_dim": head_dim,
-        "source": str(model_folder or ""),
-    }
+    manifest = {"format": FORMAT, "opset": OPSET, **static.describe()}
+    manifest["source"] = str(model_folder or "")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -166,8 +128,11 @@ def _quantise(graph: Path, to: Path) -> None:
         root.setLevel(level)
 
 
-class OnnxDecoder:
+class OnnxDecoder(ExportedDecoder):
     """The caption decoder on ONNX Runtime, as an `IncrementalDecoder` (`start`, `step`)."""
+
+    runtime = "ONNX"
+    device = torch.device("cpu")
 
     def __init__(self, folder: str | Path, weights: str = "fp32", threads: int = 0):
         folder = Path(folder)
@@ -191,27 +156,11 @@ class OnnxDecoder:
         step = str(folder / STEP_GRAPHS[weights])
         self.step_graph = runtime.InferenceSession(step, options, providers=cpu)
 
-    def start(self, images: Tensor) -> tuple[Tensor, StaticCache]:
-        image_k, image_v = (
-            torch.from_numpy(array)
-            for array in self.image.run(None, {"images": images.cpu().numpy()})
-        )
-        m = self.manifest
-        shape = (m["layers"], images.shape[0], m["heads"], m["max_length"], m["head_dim"])
-        empty = torch.zeros(shape)
-        # the image tokens themselves stay inside the graphs: beam search carries this along
-        image = torch.zeros(images.shape[0], 1)
-        return image, StaticCache(empty, empty.clone(), image_k, image_v)
+    def image_keys(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        image_k, image_v = self.image.run(None, {"images": images.cpu().numpy()})
+        return torch.from_numpy(image_k), torch.from_numpy(image_v)
 
-    def step(
-        self, tokens: Tensor, image: Tensor, caches: StaticCache, need_weights: bool = False
-    ) -> tuple[Tensor, list[Tensor]]:
-        """Feed tokens (B, t) one position at a time → the logits after the last."""
-        if need_weights:
-            raise ValueError("ONNX decoding gives no attention maps: use --runtime torch")
-        return feed_columns(tokens.cpu(), caches, self.manifest["max_length"], self._run), []
-
-    def _run(self, column: Tensor, caches: StaticCache) -> tuple[Tensor, Tensor, Tensor]:
+    def run_step(self, column: Tensor, caches: StaticCache) -> tuple[Tensor, Tensor, Tensor]:
         """One step on ONNX Runtime; the caches go in as numpy views, not copies."""
         feed = {"token": column.numpy(), "position": torch.tensor(caches.length).numpy()}
         for name in STEP_INPUTS[2:]:

@@ -27,8 +27,10 @@ and, if not, why; the eager path decodes everything else.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -74,13 +76,21 @@ class StaticCache:
         self.length += 1
 
     def reorder(self, index: Tensor) -> None:
-        """Beam i continues old row index[i]; beams of one image share its K/V, which stay."""
-        self.self_k = self.self_k.index_select(1, index)
-        self.self_v = self.self_v.index_select(1, index)
+        """Beam i continues old row index[i]; beams of one image share its K/V, which stay.
+        Copying whole caches was most of a beam step's time outside the model (profiled at 32
+        rows), so only the rows whose beam changed take, in place, the slots written so far
+        (the rest are masked)."""
+        moved = (index != torch.arange(len(index), device=index.device)).nonzero()[:, 0]
+        if len(moved) == 0:
+            return
+        filled = slice(0, self.length)
+        for cache in (self.self_k, self.self_v):
+            cache[:, moved, :, filled] = cache[:, index[moved], :, filled]  # gathered first
 
     def expand(self, index: Tensor) -> None:
-        """Row i starts from row index[i], its image's K/V included."""
-        self.reorder(index)
+        """Row i starts from row index[i], its image's K/V included (new, larger caches)."""
+        self.self_k = self.self_k.index_select(1, index)
+        self.self_v = self.self_v.index_select(1, index)
         self.image_k = self.image_k.index_select(1, index)
         self.image_v = self.image_v.index_select(1, index)
 
@@ -132,6 +142,16 @@ class StaticDecoder(nn.Module):
         """(layers, heads, head_dim) of the self-attention caches."""
         attention = self.decoder.blocks[0].attn
         return len(self.decoder.blocks), attention.heads, attention.head_dim
+
+    def describe(self) -> dict[str, int]:
+        """What a runtime outside PyTorch needs to allocate the caches (an export's manifest)."""
+        layers, heads, head_dim = self.shapes
+        return {
+            "max_length": self.max_length,
+            "layers": layers,
+            "heads": heads,
+            "head_dim": head_dim,
+        }
 
     def image_cache(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 images (B, 3, H, W) → each fusion step's image keys and values (L, B, H, N, hd)."""
@@ -201,6 +221,69 @@ class StaticDecoder(nn.Module):
             return self(column, position, *self_kv, *image_kv)
 
         return feed_columns(tokens, caches, self.max_length, run), []
+
+
+class ImageKeys(nn.Module):
+    """uint8 images → every fusion step's image keys and values: the graph an export runs
+    once per image."""
+
+    def __init__(self, static: StaticDecoder):
+        super().__init__()
+        self.static = static
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.static.image_cache(images)
+
+
+def empty_caches(manifest: dict, batch: int, image_k: Tensor, image_v: Tensor) -> StaticCache:
+    """Zeroed self-attention caches of an exported step (its manifest's shapes) beside the
+    image's keys and values."""
+    m = manifest
+    shape = (m["layers"], batch, m["heads"], m["max_length"], m["head_dim"])
+    empty = image_k.new_zeros(shape)
+    return StaticCache(empty, empty.clone(), image_k, image_v)
+
+
+class ExportedDecoder:
+    """An `IncrementalDecoder` over an exported pair of functions — the image's keys and values
+    (`image_keys`) and the static step (`run_step`) — read with the sizes in the export's
+    `manifest`: the compiled packages and the ONNX graphs differ only in how they run those."""
+
+    manifest: dict
+    device: torch.device
+    runtime: str  # named in errors: "compiled", "ONNX"
+
+    def image_keys(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def run_step(self, column: Tensor, caches: StaticCache) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def start(self, images: Tensor) -> tuple[Tensor, StaticCache]:
+        image_k, image_v = self.image_keys(images)
+        # the image tokens stay inside the export: beam search carries this placeholder along
+        image = image_k.new_zeros(images.shape[0], 1)
+        return image, empty_caches(self.manifest, images.shape[0], image_k, image_v)
+
+    def step(
+        self, tokens: Tensor, image: Tensor, caches: StaticCache, need_weights: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Feed tokens (B, t) one position at a time → the logits after the last."""
+        if need_weights:
+            raise ValueError(
+                f"{self.runtime} decoding gives no attention maps: use --runtime torch"
+            )
+        tokens = tokens.to(self.device)
+        return feed_columns(tokens, caches, self.manifest["max_length"], self.run_step), []
+
+
+def copy_model_files(model_folder: str | Path | None, out: Path) -> None:
+    """An export folder is a whole model folder too (config, weights, tokenizer): copy the
+    files of the one the model came from, if given."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in Path(model_folder).iterdir() if model_folder else ():
+        if path.is_file():
+            shutil.copy2(path, out / path.name)
 
 
 Step = Callable[[Tensor, StaticCache], tuple[Tensor, Tensor, Tensor]]

@@ -123,7 +123,7 @@ def model_info(pipe: Pipeline, folder: Path | None) -> dict[str, Any]:
         "checkpoint": str(folder) if folder else None,
         "device": str(pipe.device),
         "weights": pipe.weights,
-        "runtime": pipe.runtime,  # what decodes captions: torch or onnx
+        "runtime": pipe.runtime,  # what decodes captions: torch, compiled or onnx
     }
 
 
@@ -153,7 +153,9 @@ def _body_doc(fields: dict[str, dict], images: tuple[str, ...] = ("image",)) -> 
 def create_app(pipe: Pipeline, settings: ServeSettings | None = None, folder: Path | None = None):
     settings = settings or ServeSettings()
     engine = Engine(pipe)
-    batcher = MicroBatcher(engine.run, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+    batcher = MicroBatcher(
+        engine.run, settings.max_batch, settings.max_wait_ms, settings.max_queue, settings.threads
+    )
 
     @asynccontextmanager
     async def lifespan(app):

@@ -19,6 +19,7 @@ class ServeSettings:
     max_batch: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 256
+    threads: int = 1  # PyTorch threads of the inference thread (see serving.batching)
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 40_000_000
     max_texts: int = 1000  # candidates per retrieval request
