@@ -12,13 +12,14 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+from dataclasses import replace
 from types import ModuleType
 from typing import NoReturn
 
 import pytest
 import torch
 
-from vtfuse.config import ModelConfig, TextConfig, VisionConfig
+from vtfuse.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.models.factory import create_model
 from vtfuse.pipeline import Pipeline
@@ -68,6 +69,30 @@ RETRIEVAL_CONFIG = ModelConfig(
     text=TextConfig(vocab_size=20, dim=32, depth=2, heads=2, max_length=16),
 )
 WORDS = ["a", "red", "blue", "circle", "square", "what", "colour", "is", "the", "."]
+
+
+CAPTION_WORDS = "a red blue green circle square at the top left right center ."
+DECODER_TEXT = TextConfig(vocab_size=40, dim=32, depth=2, heads=2, max_length=24)
+
+
+def shaken_captioner(fusion: str = "cross_attention", **text) -> torch.nn.Module:
+    """A random tiny captioner whose every part matters: each weight moved by N(0, 0.5²) off
+    its initialisation (gates open), so the captions differ from image to image and word to
+    word, and a wrong decoding step would show (the exported and compiled decoders' tests)."""
+    torch.manual_seed(0)
+    text_config = replace(DECODER_TEXT, **text)
+    config = ModelConfig(vision=TINY_VISION, text=text_config, fusion=FusionConfig(fusion))
+    model = create_model(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def random_images(count: int = 3) -> torch.Tensor:
+    """uint8 images (count, 3, 24, 24) for TINY_VISION, the same every call."""
+    shape = (count, 3, 24, 24)
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1)).byte()
 
 
 def tiny_pipeline(task: str) -> Pipeline:

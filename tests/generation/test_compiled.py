@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.generation.test_onnx import WORDS, captioner, images
+from tests.helpers import CAPTION_WORDS, random_images, shaken_captioner
 from vtfuse.cli.main import main
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.generation import compiled as compiled_module
@@ -25,8 +25,8 @@ CPU = torch.device("cpu")
 def exported(tmp_path_factory):
     """A tiny captioner saved as a model folder, and `vtfuse export --compiled` of it."""
     root = tmp_path_factory.mktemp("compiled")
-    tokenizer = Tokenizer.build([WORDS])
-    model = captioner("gated_cross_attention", vocab_size=len(tokenizer))
+    tokenizer = Tokenizer.build([CAPTION_WORDS])
+    model = shaken_captioner("gated_cross_attention", vocab_size=len(tokenizer))
     model.save_pretrained(root / "model", tokenizer)
     assert main(["export", str(root / "model"), "--compiled", str(root / "out")]) == 0
     return root / "model", root / "out"
@@ -40,7 +40,7 @@ def test_compiled_packages_decode_the_eager_tokens(exported):
     eager = Pipeline.load(model_folder, device="cpu", runtime="torch")
     fast = Pipeline.load(out, device="cpu")  # auto: the folder has packages for this torch
     assert (eager.runtime, fast.runtime) == ("torch", "compiled")
-    pictures = images(5)
+    pictures = random_images(5)
     for beam in (1, 3):  # beam search reorders the caches and reads strided token columns
         expected = eager.generate(pictures, beam_size=beam).tokens
         assert fast.generate(pictures, beam_size=beam).tokens == expected
@@ -56,7 +56,7 @@ def test_compile_flag_compiles_once_into_the_model_folder(exported, tmp_path, ca
     folder = tmp_path / "model"
     shutil.copytree(model_folder, folder)
     picture = tmp_path / "picture.png"
-    Image.fromarray(images(1)[0].permute(1, 2, 0).numpy()).save(picture)
+    Image.fromarray(random_images(1)[0].permute(1, 2, 0).numpy()).save(picture)
     assert choose_runtime("auto", folder, CPU, "fp32") == "torch"  # nothing compiled yet
 
     assert main(["caption", str(folder), str(picture), "--compile"]) == 0
@@ -76,7 +76,7 @@ def test_compile_flag_compiles_once_into_the_model_folder(exported, tmp_path, ca
     model = Pipeline.load(folder, device="cpu", runtime="torch").model  # retrained weights:
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
-    model.save_pretrained(folder, Tokenizer.build([WORDS]))
+    model.save_pretrained(folder, Tokenizer.build([CAPTION_WORDS]))
     assert current_packages(folder, CPU) is None  # the cache is of the old weights
     assert choose_runtime("auto", folder, CPU, "fp32") == "torch"
 
@@ -95,3 +95,14 @@ def test_packages_of_another_build_are_refused_by_name(exported, tmp_path):
         choose_runtime("compiled", out, CPU, "int8")
     with pytest.raises(CheckpointError, match="vtfuse export RUN --compiled"):
         CompiledDecoder(tmp_path, CPU)
+
+
+def test_no_cpp_compiler_is_a_clear_error(monkeypatch):
+    from torch._inductor import cpp_builder
+
+    def none_found():
+        raise RuntimeError("No working C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", none_found)
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler: install g\\+\\+"):
+        compiled_module.export_compiled(shaken_captioner(), "unused")

@@ -5,51 +5,26 @@ from __future__ import annotations
 import builtins
 import json
 import shutil
-from dataclasses import replace
 
 import pytest
 import torch
 
-from tests.helpers import require_module
+from tests.helpers import CAPTION_WORDS, random_images, require_module, shaken_captioner
 from vtfuse.cli.main import main
-from vtfuse.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 from vtfuse.data.tokenizer import Tokenizer
 from vtfuse.generation import beam_search, greedy
 from vtfuse.generation.onnx import MANIFEST, OnnxDecoder, export_onnx, onnxruntime
 from vtfuse.generation.runtimes import choose_runtime
 from vtfuse.generation.static import StaticDecoder, supports
-from vtfuse.models import create_model
 from vtfuse.pipeline import Pipeline
 from vtfuse.weights import CheckpointError
-
-VISION = VisionConfig(image_size=24, channels=(8, 8, 16), dim=32, depth=0, heads=2)
-TEXT = TextConfig(vocab_size=40, dim=32, depth=2, heads=2, max_length=24)
-WORDS = "a red blue green circle square at the top left right center ."
-
-
-def captioner(fusion: str = "cross_attention", **text):
-    """A random tiny captioner whose every part matters: each weight moved by N(0, 0.5²) off
-    its initialisation (gates open), so the captions differ from image to image and word to
-    word, and a wrong step would show."""
-    torch.manual_seed(0)
-    text_config = replace(TEXT, **text)
-    model = create_model(ModelConfig(vision=VISION, text=text_config, fusion=FusionConfig(fusion)))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.5 * torch.randn_like(parameter))
-    return model.eval()
-
-
-def images(count: int = 3) -> torch.Tensor:
-    shape = (count, 3, 24, 24)
-    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1)).byte()
 
 
 @pytest.mark.parametrize("fusion", ["cross_attention", "gated_cross_attention", "similarity"])
 def test_the_static_step_decodes_the_eager_tokens(fusion):
-    model = captioner(fusion)
+    model = shaken_captioner(fusion)
     static = StaticDecoder(model)
-    pictures = images()
+    pictures = random_images()
     eager = greedy(model, pictures, 20, bos_id=1, eos_id=-1).tokens
     assert greedy(static, pictures, 20, bos_id=1, eos_id=-1).tokens == eager
     assert len({tuple(t) for t in eager}) > 1  # the images lead to different captions
@@ -66,7 +41,7 @@ def test_the_static_step_decodes_the_eager_tokens(fusion):
     ],
 )
 def test_a_decoder_without_a_static_step_says_why(fusion, text, reason):
-    model = captioner(fusion, **text)
+    model = shaken_captioner(fusion, **text)
     assert reason in supports(model)
     with pytest.raises(ValueError, match=reason):
         StaticDecoder(model)
@@ -76,8 +51,8 @@ def test_a_decoder_without_a_static_step_says_why(fusion, text, reason):
 def exported(tmp_path):
     """A tiny captioner saved as a model folder, and its ONNX export."""
     require_module("onnxruntime")
-    tokenizer = Tokenizer.build([WORDS])
-    model = captioner("gated_cross_attention", vocab_size=len(tokenizer))
+    tokenizer = Tokenizer.build([CAPTION_WORDS])
+    model = shaken_captioner("gated_cross_attention", vocab_size=len(tokenizer))
     model.save_pretrained(tmp_path / "model", tokenizer)
     return tmp_path / "model", export_onnx(model, tmp_path / "onnx", tmp_path / "model")
 
@@ -87,7 +62,7 @@ def test_onnx_runtime_decodes_the_eager_tokens(exported):
     eager = Pipeline.load(model_folder, device="cpu", runtime="torch")
     onnx = Pipeline.load(onnx_folder, device="cpu")  # auto: the folder has graphs
     assert (eager.runtime, onnx.runtime) == ("torch", "onnx")
-    pictures = images(4)
+    pictures = random_images(4)
     for beam in (1, 3):
         expected = eager.generate(pictures, beam_size=beam).tokens
         assert onnx.generate(pictures, beam_size=beam).tokens == expected
@@ -101,7 +76,7 @@ def test_int8_graphs_stay_within_a_tenth_of_the_fp32_logits(exported):
     is loose for a random 32-wide model with every weight pushed off its initialisation; on
     trained models see benchmarks/results/onnx_quickstart.json."""
     _, onnx_folder = exported
-    pictures, first = images(4), torch.ones(4, 1, dtype=torch.long)
+    pictures, first = random_images(4), torch.ones(4, 1, dtype=torch.long)
     logits = {}
     for weights in ("fp32", "int8"):
         decoder = OnnxDecoder(onnx_folder, weights)
@@ -119,7 +94,7 @@ def test_the_cli_exports_and_captions_with_either_runtime(exported, tmp_path, ca
     picture = tmp_path / "picture.png"
     from PIL import Image
 
-    Image.fromarray(images(1)[0].permute(1, 2, 0).numpy()).save(picture)
+    Image.fromarray(random_images(1)[0].permute(1, 2, 0).numpy()).save(picture)
     captions = []
     for runtime in ("torch", "onnx"):
         capsys.readouterr()

@@ -83,6 +83,7 @@ def export_compiled(
     """Compile `model`'s caption decoding ahead of time into `out` (with a copy of the files of
     `model_folder`, if given and `copy`). Returns `out`."""
     static = StaticDecoder(model).eval()  # raises, naming why, for a model without one
+    require_compiler()
     out = Path(out)
     copy_model_files(model_folder if copy else None, out)
     device = next(model.parameters()).device
@@ -110,6 +111,19 @@ def export_compiled(
     }
     _write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def require_compiler() -> None:
+    """AOTInductor writes C++ and builds it: say so, before tracing, if there is no compiler."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as error:  # torch's InvalidCxxCompiler names what it looked for
+        raise RuntimeError(
+            "compiling the caption decoder (AOTInductor) needs a C++ compiler: install g++ or "
+            "clang++, or name one in CXX; or decode with --runtime torch (or onnx)"
+        ) from error
 
 
 def _compile(module: nn.Module, inputs: tuple, shapes: tuple, package: Path) -> None:
