@@ -93,9 +93,11 @@ def export_compiled(
     started = time.perf_counter()
     with torch.no_grad():
         _, cache = static.start(images)
-        token, position = torch.ones(2, dtype=torch.long, device=device), images.new_tensor(0)
-        step_inputs = (token, position.long(), cache.self_k, cache.self_v)
-        step_inputs += (cache.image_k, cache.image_v)
+        token, position = (
+            torch.ones(2, dtype=torch.long, device=device),
+            torch.tensor(0, device=device),
+        )
+        step_inputs = (token, position, cache.self_k, cache.self_v, cache.image_k, cache.image_v)
         cached = {1: batch}
         _compile(ImageKeys(static), (images,), ({0: batch},), out / IMAGE_PACKAGE)
         step_shapes = ({0: batch}, None, cached, cached, cached, cached)
@@ -142,6 +144,15 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(f.name, path)
 
 
+def _build(manifest: dict) -> tuple:
+    """What packages only run on: their format, torch version and device type."""
+    return manifest.get("format"), manifest.get("torch"), manifest.get("device")
+
+
+def _this_build(device: torch.device) -> tuple:
+    return FORMAT, torch.__version__, device.type
+
+
 def current_packages(model_folder: Path, device: torch.device) -> Path | None:
     """The folder of `model_folder`'s packages if they were built by this torch for `device`
     (and, in its cache, from its current weights); else None."""
@@ -149,8 +160,7 @@ def current_packages(model_folder: Path, device: torch.device) -> Path | None:
     if found is None:
         return None
     manifest = json.loads((found / MANIFEST).read_text())
-    build = (manifest.get("format"), manifest.get("torch"), manifest.get("device"))
-    if build != (FORMAT, torch.__version__, device.type):
+    if _build(manifest) != _this_build(device):
         return None
     if found != model_folder and manifest.get("weights_sha256") != fingerprint(model_folder):
         return None
@@ -184,17 +194,11 @@ class CompiledDecoder(ExportedDecoder):
                 f"`vtfuse export RUN --compiled {folder}`"
             )
         self.manifest = json.loads((folder / MANIFEST).read_text())
-        m = self.manifest
-        built = f"format {m.get('format')}, torch {m.get('torch')}, {m.get('device')}"
-        if (m.get("format"), m.get("torch"), m.get("device")) != (
-            FORMAT,
-            torch.__version__,
-            device.type,
-        ):
+        if (built := _build(self.manifest)) != (this := _this_build(device)):
             raise CheckpointError(
-                f"{folder / MANIFEST}: packages built for {built}; this is format {FORMAT}, "
-                f"torch {torch.__version__}, {device.type}: compile them again with "
-                f"`vtfuse export RUN --compiled {folder}`"
+                f"{folder / MANIFEST}: packages built for format {built[0]}, torch {built[1]}, "
+                f"{built[2]}; this is format {this[0]}, torch {this[1]}, {this[2]}: compile "
+                f"them again with `vtfuse export RUN --compiled {folder}`"
             )
         load = torch._inductor.aoti_load_package
         self.image_package = load(str(folder / IMAGE_PACKAGE))
