@@ -5,17 +5,16 @@ Each request is submitted with a *group* key — requests of one group can be ba
 (e.g. captions with the same beam size) — and awaits its own result. A single worker task
 takes the first waiting request, gathers more of its group for up to `max_wait_ms` or until
 `max_batch`, and runs the batch function on one inference thread, off the event loop. The
-queue is
-bounded: when it is full, `submit` raises `Busy` at once (the app answers 503 + Retry-After).
-A request whose group is `Alone()` runs by itself, without waiting for company, but in the
-same queue, under the same bound and on the same worker as the batches.
+queue is bounded: when it is full, `submit` raises `Busy` at once (the app answers 503 +
+Retry-After). A request whose group is `Alone()` runs by itself, without waiting for company,
+but in the same queue, under the same bound and on the same worker as the batches.
 
 The inference thread runs PyTorch with `threads` intra-op threads (default 1). PyTorch's
-parallel regions (OpenMP) started from a thread other than the main one cost about 60 µs more
-each (measured on the 2-core benchmark machine: an in-place add over 200 000 floats, 12 µs from
-the main thread, 73 µs from another), and a decoding step is a few dozen such operations: the
-quickstart's captioner decoded a batch of 16 in 240 ms on a second thread with 2 PyTorch
-threads, 100 ms with 1, 83 ms on the main thread with 2.
+parallel regions (OpenMP) started from a thread other than the main one cost far more, and a
+decoding step is a few dozen of them: on the 2-core benchmark machine an in-place add over
+200 000 floats took 11.8 µs from the main thread with 2 PyTorch threads, 77.9 µs from a second
+thread with 2 and 17.2 µs with 1, and the quickstart's captioner decoded a batch of 16 in 87.7,
+233.0 and 110.7 ms (`benchmarks/threads.py`, `benchmarks/results/threads.json`).
 """
 
 from __future__ import annotations
