@@ -24,6 +24,7 @@ Greedy decoding, sampling and beam search are vtfuse's own loops (`CompiledDecod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -66,10 +67,17 @@ def packages_for(folder: str | Path) -> Path | None:
 
 
 def fingerprint(model_folder: str | Path | None) -> str:
-    """SHA-256 of a model folder's weights file ("" without one)."""
+    """SHA-256 of a model folder's weights file ("" without one); hashed once per file state
+    (`auto` and the loader both ask when a folder has a cache)."""
     path = Path(model_folder) / WEIGHTS_FILE if model_folder else None
     if path is None or not path.is_file():
         return ""
+    stat = path.stat()
+    return _sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
         while chunk := file.read(1 << 20):
