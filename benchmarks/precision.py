@@ -5,12 +5,15 @@
     python benchmarks/precision.py --out DIR         # precision.png/.json (default results/)
     python benchmarks/precision.py --data DIR        # reuse scenes from `vtfuse synth --out DIR`
     python benchmarks/precision.py --model small --noise   # precision_small.png/.json
+    python benchmarks/precision.py --task vqa --model default --data DIR  # precision_vqa_default
 
 `--model`: quickstart (its captioner, the default), default (`ModelConfig(task="caption")`,
-`TrainConfig()`), small or base (run.py's matched ViT captioners, at batch 32): the sizes
-behind `--precision auto`'s threshold (`vtfuse.runtime.BF16_MIN_PARAMETERS`). `--noise` adds a
+`TrainConfig()`), small or base (run.py's matched ViT captioners, at batch 32): the figures
+behind `--precision auto`'s timing its own step (`vtfuse.training.precision`). `--noise` adds a
 third run, fp32 from the same weights with the batches in another order: the gap noise alone
 makes, to hold the bf16 − fp32 gap against.
+
+`--task vqa` trains the VQA model instead (answers as the tokenizer finds them in the data).
 
 Trains the captioner (its model config, batch size, learning rate, AdamW from
 `make_optimizer`, warm-up + cosine schedule over the fixed number of steps, gradient clipping)
@@ -58,7 +61,7 @@ from vtfuse.training.optim import make_optimizer, warmup_cosine
 from vtfuse.training.setup import build_tokenizer
 from vtfuse.training.trainer import validate
 
-TASK = "caption"
+TASKS = ("caption", "vqa")
 PRECISIONS = ("fp32", "bf16")
 OTHER_ORDER = "fp32, other order"
 WARMUP_STEPS = 5  # left out of the samples/s
@@ -136,35 +139,38 @@ def batches(train_set, config, steps: int):
 MODELS = ("quickstart", "default", "small", "base")
 
 
-def model_and_schedule(name: str) -> tuple[ModelConfig, TrainConfig]:
-    """quickstart: its captioner and schedule; default: `ModelConfig(task="caption")` and
+def model_and_schedule(name: str, task: str) -> tuple[ModelConfig, TrainConfig]:
+    """quickstart: its model and schedule for `task`; default: `ModelConfig(task=task)` and
     `TrainConfig()`; small, base: run.py's matched captioners (ViT + Transformer decoder, their
     vocabulary size kept) at batch 32."""
     if name == "quickstart":
-        stage = QuickstartPlan().caption
+        stage = getattr(QuickstartPlan(), task)
         return stage.model, stage.train
     if name == "default":
-        return ModelConfig(task=TASK), TrainConfig()
+        return ModelConfig(task=task), TrainConfig()
+    if task != "caption":
+        raise SystemExit(f"--model {name} is a captioner: use --task caption")
     return vtfuse_config(SIZES[name]), TrainConfig(batch_size=32)
 
 
 def train_both(
-    data: Path, name: str, steps: int, seed: int, noise: bool, dev: torch.device
+    data: Path, task: str, name: str, steps: int, seed: int, noise: bool, dev: torch.device
 ) -> tuple[dict, dict]:
-    model_config, config = model_and_schedule(name)
-    config = dataclasses.replace(with_task_schedule(config, TASK), seed=seed)
-    records = read_jsonl(data / f"{TASK}_train.jsonl", TASK)
-    tokenizer = build_tokenizer(TASK, records, model_config)
+    model_config, config = model_and_schedule(name, task)
+    config = dataclasses.replace(with_task_schedule(config, task), seed=seed)
+    records = read_jsonl(data / f"{task}_train.jsonl", task)
+    tokenizer = build_tokenizer(task, records, model_config)
     vocab = max(len(tokenizer), model_config.text.vocab_size)
     text = dataclasses.replace(model_config.text, vocab_size=vocab)
-    model_config = dataclasses.replace(model_config, task=TASK, text=text)
+    answers = len(tokenizer.answers) if task == "vqa" else 0
+    model_config = dataclasses.replace(model_config, task=task, text=text, num_answers=answers)
     size, max_length = model_config.vision.image_size, model_config.text.max_length
     train_set = task_dataset(
-        TASK, load_records(records, size, progress=False), tokenizer, max_length
+        task, load_records(records, size, progress=False), tokenizer, max_length
     )
-    val_loaded = load_records(read_jsonl(data / f"{TASK}_val.jsonl", TASK), size, progress=False)
+    val_loaded = load_records(read_jsonl(data / f"{task}_val.jsonl", task), size, progress=False)
     val_loader = DataLoader(
-        task_dataset(TASK, val_loaded, tokenizer, max_length),
+        task_dataset(task, val_loaded, tokenizer, max_length),
         batch_size=config.eval_batch_size,
         collate_fn=collate,
     )
@@ -187,13 +193,14 @@ def train_both(
         "batch_size": config.batch_size,
         "lr": config.lr,
         "seed": seed,
+        "task": task,
         "model_name": name,
         "parameters": model.num_parameters(),
         "model": dataclasses.asdict(model_config),
     }
     print(
-        f"{name} captioner ({model.num_parameters() / 1e6:.2f}M parameters), "
-        f"{len(records)} training images ({len(train_set)} captions), batch "
+        f"{name} {task} model ({model.num_parameters() / 1e6:.2f}M parameters), "
+        f"{len(records)} training records ({len(train_set)} samples), batch "
         f"{config.batch_size}, lr {config.lr:g}: {steps} steps ({epochs:.1f} epochs) per precision"
     )
     every = max(1, steps // 10)
@@ -273,7 +280,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps per precision (300; quick 60)")
     parser.add_argument("--window", type=int, help="smoothing window in steps (25; quick 10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", choices=MODELS, default="quickstart", help="which captioner")
+    parser.add_argument("--task", choices=TASKS, default="caption")
+    parser.add_argument("--model", choices=MODELS, default="quickstart", help="which model")
     parser.add_argument(
         "--noise",
         action="store_true",
@@ -297,7 +305,7 @@ def main() -> None:
             command = [sys.executable, "-m", "vtfuse", "synth", "--out", str(data)]
             subprocess.run([*command, "--images", str(images)], check=True, capture_output=True)
             print(f"synthesised {images} scenes into {data}")
-        runs, report = train_both(data, args.model, steps, args.seed, args.noise, dev)
+        runs, report = train_both(data, args.task, args.model, steps, args.seed, args.noise, dev)
 
     smoothed = {precision: smooth(run.losses, window) for precision, run in runs.items()}
     gaps = [abs(b - f) for b, f in zip(smoothed["bf16"], smoothed["fp32"], strict=True)]
@@ -362,9 +370,11 @@ def main() -> None:
         "step_seconds": {p: r.seconds for p, r in runs.items()},
     }
     stem = "precision" if args.model == "quickstart" else f"precision_{args.model}"
+    if args.task != "caption":
+        stem = f"precision_{args.task}_{args.model}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     title = (
-        f"vtfuse {args.model} captioner, bf16 autocast vs fp32 ({dev}, "
+        f"vtfuse {args.model} {args.task} model, bf16 autocast vs fp32 ({dev}, "
         f"{torch.get_num_threads()} threads): samples/s bf16/fp32 {speed:.2f}x, max smoothed "
         f"|Δloss| {gaps[worst]:.3f}"
     )

@@ -1,33 +1,12 @@
-"""Where and how a model runs: the precision `--precision auto` picks."""
+"""Where and how a model runs: which hardware has bf16 matrix units."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from vtfuse import runtime
-from vtfuse.runtime import BF16_MIN_PARAMETERS, training_precision
 
 CPU = torch.device("cpu")
-
-
-@pytest.mark.parametrize("fast", [False, True])
-def test_auto_is_bf16_only_for_a_large_model_on_bf16_hardware(monkeypatch, fast):
-    monkeypatch.setattr(runtime, "bf16_is_fast", lambda device: fast)
-    assert training_precision("auto", CPU, BF16_MIN_PARAMETERS - 1) == "fp32"
-    assert training_precision("auto", CPU, BF16_MIN_PARAMETERS) == ("bf16" if fast else "fp32")
-
-
-@pytest.mark.parametrize("asked", ["fp32", "bf16"])
-def test_an_explicit_precision_is_kept(monkeypatch, asked):
-    monkeypatch.setattr(runtime, "bf16_is_fast", lambda device: asked == "fp32")
-    assert training_precision(asked, CPU, 10**9) == asked
-    assert training_precision(asked, CPU, 10) == asked
-
-
-def test_an_unknown_precision_names_the_choices():
-    with pytest.raises(ValueError, match=r"'fp16'.*auto, fp32, bf16"):
-        training_precision("fp16", CPU, 10)
 
 
 def test_bf16_hardware_on_the_cpu_is_read_from_its_flags(monkeypatch, tmp_path):

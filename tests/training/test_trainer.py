@@ -268,22 +268,24 @@ def test_a_run_killed_with_sigkill_resumes_to_identical_weights(data, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("asked", "fast", "used"),
+    ("asked", "fast", "speedup", "used"),
     [
-        ("auto", False, "fp32"),
-        ("auto", True, "bf16"),
-        ("fp32", True, "fp32"),
-        ("bf16", False, "bf16"),
+        ("auto", False, 2.0, "fp32"),
+        ("auto", True, 2.0, "bf16"),
+        ("auto", True, 0.8, "fp32"),
+        ("fp32", True, 2.0, "fp32"),
+        ("bf16", False, 0.8, "bf16"),
     ],
 )
 def test_the_precision_used_is_recorded_and_bf16_trains(
-    data, tmp_path, monkeypatch, asked, fast, used
+    data, tmp_path, monkeypatch, asked, fast, speedup, used
 ):
-    """`auto` picks bf16 for a model of BF16_MIN_PARAMETERS or more on bf16 hardware (the tiny
-    model passes with the floor at 0); run.json records the precision used, and a bf16 run
-    learns as fp32 does."""
-    monkeypatch.setattr("vtfuse.runtime.BF16_MIN_PARAMETERS", 0)
-    monkeypatch.setattr("vtfuse.runtime.bf16_is_fast", lambda device: fast)
+    """`auto` picks bf16 on bf16 hardware when it times bf16's step faster (the timing stands in
+    for, and the tiny model passes with the parameter floor at 0); run.json records the
+    precision used, and a bf16 run learns as fp32 does."""
+    monkeypatch.setattr("vtfuse.training.precision.MIN_PARAMETERS", 0)
+    monkeypatch.setattr("vtfuse.training.precision.bf16_is_fast", lambda device: fast)
+    monkeypatch.setattr("vtfuse.training.precision.step_speedup", lambda *a, **k: speedup)
     result = run(data, tmp_path / asked, "caption", epochs=4, batch_size=8, precision=asked)
     recorded = json.loads((tmp_path / asked / "run.json").read_text())["train_config"]["precision"]
     assert recorded == used

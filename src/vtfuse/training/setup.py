@@ -26,12 +26,13 @@ from vtfuse.grad_checkpointing import set_grad_checkpointing
 from vtfuse.models.base import TaskModel
 from vtfuse.models.factory import create_model, load_pretrained
 from vtfuse.models.warm_start import warm_start
-from vtfuse.runtime import resolve_device, seed_everything, training_precision
+from vtfuse.runtime import resolve_device, seed_everything
 from vtfuse.tasks import read_jsonl, task_dataset, task_spec
-from vtfuse.training.batches import micro_batches_per_epoch
+from vtfuse.training.batches import epoch_batches, micro_batches_per_epoch
 from vtfuse.training.checkpoint import load_training_state, recover, resolve_model_folder
 from vtfuse.training.distributed import DataParallel, Distributed
 from vtfuse.training.optim import make_optimizer, warmup_cosine, warmup_cosine_on_the_clock
+from vtfuse.training.precision import choose_precision
 
 RUN_FILE, LOG_FILE = "run.json", "log.jsonl"
 
@@ -170,13 +171,12 @@ def setup(
     else:
         model, tokenizer = new_model(task, records, model_config, config, allow_pickle, say)
     model.to(device).train()
-    precision = training_precision(config.precision, device, model.num_parameters())
-    config = dataclasses.replace(config, precision=precision)
     if config.grad_checkpointing:
         parts = set_grad_checkpointing(model)
         say(f"gradient checkpointing in: {', '.join(parts) or 'nothing (no part supports it)'}")
     train_set = training_set(task, train_path, records, model, tokenizer, config, progress, say)
     val_loader = validation_loader(task, val_path, model, tokenizer, config, progress)
+    config = with_precision(model, train_set, config, device, parallel, say)
 
     epochs = config.epoch_count
     batches_per_epoch = micro_batches_per_epoch(len(train_set), config, parallel)
@@ -275,6 +275,29 @@ def validation_loader(
         batch_size=config.eval_batch_size,
         collate_fn=collate,
     )
+
+
+def with_precision(
+    model: TaskModel,
+    train_set: ImageTextDataset | ShardDataset,
+    config: TrainConfig,
+    device: torch.device,
+    parallel: Distributed,
+    say: Callable[[str], None],
+) -> TrainConfig:
+    """`config` with the precision the run trains in: `--precision auto` times the model's
+    first batch in fp32 and under bf16 autocast and keeps the faster
+    (`vtfuse.training.precision`)."""
+
+    def first_batch() -> dict[str, torch.Tensor]:
+        return next(iter(epoch_batches(train_set, 0, 0, config, parallel)))
+
+    precision, speedup = choose_precision(
+        config.precision, model, first_batch, device, parallel, config.label_smoothing, config.fsdp
+    )
+    if speedup is not None:
+        say(f"--precision auto: {precision} (a bf16 autocast step ran {speedup:.2f}× fp32's)")
+    return dataclasses.replace(config, precision=precision)
 
 
 def describe(run: Run, steps_per_epoch: int) -> str:
