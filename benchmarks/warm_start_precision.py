@@ -38,9 +38,21 @@ def train(task: str, data: Path, out: Path, epochs: int, seed: int, *flags: str)
     ]  # fmt: skip
 
 
+def finished(command: list[str]) -> bool:
+    """Whether the run this command writes is already in its folder, all its epochs done (a
+    `--runs` folder from an earlier call is reused)."""
+    log = Path(command[command.index("--out") + 1]) / "log.jsonl"
+    epochs = int(command[command.index("--epochs") + 1])
+    return log.exists() and any(
+        json.loads(line).get("epoch") == epochs and "val_loss" in line
+        for line in log.read_text().splitlines()
+    )
+
+
 def run_pairs(commands: list[list[str]]) -> None:
     """Two at a time, one core each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    commands = [command for command in commands if not finished(command)]
     for start in range(0, len(commands), 2):
         processes = [
             subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL)
