@@ -121,9 +121,10 @@ class TrainConfig:
     max_minutes: float = 0.0
     save_every: int = 500  # also write the `last` checkpoint every N steps
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
-    # bf16: autocast (weights, gradients and optimiser state stay fp32); auto: bf16 when the
-    # model's first batch trains faster under it, timed on a GPU or CPU with bf16 matrix units,
-    # else fp32 (vtfuse.training.precision). The run's config records the one used
+    # bf16: autocast (weights, gradients and optimiser state stay fp32); auto: for a model of
+    # 4M parameters or more on a GPU or CPU with bf16 matrix units, bf16 when its first batch
+    # trains faster under it (timed), else fp32 (vtfuse.training.precision). The run's config
+    # records the one used
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_workers: int = 0  # data-loading worker processes
     shuffle: bool = True  # shuffle the examples every epoch; False: file (or shard) order
