@@ -1,28 +1,37 @@
 """How many steps until a VQA model trained from scratch looks, and at what: one variant at a time.
 
     python benchmarks/steps_to_look.py TRAIN.jsonl VAL.jsonl --name NAME [--kinds shape,...]
-        [--steps 1000] [--every 250] [--model '{"vision": {"depth": 1}}'] [--seed 0]
+        [--steps 1000] [--every 250] [--model '{"vision": {"depth": 1}}']
+        [--train-config '{"batch_size": 32}'] [--cnn-branch-gain 0.3] [--seed 0] [--order-seed 0]
 
 Trains vtfuse's default VQA model on TRAIN's questions (of `--kinds` only, when given; every
 setting the library's default, the model's fields overridden by `--model`, a JSON object of
 ModelConfig parts) for `--steps` steps, the learning-rate schedule laid over those steps, and
-every `--every` steps records on VAL: the accuracy per question kind (the lines' `"kind"`), the
-gradient norm reaching the vision encoder, the image tokens' spread across images and the
-attention entropy (see `blindness.py`). Counted in steps, not minutes, so the machine's load
-does not change the figures. Appends the curve to `benchmarks/results/steps_to_look.json`
-under NAME.
+every `--every` steps records on VAL: the accuracy per question kind (the lines' `"kind"`, else
+their `"type"`), the gradient norm reaching the vision encoder, the image tokens' spread across
+images and the attention entropy (see `blindness.py`). Counted in steps, not minutes, so the
+machine's load does not change the figures. Appends the curve to
+`benchmarks/results/steps_to_look.json` under NAME.
 
 Used for the default `vision.depth` (no Transformer layer after a CNN): on the "what shape is
 the red object?" questions of `vtfuse synth --style sort-of-clevr` (`--kinds shape`), depth 0
 against 1: `--name shape_depth0 --model '{"vision": {"depth": 0}}'` and the same with 1.
+
+And for the CNN's initial scale beside the pixel shortcut (`vision.CNN_BRANCH_GAIN`): on the
+built-in scenes (`vtfuse synth --out DATA`, what `vtfuse compare` trains on), `--name
+scenes_gain1_s1 --steps 1200 --every 300 --cnn-branch-gain 1 --seed 1`, the same with 0.3,
+for seeds 0, 1, 2. `--seed` seeds the initial weights and
+`--order-seed` the batch order, to tell a slow start from a slow draw.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +41,7 @@ from torch.utils.data import DataLoader
 from vtfuse.config import ModelConfig, TrainConfig
 from vtfuse.data.bank import load_records
 from vtfuse.data.items import collate
+from vtfuse.encoders import vision
 from vtfuse.models.factory import create_model
 from vtfuse.runtime import seed_everything
 from vtfuse.tasks import read_jsonl, task_dataset, with_task_schedule
@@ -58,13 +68,28 @@ def model_config(overrides: dict, vocabulary: int, answers: int) -> ModelConfig:
     return dataclasses.replace(base, task="vqa", num_answers=answers, **parts)
 
 
+@contextlib.contextmanager
+def cnn_branch_gain(gain: float) -> Iterator[None]:
+    """Models built inside start their CNN output layer at `gain` (the library's is restored
+    after)."""
+    default, vision.CNN_BRANCH_GAIN = vision.CNN_BRANCH_GAIN, gain
+    try:
+        yield
+    finally:
+        vision.CNN_BRANCH_GAIN = default
+
+
 def run(args: argparse.Namespace) -> list[dict]:
-    config = dataclasses.replace(with_task_schedule(TrainConfig(), "vqa"), seed=args.seed)
+    order_seed = args.seed if args.order_seed is None else args.order_seed
+    config = with_task_schedule(TrainConfig(), "vqa")
+    config = dataclasses.replace(config, seed=order_seed, **json.loads(args.train_config))
     seed_everything(args.seed)
     records = of_kinds(read_jsonl(args.train, "vqa"), args.kinds)
     tokenizer = build_tokenizer("vqa", records, ModelConfig())
     overrides = json.loads(args.model)
-    model = create_model(model_config(overrides, len(tokenizer), len(tokenizer.answers))).train()
+    with cnn_branch_gain(args.cnn_branch_gain):
+        model = create_model(model_config(overrides, len(tokenizer), len(tokenizer.answers)))
+    model.train()
     size, length = model.config.vision.image_size, model.config.text.max_length
 
     def dataset(rows):
@@ -73,7 +98,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     train_set = dataset(records)
     val_records = of_kinds(read_jsonl(args.val, "vqa"), args.kinds)
     loader = DataLoader(dataset(val_records), batch_size=256, collate_fn=collate)
-    kinds = [record.fields.get("kind", "") for record in val_records]
+    kinds = [record.fields.get("kind", record.fields.get("type", "")) for record in val_records]
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps, config))
     curve, step = [], 0
@@ -95,7 +120,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     return curve
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("train", type=Path)
     parser.add_argument("val", type=Path)
@@ -104,14 +129,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--model", default="{}", help="ModelConfig overrides, a JSON object")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train-config", default="{}", help="TrainConfig overrides, e.g. '{\"batch_size\": 32}'"
+    )
+    parser.add_argument(
+        "--cnn-branch-gain",
+        type=float,
+        default=vision.CNN_BRANCH_GAIN,
+        help="the CNN output layer's initial scale beside the pixel shortcut (1: PyTorch's)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights")
+    parser.add_argument(
+        "--order-seed", type=int, default=None, help="seeds the batch order (default: --seed)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     curve = run(args)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     command = ["python benchmarks/steps_to_look.py", args.train.name, args.val.name]
     command += ["--name", args.name, *(["--kinds", args.kinds] if args.kinds else [])]
-    command += ["--steps", str(args.steps), "--model", f"'{args.model}'"]
+    command += ["--steps", str(args.steps), "--every", str(args.every)]
+    command += ["--model", f"'{args.model}'", "--seed", str(args.seed)]
+    command += [] if args.order_seed is None else ["--order-seed", str(args.order_seed)]
+    command += [] if args.train_config == "{}" else ["--train-config", f"'{args.train_config}'"]
+    command += ["--cnn-branch-gain", str(args.cnn_branch_gain)]
     results[args.name] = {"command": " ".join(command), "seed": args.seed, "curve": curve}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -132,3 +132,28 @@ def test_the_video_benchmark_runs_the_readmes_commands(tmp_path, monkeypatch):
         assert {"accuracy", "which_way", "does_it_move", "epochs", "minutes"} <= row.keys()
         assert row["which_way"] is not None and row["does_it_move"] is not None
     assert report["config"]["train"]["epochs"] == 2 and report["data"]["test"]["questions"] > 0
+
+
+def test_steps_to_look_records_its_variant_and_restores_the_default(tmp_path):
+    """The onset benchmark trains the step count it is given, records the command that makes
+    its curve again, and builds its model at `--cnn-branch-gain` without changing the
+    library's default for anything built after it."""
+    from vtfuse.compare.runs import synthetic_data
+    from vtfuse.encoders import vision
+
+    steps_to_look = require_module("steps_to_look")
+    data = synthetic_data(tmp_path / "data", "vqa", 12, progress=False)
+    out = tmp_path / "steps.json"
+    tiny = '{"vision": {"channels": [8, 8, 16], "dim": 16}, "text": {"dim": 16, "depth": 1}}'
+    flags = ["--steps", "2", "--every", "1", "--model", tiny, "--seed", "3", "--out", str(out)]
+    data_flags = [str(data.train), str(data.val), *flags]
+    steps_to_look.main([*data_flags, "--name", "full", "--cnn-branch-gain", "1"])
+    assert vision.CNN_BRANCH_GAIN == 0.3
+    steps_to_look.main([*data_flags, "--name", "default", "--order-seed", "4"])
+    results = json.loads(out.read_text())
+    assert [point["step"] for point in results["default"]["curve"]] == [1, 2]
+    assert {"accuracy_relational", "accuracy_non-relational"} <= results["default"]["curve"][
+        -1
+    ].keys()
+    assert "--seed 3 --order-seed 4 --cnn-branch-gain 0.3" in results["default"]["command"]
+    assert "--cnn-branch-gain 1.0" in results["full"]["command"]

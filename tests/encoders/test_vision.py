@@ -79,3 +79,24 @@ def test_unset_depth_is_the_encoders_own_and_a_model_saves_it(name, layers, tmp_
     model.save_pretrained(tmp_path, Tokenizer.build(["a"], answers=["x", "y", "z"]))
     saved = json.loads((tmp_path / "config.json").read_text())["model"]["vision"]["depth"]
     assert saved == layers
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "vgg"])
+def test_untrained_cnn_is_quieter_than_the_pixel_shortcut(name):
+    """At initialisation the image-to-image variation of the CNN's features is below that of
+    the shortcut's colours, so attention can find a colour before the CNN has learned anything
+    (ConvStemEncoder, CNN_BRANCH_GAIN); without a shortcut the CNN keeps its full scale."""
+    config = VisionConfig(name=name, **(SMALL | {"dim": 64}))
+    images = torch.rand(16, 3, 48, 48) * 2 - 1
+
+    def across_images(features: torch.Tensor) -> float:
+        return features.std(0).pow(2).mean().sqrt().item()
+
+    torch.manual_seed(0)
+    encoder = create_vision_encoder(config)
+    with torch.no_grad():
+        cnn, shortcut = encoder.stem(images), encoder.shortcut(images)
+    assert across_images(cnn) < 0.6 * across_images(shortcut)
+    plain = create_vision_encoder(dataclasses.replace(config, pixel_shortcut=False))
+    quiet, full = encoder.stem[-1].weight.std(), plain.stem[-1].weight.std()
+    assert (quiet / full).item() == pytest.approx(0.3, rel=0.15)  # 64 × 16 draws of each
