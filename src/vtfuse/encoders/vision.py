@@ -184,11 +184,12 @@ class ConvStemEncoder(VisionEncoder):
     features are random functions of the image; at full scale they vary across images 1.3–1.7×
     as much as the shortcut's colours do (three seeds), and how soon "red" found red under that
     noise was a lottery of the initial weights. Measured on the built-in scenes (VQA from
-    scratch, 1200 steps, `benchmarks/steps_to_look.py`, seeds 0–2, the note of issue 15): the
-    non-relational questions at 900 steps went from 0.999 / 0.70 / 0.96 to 0.999 / 0.997 /
-    0.997; overall at 1200 steps from 0.795 ± 0.135 to 0.839 ± 0.058 (the relational ones are
-    what still differs). At 0.1 shape came later (0.785 overall, seeds 1 and 2); at zero (the
-    CNN grown from nothing) place was learnt at once but shape stalled (0.58–0.68).
+    scratch, 1200 steps, seeds 0–2: `benchmarks/steps_to_look.py --cnn-branch-gain G`, stored
+    as `scenes_gain*` in `benchmarks/results/steps_to_look.json`): the non-relational questions
+    at 900 steps went from 0.999 / 0.70 / 0.96 to 0.999 / 0.997 / 0.997; overall at 1200 steps
+    from 0.795 ± 0.135 to 0.839 ± 0.058 (the relational ones are what still differs). At 0.1
+    shape came later (0.785 overall, seeds 1 and 2); at zero (the CNN grown from nothing) place
+    was learnt at once but shape stalled (0.58–0.68; both in the note of issue 15).
     """
 
     stem: nn.Sequential
