@@ -20,8 +20,8 @@ against 1: `--name shape_depth0 --model '{"vision": {"depth": 0}}'` and the same
 And for the CNN's initial scale beside the pixel shortcut (`vision.CNN_BRANCH_GAIN`): on the
 built-in scenes (`vtfuse synth --out DATA`, what `vtfuse compare` trains on), `--name
 scenes_gain1_s1 --steps 1200 --every 300 --cnn-branch-gain 1 --seed 1`, the same with 0.3,
-for seeds 0, 1, 2. `--seed` seeds the initial weights and
-`--order-seed` the batch order, to tell a slow start from a slow draw.
+for seeds 0, 1, 2. `--seed` seeds the initial weights and `--order-seed` the batch order, to
+tell a slow start from a slow draw.
 """
 
 from __future__ import annotations
@@ -52,10 +52,15 @@ from vtfuse.training.setup import build_tokenizer
 RESULTS = Path(__file__).parent / "results" / "steps_to_look.json"
 
 
+def kind_of(record) -> str:
+    """A question's kind: its line's `"kind"`, else its `"type"` (the built-in scenes')."""
+    return record.fields.get("kind", record.fields.get("type", ""))
+
+
 def of_kinds(records: list, kinds: str) -> list:
-    """The records whose `"kind"` is one of the comma-separated `kinds` (all when empty)."""
+    """The records whose kind is one of the comma-separated `kinds` (all when empty)."""
     wanted = set(filter(None, kinds.split(",")))
-    return [r for r in records if not wanted or r.fields.get("kind") in wanted]
+    return [r for r in records if not wanted or kind_of(r) in wanted]
 
 
 def model_config(overrides: dict, vocabulary: int, answers: int) -> ModelConfig:
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     train_set = dataset(records)
     val_records = of_kinds(read_jsonl(args.val, "vqa"), args.kinds)
     loader = DataLoader(dataset(val_records), batch_size=256, collate_fn=collate)
-    kinds = [record.fields.get("kind", record.fields.get("type", "")) for record in val_records]
+    kinds = [kind_of(record) for record in val_records]
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps, config))
     curve, step = [], 0

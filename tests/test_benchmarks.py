@@ -151,9 +151,8 @@ def test_steps_to_look_records_its_variant_and_restores_the_default(tmp_path):
     assert vision.CNN_BRANCH_GAIN == 0.3
     steps_to_look.main([*data_flags, "--name", "default", "--order-seed", "4"])
     results = json.loads(out.read_text())
-    assert [point["step"] for point in results["default"]["curve"]] == [1, 2]
-    assert {"accuracy_relational", "accuracy_non-relational"} <= results["default"]["curve"][
-        -1
-    ].keys()
+    curve = results["default"]["curve"]
+    assert [point["step"] for point in curve] == [1, 2]
+    assert {"accuracy_relational", "accuracy_non-relational"} <= curve[-1].keys()
     assert "--seed 3 --order-seed 4 --cnn-branch-gain 0.3" in results["default"]["command"]
     assert "--cnn-branch-gain 1.0" in results["full"]["command"]
