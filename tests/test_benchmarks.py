@@ -156,3 +156,24 @@ def test_steps_to_look_records_its_variant_and_restores_the_default(tmp_path):
     assert {"accuracy_relational", "accuracy_non-relational"} <= curve[-1].keys()
     assert "--seed 3 --order-seed 4 --cnn-branch-gain 0.3" in results["default"]["command"]
     assert "--cnn-branch-gain 1.0" in results["full"]["command"]
+
+
+def test_warm_start_gain_merges_runs_by_gain_and_seed(tmp_path):
+    """The joined file holds each run's headline figures only, ordered by gain then seed."""
+    warm_start_gain = require_module("warm_start_gain")
+    parts = []
+    for gain, seed, r1 in ((1.0, 1, 0.9), (0.3, 0, 0.8), (1.0, 0, 0.7)):
+        caption = {"object_f1": 0.99, "pointing_accuracy": 0.8, "cider": 9.0}
+        retrieval = {key: r1 for key in warm_start_gain.RETRIEVAL_KEYS} | {"examples": 300}
+        part = tmp_path / f"{gain}_{seed}.json"
+        part.write_text(
+            json.dumps({"gain": gain, "seed": seed, "caption": caption, "retrieval": retrieval})
+        )
+        parts.append(part)
+    out = tmp_path / "joined.json"
+    warm_start_gain.main(["--merge", *map(str, parts), "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert [(run["gain"], run["seed"]) for run in runs] == [(0.3, 0), (1.0, 0), (1.0, 1)]
+    assert [run["retrieval"]["i2t_r1"] for run in runs] == [0.8, 0.7, 0.9]
+    assert set(runs[0]["caption"]) == {"object_f1", "pointing_accuracy"}
+    assert "examples" not in runs[0]["retrieval"]

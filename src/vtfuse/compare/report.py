@@ -156,7 +156,7 @@ def plot(path: Path, summaries: dict[str, Summary], task: str) -> None:
         )
     axes.set_xticks(range(len(groups)), labels)
     axes.set_ylabel(f"test {headline} (mean ± std over seeds)")
-    axes.legend(title="fusion", fontsize="small")
+    axes.legend(title="fusion", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
