@@ -119,6 +119,12 @@ def flat(metrics: dict) -> dict[str, float]:
     return {**metrics, **{f"accuracy_{kind}": value for kind, value in by_type.items()}}
 
 
+def mean_std(values: list[float]) -> str:
+    """'mean ± sample std' at three decimals (std 0 for one value)."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
 def summary(results: list[dict], task: str) -> dict[str, str]:
     table = {}
     for key in HEADLINE[task]:
@@ -126,8 +132,7 @@ def summary(results: list[dict], task: str) -> dict[str, str]:
             scores = (flat(r[side]) for r in results)
             values = [score[key] for score in scores if key in score]
             if values:
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                table[f"{side}/{key}"] = f"{statistics.mean(values):.3f} ± {std:.3f}"
+                table[f"{side}/{key}"] = mean_std(values)
     return table
 
 

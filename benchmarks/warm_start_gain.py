@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
+from learning import mean_std
 from steps_to_look import cnn_branch_gain
 
 from vtfuse.config import ModelConfig, TrainConfig
@@ -66,11 +66,6 @@ def run(data: Path, gain: float, seed: int, runs: Path) -> dict:
     }
     (runs / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
-
-
-def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
 def merge(parts: list[Path], out: Path) -> None:
