@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 DEFAULT_EPOCHS = 10  # `TrainConfig.epochs` 0 without a time budget
-FORMAT_VERSION = 4  # bump when a saved checkpoint can no longer be read by this code
+FORMAT_VERSION = 5  # bump when a saved checkpoint can no longer be read by this code
 
 C = TypeVar("C")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vtfuse.config import (
     FORMAT_VERSION,
@@ -659,3 +660,29 @@ def test_fresh_captioner_predicts_near_uniformly():
     assert np.log(config.text.vocab_size) - 0.5 < loss.item() < np.log(config.text.vocab_size) + 1.5
     first_block_input = model.text.token_embedding(torch.arange(20)) * model.text.embedding_scale
     assert 0.8 < first_block_input.std().item() < 1.2
+
+
+def test_format_4_retrieval_checkpoint_is_upgraded_on_load(tmp_path):
+    """Format 4's retrieval model embedded an image as the projected mean of its tokens; a
+    format-4 folder loads with a zero attention pool and embeds images as it did."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = create_model(tiny_config("retrieval")).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder, tokenizer())
+    weights = load_file(folder / "model.safetensors")
+    old = {name: t for name, t in weights.items() if not name.startswith("image_pool.")}
+    assert len(old) < len(weights)
+    save_file(old, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "format_version": 4}))
+
+    upgraded, _ = load_pretrained(folder)
+    images = torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8)
+    with torch.no_grad():
+        embeddings, _ = upgraded.embed_images(images)
+        mean = F.normalize(model.image_projection(model.encode_image(images).mean(dim=1)), dim=-1)
+        pooled, _ = model.embed_images(images)
+    torch.testing.assert_close(embeddings, mean)
+    assert not torch.allclose(pooled, mean, atol=1e-3)  # the new model's pool does more

@@ -235,8 +235,20 @@ def _from_format_3(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tens
     return {**saved, **added}
 
 
+def _from_format_4(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Format 4 → 5: the retrieval model's image embedding gained an attention pool over the
+    mean token (`models.retrieval.AttentionPool`). An old model's is zero, which leaves the
+    mean, so the upgraded model computes what it did."""
+    added = {
+        name: torch.zeros_like(tensor)
+        for name, tensor in model.state_dict().items()
+        if name.startswith("image_pool.") and name not in saved
+    }
+    return {**saved, **added}
+
+
 # UPGRADES[v] turns weights written in format v into format v + 1; older formats are refused
-UPGRADES = {2: _from_format_2, 3: _from_format_3}
+UPGRADES = {2: _from_format_2, 3: _from_format_3, 4: _from_format_4}
 
 
 def _shape_mismatches(own: dict[str, Tensor], saved: dict[str, Tensor]) -> list[str]:
