@@ -13,6 +13,9 @@ clock, bound each run: runs side by side or on a slower day give the same figure
 
 Why: after the quieter start the quickstart's retrieval R@1 fell from 0.98 to 0.89-0.91, on a
 slower day of the machine (fewer steps in its time caps); this separates the two.
+`results/warm_start_gain.json` holds runs of the retrieval model that mean-pooled its image
+tokens (before e75ffe7); `results/warm_start_gain_attention_pool.json` the same commands with
+its attention pool (`--out` names the file).
 """
 
 from __future__ import annotations
