@@ -112,25 +112,31 @@ def test_it_learns_to_retrieve_and_match():
     assert loss.item() < first / 4
 
 
-def test_rerank_puts_the_matching_heads_choice_first():
+def test_rerank_sums_the_matching_heads_log_odds_and_the_contrastive_logit():
     m = model()
     words = Tokenizer.build(["red", "green", "blue"])
     pipe = Pipeline(m, words, torch.device("cpu"))
     texts = ["red", "green", "blue"]
     similarity = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.8, 0.3]])  # 2 images, 3 texts
     image_tokens = m.encode_image(solid(COLOURS[:2])).detach()
-    match = {(0, 0): -1.0, (1, 0): 2.0, (0, 1): 0.5, (1, 1): 0.0, (2, 0): 0.0, (2, 1): 0.0}
+    match = {(0, 0): -1.0, (1, 0): 0.5, (0, 1): 2.0, (1, 1): 0.0, (2, 0): 0.0, (2, 1): 0.0}
 
     def scores(texts_, image_tokens_, pairs, batch_size=256):
         return torch.tensor([match[(t, i)] for t, i in pairs.tolist()])
 
     pipe.match_scores = scores
+    with torch.no_grad():
+        m.logit_scale.fill_(0.0)  # s = 1: score = log-odds + cosine
     by_image, by_text = pipe.rerank(similarity, texts, image_tokens, k=2)
-    # image 0's top 2 by similarity are texts 0 and 1; the head prefers text 1
+    # image 0's top 2 by similarity are texts 0 and 1: -1 + 0.9 < 0.5 + 0.5
     assert by_image[0].argsort(descending=True).tolist()[:2] == [1, 0]
     assert by_image[0, 2] < by_image[0].topk(2).values.min()  # outside the top k: below
-    # text 0's candidates are images 0 and 1; the head prefers image 1 (2.0 > -1.0)
+    # text 0's candidates are images 0 and 1: -1 + 0.9 < 2 + 0.2
     assert by_text[:, 0].argmax().item() == 1
+    with torch.no_grad():
+        m.logit_scale.fill_(math.log(10.0))  # s = 10: -1 + 9 > 0.5 + 5
+    by_image, _ = pipe.rerank(similarity, texts, image_tokens, k=2)
+    assert by_image[0].argsort(descending=True).tolist()[:2] == [0, 1]
 
 
 def test_retrieval_through_the_command_line(tmp_path, capsys):
