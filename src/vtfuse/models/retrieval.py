@@ -45,8 +45,8 @@ class AttentionPool(nn.Module):
     mean-pooled model's image→text errors retrieved a caption with the same colours on other
     shapes or in other places). Attention weights depend on the content, so a head can single
     out one object's tokens and carry its colour, shape and, through each token's position,
-    its place.
-    With `attend.to_out` at zero this is the mean (how models saved before it are read)."""
+    its place. With `attend.to_out` at zero this is the mean (how models saved before it are
+    read)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
