@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -224,27 +225,30 @@ def _from_format_2(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tens
     return {n: t.t().contiguous() if n in names else t for n, t in saved.items()}
 
 
-def _from_format_3(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Format 3 → 4: the CNN encoders gained a pixel shortcut (see `ConvStemEncoder`). An old
-    model's is zero, so the upgraded model computes what it did."""
+def _with_zeros_for_missing(
+    model: nn.Module, saved: dict[str, Tensor], part: Callable[[str], bool]
+) -> dict[str, Tensor]:
+    """`saved` plus zeros for each of `model`'s weights in `part` that it lacks: the upgrade of
+    a format that gained a branch which, at zero, leaves the old computation."""
     added = {
         name: torch.zeros_like(tensor)
         for name, tensor in model.state_dict().items()
-        if ".pixel_shortcut." in name and name not in saved
+        if part(name) and name not in saved
     }
     return {**saved, **added}
+
+
+def _from_format_3(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Format 3 → 4: the CNN encoders gained a pixel shortcut (see `ConvStemEncoder`). An old
+    model's is zero, so the upgraded model computes what it did."""
+    return _with_zeros_for_missing(model, saved, lambda name: ".pixel_shortcut." in name)
 
 
 def _from_format_4(model: nn.Module, saved: dict[str, Tensor]) -> dict[str, Tensor]:
     """Format 4 → 5: the retrieval model's image embedding gained an attention pool over the
     mean token (`models.retrieval.AttentionPool`). An old model's is zero, which leaves the
     mean, so the upgraded model computes what it did."""
-    added = {
-        name: torch.zeros_like(tensor)
-        for name, tensor in model.state_dict().items()
-        if name.startswith("image_pool.") and name not in saved
-    }
-    return {**saved, **added}
+    return _with_zeros_for_missing(model, saved, lambda name: name.startswith("image_pool."))
 
 
 # UPGRADES[v] turns weights written in format v into format v + 1; older formats are refused
