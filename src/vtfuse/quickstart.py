@@ -53,13 +53,14 @@ class QuickstartPlan:
     # sooner with it (from scratch at their budgets, benchmarks/quickstart_defaults.py: re-ranked
     # R@1 0.55 / 0.62 against 0.98 / 0.98, accuracy 0.498 against 0.978).
     warm_start: tuple[str, ...] = (RETRIEVAL.name, CLASSIFY.name)
-    # 4 minutes: on a slow machine (2 cores at ~310 steps a minute) 3 minutes ended the
-    # captioner in the steep part of its curve, where the stages warm-started from it lose most
+    # Minutes sized on a slow machine (2 cores, ~260 caption steps a minute): shorter budgets
+    # ended the captioner (3 minutes), the pair classifier (3) and the retrieval model (4) in
+    # the steep part of their curves, where a run's figure depends on the day's speed
     caption: Stage = field(default_factory=lambda: default_stage(CAPTION.name, 4.0))
     # None: no such stage
     vqa: Stage | None = field(default_factory=lambda: default_stage(VQA.name, 5.0))
-    retrieval: Stage | None = field(default_factory=lambda: default_stage(RETRIEVAL.name, 4.0))
-    classify: Stage | None = field(default_factory=lambda: default_stage(CLASSIFY.name, 3.0))
+    retrieval: Stage | None = field(default_factory=lambda: default_stage(RETRIEVAL.name, 5.0))
+    classify: Stage | None = field(default_factory=lambda: default_stage(CLASSIFY.name, 5.0))
 
     @property
     def summary(self) -> str:
