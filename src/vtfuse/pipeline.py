@@ -310,8 +310,9 @@ class Pipeline:
         A candidate's score is the sum of the two models' log-likelihoods (a product of
         experts): the matching head's log-odds log p(match)/p(no match) plus the contrastive
         logit s · cos(image, text), which is a log-probability up to a constant per query.
-        ALBEF and BLIP add the raw cosine to the match logit instead. Measured on a quickstart's
-        retrieval model (benchmarks/rerank.py), R@1 image→text / text→image: the dual encoder
+        ALBEF and BLIP add the raw cosine to the match logit instead. Measured on one quickstart
+        retrieval model (9131fc5's first run; benchmarks/rerank.py, README "Retrieval: why it
+        fell and what fixed it" for the rest), R@1 image→text / text→image: the dual encoder
         0.947 / 0.915, re-ranked by the head alone 0.887 / 0.767, + cosine 0.917 / 0.817,
         + s · cosine 0.987 / 0.947. `contrastive_weight` replaces s (0: the head alone)."""
         ranked = []

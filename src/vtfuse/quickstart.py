@@ -50,8 +50,9 @@ class QuickstartPlan:
     # The stages that start from the captioner (`--init-from`: vision encoder, fusion blocks,
     # shared words). The VQA model learns from scratch; the retrieval model and the pair
     # classifier, which get one bit or one ranking an example instead of a word a token, look
-    # sooner with it (from scratch at their budgets, benchmarks/quickstart_defaults.py: re-ranked
-    # R@1 0.55 / 0.62 against 0.98 / 0.98, accuracy 0.498 against 0.978).
+    # sooner with it (from scratch at 289dc31's budgets, retrieval 4 minutes and classifier 3,
+    # benchmarks/quickstart_defaults.py: re-ranked R@1 0.55 / 0.62 against 0.98 / 0.98, accuracy
+    # 0.498 against 0.978).
     warm_start: tuple[str, ...] = (RETRIEVAL.name, CLASSIFY.name)
     # Minutes sized on a slow machine (2 cores, ~260 caption steps a minute): shorter budgets
     # ended the captioner (3 minutes), the pair classifier (3) and the retrieval model (4) in
