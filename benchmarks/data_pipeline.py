@@ -54,6 +54,7 @@ from vtfuse.runtime import autocast, seed_everything
 from vtfuse.tasks import read_jsonl, task_dataset, with_task_schedule
 from vtfuse.training.batches import epoch_batches
 from vtfuse.training.optim import make_optimizer, warmup_cosine
+from vtfuse.training.precision import choose_precision
 from vtfuse.training.setup import build_tokenizer
 
 TASK = "caption"
@@ -185,6 +186,15 @@ def run(data: Path, temporary: Path, repeats: int, steps: int, shard_size: int, 
         return len(loaded.bank.tensors)
 
     rows["decode images into ImageBank (images/s)"] = median_rate(decode, 1, repeats)
+
+    # (i b) a VQA file: one line a question, each image named by many lines
+    questions = read_jsonl(data / "vqa_train.jsonl", "vqa")
+
+    def decode_questions() -> int:
+        load_records(questions, size, progress=False)
+        return len(questions)
+
+    vqa_rate = median_rate(decode_questions, 1, repeats)
     train_set = task_dataset(TASK, loaded, tokenizer, max_length)
 
     # (ii) the in-memory DataLoader, no model
@@ -198,6 +208,10 @@ def run(data: Path, temporary: Path, repeats: int, steps: int, shard_size: int, 
     seed_everything(config.seed)
     model = create_model(model_config).to(dev)
     batches = list(itertools.islice(epoch_batches(train_set, 0, 0, config), steps))
+    # the trainer's choice of precision ("auto": fp32 on a CPU and for a model this small)
+    first = {name: tensor.to(dev) for name, tensor in batches[0].items()}
+    precision, _ = choose_precision(config.precision, model, lambda: first, dev)
+    config = dataclasses.replace(config, precision=precision)
     step = training_steps(model, config, batches, steps, dev)
     training = median_rate(step, 1, repeats)
 
@@ -229,6 +243,7 @@ def run(data: Path, temporary: Path, repeats: int, steps: int, shard_size: int, 
     print(f"{'stage':{width}s} {'rate':>12s}  {'÷ training':>10s}")
     decode_rate = rows["decode images into ImageBank (images/s)"]
     print(f"{'decode images into ImageBank':{width}s} {decode_rate:8.0f} img/s")
+    print(f"{'load VQA lines into ImageBank':{width}s} {vqa_rate:8.0f} lines/s")
     for name, rate in loaders.items():
         print(f"{name:{width}s} {rate:8.0f} smp/s  {rate / training:9.1f}x")
     print(f"{'training step (quickstart captioner)':{width}s} {training:8.0f} smp/s  {1:9.1f}x")
@@ -251,6 +266,8 @@ def run(data: Path, temporary: Path, repeats: int, steps: int, shard_size: int, 
         "training_samples": len(train_set),
         "batch_size": config.batch_size,
         "decode_images_per_s": decode_rate,
+        "vqa_questions": len(questions),
+        "vqa_lines_per_s": vqa_rate,
         "loader_samples_per_s": loaders,
         "training_samples_per_s": training,
         "loader_over_training": {name: rate / training for name, rate in loaders.items()},

@@ -14,7 +14,7 @@ from PIL import Image
 from vtfuse.data.bank import load_records
 from vtfuse.data.images import ImageLoadError, image_to_uint8, load_image, normalise
 from vtfuse.data.items import TextTruncated, collate, grouped_order
-from vtfuse.data.jsonl import DataError
+from vtfuse.data.jsonl import DataError, ImagePathRefused
 from vtfuse.data.synth import (
     TASKS,
     SceneObject,
@@ -218,6 +218,23 @@ def test_skip_bad_skips_and_counts(dataset_with_bad_images):
     assert data.image_ids == [0, 0]
     assert len(data.bank.tensors) == 1
     assert data.bank.original_sizes == [(20, 10)]
+
+
+def test_a_path_is_checked_against_its_own_files_folder_however_often_it_is_named(tmp_path):
+    """Lines naming one picture share its check and row; the same words in a file in another
+    folder lead elsewhere (here out of that folder through a link) and are checked again."""
+    inside, linked = tmp_path / "inside", tmp_path / "linked"
+    for folder in (inside, linked):
+        folder.mkdir()
+    save_image(inside / "pic.png")
+    (linked / "pic.png").symlink_to(inside / "pic.png")
+    lines = [{"image": "pic.png", "caption": "one."}, {"image": "./pic.png", "caption": "two."}]
+    records = read_jsonl(write_jsonl(inside / "a.jsonl", lines), "caption")
+    data = load_records(records * 3, SIZE, progress=False)
+    assert data.image_ids == [0] * 6 and len(data.bank.tensors) == 1
+    outside = read_jsonl(write_jsonl(linked / "b.jsonl", lines[:1]), "caption")
+    with pytest.raises(ImagePathRefused, match="symbolic link"):
+        load_records(records + outside, SIZE, progress=False)
 
 
 def test_all_images_bad_is_an_error(tmp_path):

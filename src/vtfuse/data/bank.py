@@ -26,6 +26,17 @@ class ImageBank:
     tensors: list[Tensor] = field(default_factory=list)
     original_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height)
     index: dict[Any, int] = field(default_factory=dict)
+    # rows by `Record.visual_as_written`: resolving and checking a path costs more than decoding
+    # a small image, and VQA files name each image once per question
+    rows_as_written: dict[tuple, int] = field(default_factory=dict)
+
+    def add_record(self, record: Record) -> int:
+        """The row of a JSONL line's picture; its paths are checked once however many lines
+        name it."""
+        written = record.visual_as_written
+        if written not in self.rows_as_written:
+            self.rows_as_written[written] = self.add_visual(record.visual)
+        return self.rows_as_written[written]
 
     def add_visual(self, source: VisualSource) -> int:
         """The row of an image, video or frame list, decoded (and sampled) on first sight."""
@@ -65,7 +76,7 @@ def load_records(
         records, desc="loading images", unit="ex", disable=not progress, leave=False
     ):
         try:
-            image_ids.append(bank.add_visual(record.visual))
+            image_ids.append(bank.add_record(record))
         except (ImageLoadError, ImagePathRefused) as error:
             refused = isinstance(error, ImagePathRefused)
             message = str(error) if refused else f"{record.where}: {error}"
