@@ -102,9 +102,9 @@ def blindness_warning(entry: dict[str, Any], task: str = "", warm: bool = False)
 
     A model that answers, matches or classifies from scratch (`task` not caption, not `warm`)
     is told of the warm start: one answer or label per example is a sparse signal, and on the
-    quickstart's scenes a pair classifier trained 1.5 minutes from scratch stayed at chance
-    (0.50) where one started from a captioner reached 0.99 (README: "What the quickstart
-    does")."""
+    quickstart's scenes a pair classifier trained 3 minutes from scratch stayed at chance
+    (0.498) where one started from a captioner reached 0.978 (README: "What the warm start
+    buys", benchmarks/results/quickstart_defaults.json)."""
     loss, blind = entry.get("val_loss"), entry.get("val_blind_loss")
     if loss is None or blind is None or blind - loss > BLIND_TOLERANCE * abs(blind):
         return None
