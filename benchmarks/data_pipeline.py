@@ -186,6 +186,7 @@ def run(data: Path, temporary: Path, repeats: int, steps: int, shard_size: int, 
         return len(loaded.bank.tensors)
 
     rows["decode images into ImageBank (images/s)"] = median_rate(decode, 1, repeats)
+    train_set = task_dataset(TASK, loaded, tokenizer, max_length)
 
     # (i b) a VQA file: one line a question, each image named by many lines
     questions = read_jsonl(data / "vqa_train.jsonl", "vqa")
@@ -195,7 +196,6 @@ def run(data: Path, temporary: Path, repeats: int, steps: int, shard_size: int, 
         return len(questions)
 
     vqa_rate = median_rate(decode_questions, 1, repeats)
-    train_set = task_dataset(TASK, loaded, tokenizer, max_length)
 
     # (ii) the in-memory DataLoader, no model
     loaders: dict[str, float] = {}

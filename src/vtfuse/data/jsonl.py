@@ -133,8 +133,9 @@ class Record:
     def visual_as_written(self) -> tuple:
         """What decides `visual`: the paths as written, the folder they are read against and
         the allowed roots. Lines that agree on it show the same picture, checked once."""
-        written = tuple(self.fields.get(name) for name in VISUAL_FIELDS)
-        return (self.file.parent, self.roots, repr(written))
+        paths = (self.fields.get(name) for name in VISUAL_FIELDS)  # frames: a list of paths
+        written = tuple(tuple(path) if isinstance(path, list) else path for path in paths)
+        return (self.file.parent, self.roots, written)
 
     def _checked(self, written: str, what: str) -> Path:
         return safe_image_path(written, self.file.parent, self.roots, self.where, what)
